@@ -1,0 +1,126 @@
+"""The ``nodeagent`` command line (contract: ../shared/DESIGN.md "Command line").
+
+Kept import-light: each subcommand lives in ``nodeagent.commands.<name>`` and is imported only when
+it runs, so ``nodeagent validate`` on the boot path does not pay for grpc or prometheus_client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from nodeagent import __version__
+
+DEFAULT_CONFIG = "/etc/nodeagent/config.yaml"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID_CONFIG = 2
+
+
+def _common(p: argparse.ArgumentParser, *, config: bool = True) -> None:
+    if config:
+        p.add_argument(
+            "-c",
+            "--config",
+            default=None,
+            metavar="FILE",
+            help=f"config file (default: {DEFAULT_CONFIG}, under --root)",
+        )
+    p.add_argument(
+        "--root",
+        default="/",
+        metavar="DIR",
+        help="prefix every host path read or written with DIR (for tests and image builds)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nodeagent",
+        description="Kubernetes node agent: faster pod start-up through image pull tuning, "
+        "prefetch, a metered CRI image proxy and disk-aware image eviction.",
+    )
+    parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "validate",
+        help="load and validate the config; print every problem",
+        description="Load and validate the config. Every problem is printed once as "
+        "'path.to.key: message (line N)'. Exit 0 valid, 2 invalid.",
+    )
+    _common(p)
+
+    p = sub.add_parser(
+        "apply",
+        help="write kubelet, containerd and registry-mirror configuration",
+        description="Render and write kubelet settings, containerd settings and hosts.toml mirrors. "
+        "A second run with the same input writes nothing. Exit 0 ok, 1 failed (nothing half-written), "
+        "2 invalid config.",
+    )
+    _common(p)
+    p.add_argument("--flavor", choices=["auto", "eks-al2023", "generic"], default="auto")
+    p.add_argument("--dry-run", action="store_true", help="print a unified diff per file, write nothing")
+
+    p = sub.add_parser(
+        "prefetch",
+        help="pull images.prefetch through CRI before the kubelet starts",
+        description="Pull images.prefetch through CRI in parallel, with progress. Exit 0 when every "
+        "required image is present, 1 otherwise.",
+    )
+    _common(p)
+    p.add_argument("--bake", action="store_true", help="AMI build: also pin images and write the manifest")
+
+    p = sub.add_parser(
+        "run",
+        help="the daemon: CRI image proxy, eviction loop, metrics endpoint",
+        description="Run the daemon until SIGTERM (then drain and exit 0).",
+    )
+    _common(p)
+
+    p = sub.add_parser(
+        "evict",
+        help="show what the eviction policy would remove now, and why",
+        description="Print the eviction plan as a table. Only --dry-run is supported from the command "
+        "line; the daemon does the removing.",
+    )
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", required=True, help="print the plan, remove nothing")
+
+    p = sub.add_parser(
+        "status",
+        help="cache size, imagefs usage, recent pulls, evictions, mirror health",
+        description="Operator view of this node. Exit 0 healthy, 1 degraded.",
+    )
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
+        "userdata",
+        help="render launch-template user-data carrying this node's settings",
+        description="Render EC2 user-data (AL2023 nodeadm MIME multi-part) or a Karpenter EC2NodeClass.",
+    )
+    _common(p)
+    p.add_argument("--format", choices=["al2023", "karpenter"], required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.command
+    try:
+        module = importlib.import_module(f"nodeagent.commands.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"nodeagent.commands.{name}":
+            raise
+        print(f"nodeagent {name}: not implemented yet", file=sys.stderr)
+        return EXIT_FAILED
+    rc: int = module.run(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

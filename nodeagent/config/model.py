@@ -1,0 +1,98 @@
+"""The validated configuration, as typed, frozen objects.
+
+``nodeagent.config.load()`` is the only way to get one: it validates the YAML against the schema in
+``nodeagent.config.schema`` (the single source of truth for keys, types, defaults and rules) and
+builds these objects. Durations are seconds (float). ``AUTO`` marks a value nodeagent sizes itself
+from node facts (see docs/tuning.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Auto = Literal["auto"]
+AUTO: Auto = "auto"
+
+
+@dataclass(frozen=True)
+class CriConfig:
+    endpoint: str = "unix:///run/containerd/containerd.sock"
+    proxy_socket: str = "/run/nodeagent/cri.sock"  # "" turns the proxy off
+    timeout: float = 10.0  # deadline for short CRI calls (pulls have their own)
+
+
+@dataclass(frozen=True)
+class KubeletConfig:
+    serialize_image_pulls: bool = False
+    max_parallel_image_pulls: int | Auto = AUTO
+    registry_pull_qps: int = 10
+    registry_burst: int = 20
+    image_gc_high_threshold_percent: int = 85
+    image_gc_low_threshold_percent: int = 80
+    image_minimum_gc_age: float = 120.0
+    image_maximum_gc_age: float = 0.0
+
+
+@dataclass(frozen=True)
+class Mirror:
+    endpoint: str
+    capabilities: tuple[str, ...] = ("pull", "resolve")
+    skip_verify: bool = False
+    ca: tuple[str, ...] = ()
+    override_path: bool = False
+    header: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    dial_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class ContainerdConfig:
+    max_concurrent_downloads: int | Auto = AUTO
+    image_pull_progress_timeout: float = 300.0
+    hosts_dir: str = "/etc/containerd/certs.d"
+    # registry host (or "_default") -> ordered mirrors; order of registries as written
+    mirrors: tuple[tuple[str, tuple[Mirror, ...]], ...] = ()
+
+    def mirrors_of(self, registry: str) -> tuple[Mirror, ...]:
+        for name, mirrors in self.mirrors:
+            if name == registry:
+                return mirrors
+        return ()
+
+
+@dataclass(frozen=True)
+class PrefetchImage:
+    image: str
+    pin: bool = False
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    prefetch: tuple[PrefetchImage, ...] = ()
+    protect: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    enabled: bool = True
+    high_threshold_percent: int = 75
+    low_threshold_percent: int = 65
+    min_unused_age: float = 600.0
+    interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "0.0.0.0:9847"
+    per_image_series_limit: int = 100
+
+
+@dataclass(frozen=True)
+class Config:
+    cri: CriConfig = field(default_factory=CriConfig)
+    kubelet: KubeletConfig = field(default_factory=KubeletConfig)
+    containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -1,0 +1,89 @@
+"""Every Prometheus metric nodeagent exports, defined in one place (names: DESIGN.md "Metrics").
+
+Each ``Metrics`` owns its own ``CollectorRegistry`` so tests never share state. Label values come
+only from closed sets (``RESULTS``, ``EVICTION_REASONS``) or operator config (registry hosts,
+mirror endpoints); the per-image gauge is capped (``metrics.perImageSeriesLimit``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.process_collector import ProcessCollector
+
+from nodeagent import __version__
+
+RESULTS = ("success", "not_found", "unauthorized", "rate_limited", "network", "no_space", "canceled", "other")
+
+# Image pulls take from ~100 ms (cached layers) to tens of minutes (multi-GB images on slow links).
+PULL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
+
+
+class Metrics:
+    def __init__(self, per_image_series_limit: int = 100, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.build_info = Info("nodeagent_build", "nodeagent build information", registry=r)
+        self.build_info.info({"version": __version__})
+        ProcessCollector(registry=r)
+
+        # --- pulls (the CRI proxy) ---
+        self.pull_duration = Histogram(
+            "nodeagent_image_pull_duration_seconds",
+            "Time of PullImage calls seen by the proxy",
+            ["registry", "result"],
+            buckets=PULL_BUCKETS,
+            registry=r,
+        )
+        self.pulls = Counter(
+            "nodeagent_image_pulls", "PullImage calls seen by the proxy", ["registry", "result"], registry=r
+        )
+        self.pull_bytes = Counter(
+            "nodeagent_image_pull_bytes", "Size of successfully pulled images", ["registry"], registry=r
+        )
+        self.pulls_in_flight = Gauge(
+            "nodeagent_image_pulls_in_flight", "PullImage calls in progress", registry=r
+        )
+        self.last_pull_duration = Gauge(
+            "nodeagent_image_last_pull_duration_seconds",
+            "Duration of the latest pull of each image (capped number of series, least recent dropped)",
+            ["image"],
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "nodeagent_image_cache_requests",
+            "ImageStatus calls from the kubelet by outcome (hit: image present)",
+            ["result"],
+            registry=r,
+        )
+        self._per_image_limit = per_image_series_limit
+        self._per_image: OrderedDict[str, None] = OrderedDict()
+
+        # --- image cache and eviction ---
+        self.imagefs_used_ratio = Gauge(
+            "nodeagent_imagefs_used_ratio", "Used fraction of the image filesystem (statvfs)", registry=r
+        )
+        self.cache_images = Gauge("nodeagent_image_cache_images", "Images in the runtime's cache", registry=r)
+        self.cache_bytes = Gauge(
+            "nodeagent_image_cache_bytes", "Bytes of images in the runtime's cache", registry=r
+        )
+        self.evictions = Counter(
+            "nodeagent_image_evictions", "Images removed by nodeagent", ["reason"], registry=r
+        )
+        self.evicted_bytes = Counter(
+            "nodeagent_image_evicted_bytes", "Bytes of images removed by nodeagent", registry=r
+        )
+
+    def observe_last_pull(self, image: str, seconds: float) -> None:
+        """Set the per-image gauge, keeping at most ``per_image_series_limit`` series (LRU by pull)."""
+        if self._per_image_limit <= 0:
+            return
+        if image in self._per_image:
+            self._per_image.move_to_end(image)
+        else:
+            self._per_image[image] = None
+            while len(self._per_image) > self._per_image_limit:
+                old, _ = self._per_image.popitem(last=False)
+                self.last_pull_duration.remove(old)
+        self.last_pull_duration.labels(image=image).set(seconds)

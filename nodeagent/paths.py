@@ -1,0 +1,91 @@
+"""Every host path nodeagent reads or writes, in one place.
+
+``Paths(root)`` prefixes each absolute host path with ``root`` (``--root DIR``), so every command
+can run against a fixture tree. Nothing else in the package builds host paths by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+
+class UnsafePathError(ValueError):
+    """A path component would escape the directory it must stay in."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path("/")
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str] | None) -> Paths:
+        return cls(Path(root) if root else Path("/"))
+
+    def host(self, path: str | PurePosixPath) -> Path:
+        """Map an absolute host path (``/etc/x``) into the root."""
+        p = PurePosixPath(path)
+        if not p.is_absolute():
+            raise UnsafePathError(f"{path}: host paths must be absolute")
+        if ".." in p.parts:
+            raise UnsafePathError(f"{path}: '..' is not allowed in host paths")
+        return self.root.joinpath(*p.parts[1:])
+
+    # --- nodeagent's own files -------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.host("/etc/nodeagent/config.yaml")
+
+    @property
+    def baked_manifest(self) -> Path:
+        return self.host("/etc/nodeagent/baked-images.json")
+
+    @property
+    def state_dir(self) -> Path:
+        """Persistent state (survives reboots): last-used times, last apply report, mirror state."""
+        return self.host("/var/lib/nodeagent")
+
+    @property
+    def run_dir(self) -> Path:
+        """Runtime state of the daemon (tmpfs on a real node)."""
+        return self.host("/run/nodeagent")
+
+    @property
+    def last_used_file(self) -> Path:
+        return self.state_dir / "last-used.json"
+
+    @property
+    def apply_report_file(self) -> Path:
+        return self.state_dir / "apply-report.json"
+
+    @property
+    def daemon_status_file(self) -> Path:
+        return self.run_dir / "status.json"
+
+    # --- files of other components that nodeagent writes ---------------------------------------
+    @property
+    def containerd_config(self) -> Path:
+        return self.host("/etc/containerd/config.toml")
+
+    @property
+    def nodeadm_dropin_dir(self) -> Path:
+        return self.host("/etc/eks/nodeadm.d")
+
+    @property
+    def kubelet_dropin_dir(self) -> Path:
+        """The kubelet ``--config-dir`` used by the generic flavor."""
+        return self.host("/etc/kubernetes/kubelet.conf.d")
+
+    def hosts_dir(self, configured: str) -> Path:
+        return self.host(configured)
+
+
+def child(base: Path, name: str) -> Path:
+    """``base / name`` for a single path component, refusing anything that could leave ``base``."""
+    if not name or name in {".", ".."} or "/" in name or "\\" in name or "\x00" in name:
+        raise UnsafePathError(f"{name!r}: not a safe file name under {base}")
+    p = base / name
+    if p.parent != base:
+        raise UnsafePathError(f"{name!r}: escapes {base}")
+    return p

@@ -1,0 +1,18 @@
+import pytest
+
+from nodeagent.cli import build_parser, main
+
+COMMANDS = ["validate", "apply", "prefetch", "run", "evict", "status", "userdata"]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_has_help(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: nodeagent " + cmd in capsys.readouterr().out
+
+
+def test_all_design_commands_present() -> None:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS)  # type: ignore[arg-type]
