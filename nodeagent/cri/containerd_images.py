@@ -1,0 +1,110 @@
+"""containerd's image metadata service (containerd.services.images.v1.Images), for image labels.
+
+CRI has no call to set labels; pinning an image (the CRI plugin reports ``pinned`` for images
+labelled ``io.cri-containerd.pinned=pinned``) goes through containerd's own API on the same
+socket. The namespace is chosen per call with the ``containerd-namespace`` gRPC metadata header;
+the CRI plugin keeps kubelet images in ``k8s.io``. Same deadlines, retry and errors as CriClient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from nodeagent.cri.client import CriError, GrpcCaller, RetryPolicy
+from nodeagent.cri.gen import containerd_images_pb2 as pb
+from nodeagent.cri.gen import containerd_images_pb2_grpc as pb_grpc
+
+CRI_NAMESPACE = "k8s.io"
+PINNED_LABEL = "io.cri-containerd.pinned"
+PINNED_VALUE = "pinned"
+NAMESPACE_HEADER = "containerd-namespace"
+
+
+class ContainerdImages(GrpcCaller):
+    def __init__(
+        self,
+        endpoint: str,
+        namespace: str = CRI_NAMESPACE,
+        timeout: float = 10.0,
+        *,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        super().__init__(endpoint, timeout, retry, sleep=sleep)
+        self.namespace = namespace
+        self._stub: Any = None
+
+    def _make_stubs(self, channel: grpc.aio.Channel) -> None:
+        self._stub = pb_grpc.ImagesStub(channel)
+
+    async def __aenter__(self) -> ContainerdImages:
+        self.channel  # noqa: B018
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def stub(self) -> Any:
+        self.channel  # noqa: B018
+        return self._stub
+
+    @property
+    def _md(self) -> tuple[tuple[str, str], ...]:
+        return ((NAMESPACE_HEADER, self.namespace),)
+
+    async def list(self, filters: list[str] | None = None) -> list[Any]:
+        """Images in the namespace (containerd.services.images.v1.Image messages)."""
+        resp = await self._call(
+            "images.List",
+            self.stub.List,
+            pb.ListImagesRequest(filters=filters or []),
+            deadline=self.timeout,
+            metadata=self._md,
+        )
+        return list(resp.images)
+
+    async def get(self, name: str) -> Any | None:
+        """The image record named ``name``, or None if there is none."""
+        try:
+            resp = await self._call(
+                "images.Get",
+                self.stub.Get,
+                pb.GetImageRequest(name=name),
+                deadline=self.timeout,
+                metadata=self._md,
+            )
+        except CriError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return resp.image
+
+    async def set_labels(self, name: str, labels: Mapping[str, str | None]) -> Any:
+        """Set (value) or remove (None) individual labels of image ``name``; other labels stay.
+        Returns the updated image record."""
+        image = pb.Image(name=name)
+        paths = []
+        for key, value in sorted(labels.items()):
+            if not key or "\n" in key:
+                raise ValueError(f"invalid label key {key!r}")
+            paths.append(f"labels.{key}")
+            if value is not None:
+                image.labels[key] = value
+        req = pb.UpdateImageRequest(image=image)
+        req.update_mask.paths.extend(paths)
+        resp = await self._call(
+            "images.Update", self.stub.Update, req, deadline=self.timeout, metadata=self._md
+        )
+        return resp.image
+
+    async def pin(self, name: str) -> Any:
+        return await self.set_labels(name, {PINNED_LABEL: PINNED_VALUE})
+
+    async def unpin(self, name: str) -> Any:
+        return await self.set_labels(name, {PINNED_LABEL: None})
