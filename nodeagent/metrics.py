@@ -19,6 +19,11 @@ RESULTS = ("success", "not_found", "unauthorized", "rate_limited", "network", "n
 # Image pulls take from ~100 ms (cached layers) to tens of minutes (multi-GB images on slow links).
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 
+# Mirror probes: a healthy mirror answers /v2/ in milliseconds; the probe timeout (default 1 s) caps it.
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# nodeagent_mirror_failovers_total{direction}: down = taken out of hosts.toml, up = put back.
+FAILOVER_DIRECTIONS = ("down", "up")
+
 
 class Metrics:
     def __init__(self, per_image_series_limit: int = 100, registry: CollectorRegistry | None = None) -> None:
@@ -73,6 +78,28 @@ class Metrics:
         )
         self.evicted_bytes = Counter(
             "nodeagent_image_evicted_bytes", "Bytes of images removed by nodeagent", registry=r
+        )
+
+        # --- mirror health (nodeagent/mirrorhealth); mirror label values come from operator config ---
+        self.mirror_up = Gauge(
+            "nodeagent_mirror_up",
+            "1 while the mirror passes its health probes and is in its registry's hosts.toml, 0 while "
+            "nodeagent keeps it out",
+            ["registry", "mirror"],
+            registry=r,
+        )
+        self.mirror_probe_duration = Histogram(
+            "nodeagent_mirror_probe_duration_seconds",
+            "Time of mirror health probes (GET of the registry API base), failed ones included",
+            ["registry", "mirror"],
+            buckets=PROBE_BUCKETS,
+            registry=r,
+        )
+        self.mirror_failovers = Counter(
+            "nodeagent_mirror_failovers",
+            "Mirror state changes that rewrote hosts.toml (down: mirror taken out, up: put back)",
+            ["registry", "mirror", "direction"],
+            registry=r,
         )
 
     def observe_last_pull(self, image: str, seconds: float) -> None:

@@ -41,6 +41,18 @@ def _dur(v: Any) -> float:
     return float(mt.group(1)) * _UNIT[mt.group(2)]
 
 
+def _mirror_health(mh: dict[str, Any]) -> m.MirrorHealthConfig:
+    d = m.MirrorHealthConfig()
+    return m.MirrorHealthConfig(
+        enabled=bool(mh.get("enabled", d.enabled)),
+        interval=_dur(mh["interval"]) if "interval" in mh else d.interval,
+        timeout=_dur(mh["timeout"]) if "timeout" in mh else d.timeout,
+        failures_before_down=int(mh.get("failuresBeforeDown", d.failures_before_down)),
+        successes_before_up=int(mh.get("successesBeforeUp", d.successes_before_up)),
+        hold_time=_dur(mh["holdTime"]) if "holdTime" in mh else d.hold_time,
+    )
+
+
 def load_text(text: str, source: str = "<string>") -> m.Config:
     doc = yaml.safe_load(text) or {}
     cri = doc.get("cri", {})
@@ -90,6 +102,7 @@ def load_text(text: str, source: str = "<string>") -> m.Config:
             image_pull_progress_timeout=_dur(cd.get("imagePullProgressTimeout", "5m")),
             hosts_dir=cd.get("hostsDir", d.containerd.hosts_dir),
             mirrors=mirrors,
+            mirror_health=_mirror_health(cd.get("mirrorHealth") or {}),
         ),
         images=m.ImagesConfig(
             prefetch=tuple(

@@ -46,12 +46,30 @@ class Mirror:
 
 
 @dataclass(frozen=True)
+class MirrorHealthConfig:
+    """``containerd.mirrorHealth``: probe mirrors and take a dead one out of hosts.toml (issue 8).
+
+    Defaults are sized so that a mirror that hangs costs a pull under 10 s: three failed probes
+    2 s apart, each bounded by 1 s, take it out (about 5-7 s); it returns after 5 good probes, and
+    at most one hosts.toml rewrite per mirror happens per ``hold_time``.
+    """
+
+    enabled: bool = True
+    interval: float = 2.0
+    timeout: float = 1.0
+    failures_before_down: int = 3
+    successes_before_up: int = 5
+    hold_time: float = 60.0
+
+
+@dataclass(frozen=True)
 class ContainerdConfig:
     max_concurrent_downloads: int | Auto = AUTO
     image_pull_progress_timeout: float = 300.0
     hosts_dir: str = "/etc/containerd/certs.d"
     # registry host (or "_default") -> ordered mirrors; order of registries as written
     mirrors: tuple[tuple[str, tuple[Mirror, ...]], ...] = ()
+    mirror_health: MirrorHealthConfig = field(default_factory=MirrorHealthConfig)
 
     def mirrors_of(self, registry: str) -> tuple[Mirror, ...]:
         for name, mirrors in self.mirrors:

@@ -1,0 +1,96 @@
+"""Rewrite one registry's hosts.toml with only the mirrors that are up.
+
+The content comes from the same pure renderer ``apply`` uses (``nodeagent.targets.mirrors``), fed
+the configured mirrors minus the ones that are down, so the result is exactly what ``apply`` would
+have written without them: ``server`` stays, the other mirrors keep their order and settings.
+Only a file that carries nodeagent's ownership marker is ever rewritten (a hosts.toml an operator
+or another tool wrote is left alone), and every write goes through ``atomicio.write_atomic``
+(containerd reads the file per pull and must never see half of it). The file mode is kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+from nodeagent.atomicio import read_bytes_or_none, write_atomic
+from nodeagent.config.model import ContainerdConfig, Mirror
+from nodeagent.paths import Paths, child
+
+Render = Callable[[str, tuple[Mirror, ...]], str]
+
+
+class NotOwnedError(Exception):
+    """The registry's hosts.toml is missing or was not written by nodeagent."""
+
+
+def _normalize(endpoint: str) -> str:
+    return endpoint.rstrip("/")
+
+
+class HostsFileWriter:
+    def __init__(
+        self,
+        paths: Paths,
+        containerd: ContainerdConfig,
+        *,
+        render: Render | None = None,
+        is_owned: Callable[[str], bool] | None = None,
+        file_of: Callable[[str], Path] | None = None,
+    ) -> None:
+        self.paths = paths
+        self.containerd = containerd
+        self._render = render
+        self._is_owned = is_owned
+        self._file_of = file_of
+
+    # The defaults come from the apply target (nodeagent.targets.mirrors), imported when first used.
+    def _renderer(self) -> Render:
+        if self._render is None:
+            target = importlib.import_module("nodeagent.targets.mirrors")
+
+            def render(registry: str, active: tuple[Mirror, ...]) -> str:
+                return str(target.render_hosts_toml(registry, active))
+
+            self._render = render
+        return self._render
+
+    def owned(self, text: str) -> bool:
+        if self._is_owned is None:
+            target = importlib.import_module("nodeagent.targets.mirrors")
+            self._is_owned = target.is_owned
+        return bool(self._is_owned(text))
+
+    def path(self, registry: str) -> Path:
+        if self._file_of is not None:
+            return self._file_of(registry)
+        return child(self.paths.hosts_dir(self.containerd.hosts_dir), registry) / "hosts.toml"
+
+    def _owned_text(self, registry: str) -> tuple[Path, str]:
+        path = self.path(registry)
+        data = read_bytes_or_none(path)
+        if data is None:
+            raise NotOwnedError(f"{path}: missing (nodeagent apply did not write it)")
+        text = data.decode("utf-8", "replace")
+        if not self.owned(text):
+            raise NotOwnedError(f"{path}: no nodeagent ownership marker")
+        return path, text
+
+    def endpoints_in_file(self, registry: str) -> frozenset[str] | None:
+        try:
+            path, text = self._owned_text(registry)
+        except NotOwnedError:
+            return None
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: {e}") from None
+        hosts = doc.get("host", {})
+        return frozenset(_normalize(k) for k in hosts) if isinstance(hosts, dict) else frozenset()
+
+    def write(self, registry: str, active: tuple[Mirror, ...]) -> bool:
+        path, _ = self._owned_text(registry)
+        mode = path.stat().st_mode & 0o7777
+        return write_atomic(path, self._renderer()(registry, active), mode=mode)

@@ -1,0 +1,331 @@
+"""The mirror health worker of ``nodeagent run``: probe, decide, rewrite hosts.toml, wake stuck pulls.
+
+One probe loop per (registry, mirror) on ``interval`` with jitter (first probe at once, so a node
+that boots with a dead mirror loses it within a few seconds). Each outcome feeds that mirror's
+``MirrorState``; on a transition the registry's hosts.toml is rewritten with exactly the mirrors
+that are up, in configured order (``HostsWriter``), the metrics and the status change, and, on a
+*down* transition that rewrote the file, every pull of that registry that is waiting in
+``run_with_failover`` is cancelled upstream and retried once (containerd reads hosts.toml per pull,
+so the retry no longer tries the dead mirror).
+
+Clock, sleep, randomness and the probe are injectable, so tests drive it without real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from nodeagent.config.model import Mirror, MirrorHealthConfig
+from nodeagent.log import event, get_logger
+from nodeagent.mirrorhealth import probe as probes
+from nodeagent.mirrorhealth.state import Health, MirrorState, Thresholds
+
+if TYPE_CHECKING:
+    from nodeagent.metrics import Metrics
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+DEFAULT_REGISTRY = "_default"  # containerd's fallback host namespace
+
+
+class HostsWriter(Protocol):
+    """Rewrites one registry's hosts.toml (implemented by ``failover.HostsFileWriter``)."""
+
+    def endpoints_in_file(self, registry: str) -> frozenset[str] | None:
+        """Mirror endpoints the registry's file lists now; None if nodeagent does not own it."""
+
+    def write(self, registry: str, active: tuple[Mirror, ...]) -> bool:
+        """Write the file with ``active`` mirrors only; True if it changed. Raises
+        ``NotOwnedError`` (file not written by nodeagent) or ``OSError``."""
+
+
+def normalize_endpoint(endpoint: str) -> str:
+    return endpoint.rstrip("/")
+
+
+@dataclass
+class _Mirror:
+    registry: str
+    mirror: Mirror
+    target: probes.ProbeTarget
+    state: MirrorState
+    label: str  # endpoint without userinfo: safe for labels, logs and status
+    in_file: bool = True
+    last: probes.ProbeResult | None = None
+    last_probe_wall: float | None = None
+    last_change_wall: float | None = None
+
+
+def display_endpoint(endpoint: str) -> str:
+    """The endpoint with any ``user:password@`` removed (it never reaches a label or a log)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "", endpoint
+    netloc, slash, path = rest.partition("/")
+    netloc = netloc.rpartition("@")[2]
+    return f"{scheme}{sep}{netloc}{slash}{path.partition('?')[0]}"
+
+
+Prober = Callable[[probes.ProbeTarget, float], Awaitable[probes.ProbeResult]]
+
+
+class MirrorHealth:
+    def __init__(
+        self,
+        mirrors: Sequence[tuple[str, Sequence[Mirror]]],
+        settings: MirrorHealthConfig,
+        writer: HostsWriter | None,
+        metrics: Metrics | None = None,
+        *,
+        resolve_ca: Callable[[str, str], Any] | None = None,
+        prober: Prober | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.metrics = metrics
+        self._prober: Prober = prober or probes.probe
+        self._clock = clock
+        self._wall = wall
+        self._sleep = sleep
+        self._rng = rng or random.Random()  # noqa: S311 - scheduling jitter only
+        self._thresholds = Thresholds(
+            settings.failures_before_down, settings.successes_before_up, settings.hold_time
+        )
+        self._mirrors: list[_Mirror] = []
+        self._registries: dict[str, list[_Mirror]] = {}
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._write_failed: set[str] = set()
+        for registry, lst in mirrors:
+            for m in lst:
+                if resolve_ca is not None:
+                    reg = registry
+
+                    def ca(path: str, reg: str = reg) -> Any:
+                        return resolve_ca(reg, path)
+
+                    target = probes.make_target(registry, m, ca)
+                else:
+                    target = probes.make_target(registry, m)
+                entry = _Mirror(
+                    registry, m, target, MirrorState(self._thresholds), display_endpoint(m.endpoint)
+                )
+                self._mirrors.append(entry)
+                self._registries.setdefault(registry, []).append(entry)
+        self._load_initial_state()
+
+    # --- state from disk --------------------------------------------------------------------
+    def _load_initial_state(self) -> None:
+        """A mirror that ``apply`` left out of an owned hosts.toml (dead at boot) starts down."""
+        for registry, entries in self._registries.items():
+            listed = None
+            if self.writer is not None:
+                try:
+                    listed = self.writer.endpoints_in_file(registry)
+                except (OSError, ValueError) as err:
+                    event(log, "cannot read hosts.toml", logging.WARNING, registry=registry, error=str(err))
+            for e in entries:
+                e.in_file = listed is None or normalize_endpoint(e.mirror.endpoint) in listed
+                if not e.in_file:
+                    e.state.health = Health.DOWN
+                self._set_up_metric(e)
+
+    def _set_up_metric(self, e: _Mirror) -> None:
+        if self.metrics is not None:
+            self.metrics.mirror_up.labels(e.registry, e.label).set(1 if e.state.health is Health.UP else 0)
+
+    # --- probing ------------------------------------------------------------------------------
+    async def probe_once(self, e: _Mirror) -> Health | None:
+        """Probe one mirror, feed its state; on a transition rewrite hosts.toml. Returns the new health
+        on a transition."""
+        result = await self._prober(e.target, self.settings.timeout)
+        now = self._clock()
+        e.last, e.last_probe_wall = result, self._wall()
+        if self.metrics is not None:
+            self.metrics.mirror_probe_duration.labels(e.registry, e.label).observe(result.duration)
+        if not result.alive and e.state.health is Health.UP and e.state.failures == 0:
+            event(
+                log,
+                "mirror probe failed",
+                logging.INFO,
+                registry=e.registry,
+                mirror=e.label,
+                error=result.error,
+            )
+        new = e.state.observe(result.alive, now)
+        if new is None:
+            if e.registry in self._write_failed:
+                self._rewrite(e.registry)  # retry a write that failed earlier
+            return None
+        e.last_change_wall = self._wall()
+        changed = self._rewrite(e.registry)
+        self._set_up_metric(e)
+        if self.metrics is not None:
+            self.metrics.mirror_failovers.labels(e.registry, e.label, new.value).inc()
+        event(
+            log,
+            f"mirror {new.value}",
+            logging.WARNING if new is Health.DOWN else logging.INFO,
+            registry=e.registry,
+            mirror=e.label,
+            failures=e.state.failures,
+            successes=e.state.successes,
+            error=result.error or None,
+            hosts_toml="rewritten" if changed else "unchanged",
+        )
+        if new is Health.DOWN and changed:
+            self._wake(e.registry)
+        return new
+
+    def _rewrite(self, registry: str) -> bool:
+        if self.writer is None:
+            return False
+        from nodeagent.mirrorhealth.failover import NotOwnedError
+
+        entries = self._registries[registry]
+        active = tuple(e.mirror for e in entries if e.state.health is Health.UP)
+        try:
+            changed = self.writer.write(registry, active)
+        except NotOwnedError as err:
+            self._write_failed.discard(registry)
+            event(
+                log,
+                "hosts.toml not owned by nodeagent: left alone",
+                logging.WARNING,
+                registry=registry,
+                error=str(err),
+            )
+            return False
+        except OSError as err:
+            if registry not in self._write_failed:
+                event(log, "cannot rewrite hosts.toml", logging.ERROR, registry=registry, error=str(err))
+            self._write_failed.add(registry)
+            return False
+        self._write_failed.discard(registry)
+        for e in entries:
+            e.in_file = e.state.health is Health.UP
+        return changed
+
+    async def _loop(self, e: _Mirror) -> None:
+        while True:
+            started = self._clock()
+            try:
+                await self.probe_once(e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a bug in one probe loop must not stop the others
+                event(
+                    log,
+                    "mirror probe loop error",
+                    logging.ERROR,
+                    registry=e.registry,
+                    mirror=e.label,
+                    error=f"{type(err).__name__}: {err}",
+                )
+            delay = probes.next_interval(self.settings.interval, self._rng) - (self._clock() - started)
+            await self._sleep(max(0.0, delay))
+
+    async def run(self) -> None:
+        """The daemon worker: probe every mirror until cancelled."""
+        if not self._mirrors:
+            return
+        event(
+            log,
+            "mirror health started",
+            mirrors=len(self._mirrors),
+            interval=self.settings.interval,
+            timeout=self.settings.timeout,
+            failures_before_down=self.settings.failures_before_down,
+            successes_before_up=self.settings.successes_before_up,
+            hold_time=self.settings.hold_time,
+        )
+        async with asyncio.TaskGroup() as tg:
+            for e in self._mirrors:
+                tg.create_task(self._loop(e), name=f"mirrorhealth:{e.registry}:{e.label}")
+
+    # --- stuck pulls ------------------------------------------------------------------------------
+    def registry_key(self, registry: str) -> str | None:
+        """The configured registry whose hosts.toml containerd uses for ``registry``, if any."""
+        if registry in self._registries:
+            return registry
+        if DEFAULT_REGISTRY in self._registries:
+            return DEFAULT_REGISTRY
+        return None
+
+    @contextlib.contextmanager
+    def watch(self, registry: str) -> Iterator[asyncio.Event | None]:
+        """An event set when a mirror of ``registry`` goes down (after hosts.toml was rewritten);
+        None when no configured mirror applies to that registry."""
+        key = self.registry_key(registry)
+        if key is None:
+            yield None
+            return
+        ev = asyncio.Event()
+        self._watchers.setdefault(key, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            self._watchers[key].discard(ev)
+
+    def _wake(self, registry: str) -> None:
+        for ev in self._watchers.get(registry, ()):
+            ev.set()
+
+    async def run_with_failover(
+        self, registry: str, call: Callable[[], Awaitable[T]]
+    ) -> tuple[T, str | None]:
+        """Run ``call`` (an upstream PullImage); if a mirror of ``registry`` goes down meanwhile,
+        cancel it and run it once more. Returns the result and the retry reason (None: no retry)."""
+        with self.watch(registry) as down:
+            if down is None:
+                return await call(), None
+            pull = asyncio.ensure_future(call())
+            waiter = asyncio.ensure_future(down.wait())
+            try:
+                await asyncio.wait({pull, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if pull.done():
+                    return pull.result(), None
+            finally:
+                waiter.cancel()
+                if not pull.done():
+                    pull.cancel()
+                    await asyncio.gather(pull, return_exceptions=True)
+        event(log, "pull retried: a mirror went down while it ran", registry=registry)
+        return await call(), "mirror_down"
+
+    # --- status -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The ``mirrors`` section of the daemon status file (``nodeagent status``)."""
+        out = []
+        for e in self._mirrors:
+            item: dict[str, Any] = {
+                "registry": e.registry,
+                "mirror": e.label,
+                "state": e.state.health.value,
+                "inHostsToml": e.in_file,
+                "consecutiveFailures": e.state.failures,
+                "consecutiveSuccesses": e.state.successes,
+                "transitions": e.state.transitions,
+                "since": e.last_change_wall,
+            }
+            if e.last is not None:
+                item["lastProbe"] = {
+                    "at": e.last_probe_wall,
+                    "alive": e.last.alive,
+                    "status": e.last.status,
+                    "error": e.last.error,
+                    "durationSeconds": round(e.last.duration, 4),
+                }
+            out.append(item)
+        return {"mirrors": out, "degraded": any(e.state.health is Health.DOWN for e in self._mirrors)}
