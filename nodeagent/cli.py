@@ -105,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("--format", choices=["al2023", "karpenter"], required=True)
+    g = p.add_argument_group("cluster details (al2023: adds a nodeadm NodeConfig part; give all four)")
+    g.add_argument("--cluster-name", metavar="NAME")
+    g.add_argument("--api-server-endpoint", metavar="URL", help="https:// endpoint of the cluster")
+    g.add_argument("--certificate-authority", metavar="BASE64", help="CA data from describe-cluster")
+    g.add_argument("--cidr", metavar="CIDR", help="the cluster's service CIDR, e.g. 10.100.0.0/16")
+    g = p.add_argument_group("karpenter")
+    g.add_argument("--name", default="nodeagent", help="EC2NodeClass and NodePool name (default nodeagent)")
+    g.add_argument(
+        "--ami-tag",
+        default="nodeagent.io/baked=true",
+        metavar="KEY=VALUE",
+        help="tag that selects the baked AMI (default nodeagent.io/baked=true)",
+    )
     return parser
 
 

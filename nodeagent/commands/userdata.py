@@ -1,0 +1,79 @@
+"""``nodeagent userdata``: print launch-template user-data (or a Karpenter EC2NodeClass) carrying the config.
+
+The nodeagent part is the config file's text, byte for byte, after it validated: what a node reads
+back from IMDS is exactly what was reviewed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nodeagent import config, userdata
+from nodeagent.cli import EXIT_INVALID_CONFIG, EXIT_OK
+from nodeagent.paths import Paths
+
+
+def _cluster(args: argparse.Namespace) -> tuple[userdata.ClusterDetails | None, list[str]]:
+    values = {
+        "--cluster-name": args.cluster_name,
+        "--api-server-endpoint": args.api_server_endpoint,
+        "--certificate-authority": args.certificate_authority,
+        "--cidr": args.cidr,
+    }
+    given = [k for k, v in values.items() if v]
+    if not given:
+        return None, []
+    missing = [k for k, v in values.items() if not v]
+    if missing:
+        return None, [f"{k}: required with {', '.join(given)} (nodeadm needs all four)" for k in missing]
+    c = userdata.ClusterDetails(
+        name=args.cluster_name,
+        api_server_endpoint=args.api_server_endpoint,
+        certificate_authority=args.certificate_authority,
+        cidr=args.cidr,
+    )
+    return c, c.problems()
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.config) if args.config else Paths.at(args.root).config_file
+    try:
+        text = path.read_text(encoding="utf-8")
+        config.load_text(text, str(path))
+    except OSError as e:
+        print(f"{path}: cannot read: {e.strerror}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    except UnicodeDecodeError:
+        print(f"{path}: not UTF-8 text", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    except config.ConfigError as e:
+        for p in e.problems:
+            print(f"{path}: {p}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+
+    try:
+        if args.format == "al2023":
+            cluster, problems = _cluster(args)
+            if problems:
+                for msg in problems:
+                    print(msg, file=sys.stderr)
+                return EXIT_INVALID_CONFIG
+            out = userdata.render_al2023(text, cluster)
+        else:
+            key, sep, value = args.ami_tag.partition("=")
+            if not sep or not key or not value:
+                print(f"--ami-tag: {args.ami_tag!r} must be KEY=VALUE", file=sys.stderr)
+                return EXIT_INVALID_CONFIG
+            out = userdata.render_karpenter(
+                text,
+                name=args.name,
+                cluster_name=args.cluster_name or "${CLUSTER_NAME}",
+                ami_tag=(key, value),
+            )
+    except userdata.UserDataError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    sys.stdout.write(out)
+    return EXIT_OK
