@@ -1,0 +1,214 @@
+"""A private containerd for tests and the demo: Debian's containerd 1.6 with its own root, state,
+socket, config and hosts directory under one temp dir (see ../shared/notes/sandbox-node.md).
+
+    node = Containerd(tmp / "node", sandbox_image="127.0.0.1:5000/pause:v1")
+    node.start()                  # waits until CRI Version answers on node.endpoint
+    node.write_hosts_toml("127.0.0.1:5000", "http://127.0.0.1:5000")
+    ...
+    node.kill(); node.start()     # crash + restart on the same root/state
+    node.stop()                   # SIGTERM then SIGKILL, by PID; also kills this node's shims
+
+``pods=True`` runs containerd in a private mount namespace that sees only a cgroup2 mount, which is
+what RunPodSandbox needs on these hybrid-cgroup VMs. ``root_dir`` puts the image store on a given
+directory (for example a small loop-mounted filesystem).
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.sandbox.process import Daemon, SandboxError, kill_tree, pids_mentioning, tail, wait_until
+
+CRI_VERSION_METHOD = "/runtime.v1.RuntimeService/Version"
+
+
+def cri_version(endpoint: str, timeout: float = 2.0) -> bytes:
+    """Call CRI RuntimeService/Version with raw bytes (no generated stubs needed); return the reply."""
+    import grpc  # lazy: only integration code needs it
+
+    with grpc.insecure_channel(endpoint) as ch:
+        call = ch.unary_unary(
+            CRI_VERSION_METHOD,
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        reply: bytes = call(b"", timeout=timeout)
+        return reply
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"unsupported TOML value {v!r}")
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """One ``[host."URL"]`` entry of a hosts.toml (tried before ``server``)."""
+
+    url: str
+    capabilities: Sequence[str] = ("pull", "resolve")
+    override_path: bool = False
+
+
+def hosts_toml(server: str, mirrors: Sequence[Mirror] = ()) -> str:
+    """hosts.toml for a registry served over plain HTTP at ``server`` (e.g. ``http://127.0.0.1:5000``)."""
+    lines = [f"server = {_toml_value(server)}", ""]
+    for m in mirrors:
+        lines.append(f"[host.{_toml_value(m.url)}]")
+        lines.append("  capabilities = [" + ", ".join(_toml_value(c) for c in m.capabilities) + "]")
+        if m.override_path:
+            lines.append("  override_path = true")
+        lines.append("")
+    return "\n".join(lines)
+
+
+class Containerd:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        root_dir: Path | None = None,
+        pods: bool = False,
+        sandbox_image: str = "registry.invalid/pause:none",
+        cri_options: Mapping[str, object] | None = None,
+        containerd_bin: str = "containerd",
+    ) -> None:
+        self.workdir = workdir
+        self.root = root_dir if root_dir is not None else workdir / "root"
+        self.state = workdir / "state"
+        self.socket = workdir / "containerd.sock"
+        self.hosts_dir = workdir / "certs.d"
+        self.config_path = workdir / "config.toml"
+        self.log_path = workdir / "containerd.log"
+        self.runtime_wrapper = workdir / "crun-nocg"
+        self.pods = pods
+        self.sandbox_image = sandbox_image
+        self.cri_options = dict(cri_options or {})
+        self.containerd_bin = containerd_bin
+        self._daemon: Daemon | None = None
+
+    # --- what tests use -------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._daemon.pid if self._daemon else None
+
+    @property
+    def running(self) -> bool:
+        return self._daemon is not None and self._daemon.running
+
+    def write_hosts_toml(self, host: str, server: str | None = None, mirrors: Sequence[Mirror] = ()) -> Path:
+        """Write ``certs.d/<host>/hosts.toml``; ``server`` defaults to ``http://<host>``."""
+        if "/" in host or host in {"", ".", ".."}:
+            raise ValueError(f"{host!r}: not a registry host")
+        d = self.hosts_dir / host
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "hosts.toml"
+        path.write_text(hosts_toml(server or f"http://{host}", mirrors))
+        return path
+
+    def render_config(self) -> str:
+        cri = {"stats_collect_period": 1, "restrict_oom_score_adj": True, "sandbox_image": self.sandbox_image}
+        cri.update(self.cri_options)
+        cri_lines = "\n".join(f"  {k} = {_toml_value(v)}" for k, v in cri.items())
+        return f"""version = 2
+root = {_toml_value(str(self.root))}
+state = {_toml_value(str(self.state))}
+[grpc]
+  address = {_toml_value(str(self.socket))}
+[ttrpc]
+  address = {_toml_value(str(self.socket) + ".ttrpc")}
+[debug]
+  level = "info"
+[plugins."io.containerd.grpc.v1.cri"]
+{cri_lines}
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = {_toml_value(str(self.hosts_dir))}
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+    BinaryName = {_toml_value(str(self.runtime_wrapper))}
+"""
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start (or start again on the same dirs) and wait until CRI Version answers."""
+        if self.running:
+            raise SandboxError(f"containerd at {self.socket}: already running")
+        for d in (self.workdir, self.root, self.state, self.hosts_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.runtime_wrapper.write_text('#!/bin/sh\nexec /usr/bin/crun --cgroup-manager=disabled "$@"\n')
+        self.runtime_wrapper.chmod(0o755)
+        self.config_path.write_text(self.render_config())
+        if self.socket.exists():  # left by a kill -9
+            self.socket.unlink()
+        cmd = [self.containerd_bin, "--config", str(self.config_path)]
+        if self.pods:
+            inner = "umount -R /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec " + " ".join(
+                shlex.quote(c) for c in cmd
+            )
+            # unshare execs sh, which execs containerd: the PID we hold is containerd's.
+            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", inner]
+        self._daemon = Daemon("containerd", cmd, self.log_path)
+        self._daemon.start()
+        daemon = self._daemon
+
+        def ready() -> bool:
+            daemon.check_alive()
+            if not self.socket.exists():
+                return False
+            cri_version(self.endpoint, timeout=1.0)
+            return True
+
+        try:
+            wait_until(f"containerd CRI at {self.endpoint} (log {self.log_path})", ready, timeout)
+        except SandboxError as e:
+            self.stop()
+            raise SandboxError(f"{e}\n{tail(self.log_path)}") from None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM then SIGKILL containerd by PID, then kill this node's shims and their containers."""
+        if self._daemon is not None:
+            self._daemon.stop(timeout=timeout)
+        self.kill_shims()
+
+    def kill(self) -> None:
+        """kill -9 containerd (shims and containers keep running, as on a real node)."""
+        if self._daemon is not None:
+            self._daemon.kill()
+
+    def restart(self, timeout: float = 30.0) -> None:
+        if self._daemon is not None:
+            self._daemon.stop()
+        self.start(timeout=timeout)
+
+    def shim_pids(self) -> list[int]:
+        """containerd-shim processes serving this node (their command line names our socket)."""
+        return pids_mentioning(str(self.socket))
+
+    def kill_shims(self) -> list[int]:
+        pids = self.shim_pids()
+        if self.running and self.pid in pids:
+            pids.remove(self.pid)  # type: ignore[arg-type]
+        return kill_tree(pids) if pids else []
+
+    def content_bytes(self) -> int:
+        """Bytes in the content store (compressed blobs) on disk."""
+        blobs = self.root / "io.containerd.content.v1.content" / "blobs"
+        return sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else 0
+
+    def wait_stopped(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.05)
