@@ -1,6 +1,17 @@
-"""Configuration: one schema, one loader, typed result (see model.py)."""
+"""Configuration: one schema (schema.py), one loader (loader.py), typed result (model.py)."""
 
-from nodeagent.config.loader import ConfigError, Problem, load, load_text
+from nodeagent.config.loader import default_config, load, load_data, load_text, parse_yaml
 from nodeagent.config.model import AUTO, Config
+from nodeagent.config.types import ConfigError, Problem
 
-__all__ = ["AUTO", "Config", "ConfigError", "Problem", "load", "load_text"]
+__all__ = [
+    "AUTO",
+    "Config",
+    "ConfigError",
+    "Problem",
+    "default_config",
+    "load",
+    "load_data",
+    "load_text",
+    "parse_yaml",
+]

@@ -1,133 +1,159 @@
-"""Load and validate a config file. PROVISIONAL: replaced by the schema-driven loader (issue 2)."""
+"""Load a config file: parse YAML keeping line numbers, check it against ``schema.SCHEMA`` and
+``schema.RULES``, and build ``model.Config``.
+
+Every problem is collected (not only the first) and raised once as ``ConfigError``; each prints as
+``path.to.key: message (line N)``. Header values are never part of a message.
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nodeagent.config import model as m
+from nodeagent.config.types import ConfigError, Ctx, Loc, Parts, Problem
+
+__all__ = ["ConfigError", "Problem", "default_config", "load", "load_data", "load_text", "parse_yaml"]
+
+_STR_TAG = "tag:yaml.org,2002:str"
 
 
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    message: str
-    line: int | None = None
+def parse_yaml(text: str, source: str = "<string>") -> tuple[Any, Ctx]:
+    """The document as plain Python data, plus a ``Ctx`` holding the line of every key and value.
 
-    def __str__(self) -> str:
-        where = f" (line {self.line})" if self.line else ""
-        return f"{self.path}: {self.message}{where}"
+    Raises ``ConfigError`` for YAML syntax errors, duplicate keys, non-string keys, an empty document
+    or a top level that is not a mapping.
+    """
+    import yaml
+
+    ctx = Ctx(source=source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = e.problem or e.context or "syntax error"
+        if e.context and e.problem and e.problem.startswith("but "):
+            what = f"{e.context}, {e.problem}"
+        raise ConfigError(
+            [Problem(source, f"invalid YAML: {what}", mark.line + 1 if mark else None)]
+        ) from None
+    except yaml.YAMLError as e:  # pragma: no cover - every PyYAML parse error is a MarkedYAMLError
+        raise ConfigError([Problem(source, f"invalid YAML: {type(e).__name__}")]) from None
+    if node is None:
+        raise ConfigError(
+            [Problem(source, f"the file is empty; expected a mapping with apiVersion: {_api()} and kind")]
+        )
+    if not isinstance(node, yaml.MappingNode):
+        kind = "a list" if isinstance(node, yaml.SequenceNode) else "a single value"
+        raise ConfigError(
+            [
+                Problem(
+                    source,
+                    f"the top level must be a mapping of keys (apiVersion, kind, ...), got {kind}",
+                    node.start_mark.line + 1,
+                )
+            ]
+        )
+    constructor = yaml.SafeLoader("")
+    data = _to_data(node, Loc(), ctx, constructor, yaml)
+    if ctx.problems:
+        raise ConfigError(ctx.problems, source)
+    return data, ctx
 
 
-class ConfigError(Exception):
-    def __init__(self, problems: list[Problem], source: str = "") -> None:
-        self.problems = problems
-        self.source = source
-        super().__init__("\n".join(str(p) for p in problems))
+def _api() -> str:
+    from nodeagent.config.schema import API_VERSION
+
+    return API_VERSION
 
 
-_DUR = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+def _to_data(node: Any, loc: Loc, ctx: Ctx, constructor: Any, yaml: Any) -> Any:
+    ctx.value_lines[loc.parts] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
+                what = "merge keys (<<)" if key_node.tag == "tag:yaml.org,2002:merge" else "non-string keys"
+                ctx.add(loc.field(str(key_node.value)), f"{what} are not supported", line=line)
+                continue
+            key = key_node.value
+            child = loc.field(key)
+            if key in first:
+                ctx.add(child, f"duplicate key (first at line {first[key]})", line=line)
+                continue
+            first[key] = line
+            ctx.key_lines[child.parts] = line
+            out[key] = _to_data(value_node, child, ctx, constructor, yaml)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_data(v, loc.item(i), ctx, constructor, yaml) for i, v in enumerate(node.value)]
+    try:
+        return constructor.construct_object(node, deep=True)
+    except yaml.YAMLError:
+        ctx.add(loc, f"unsupported YAML value or tag {node.tag!r}")
+        return None
 
 
-def _dur(v: Any) -> float:
-    mt = _DUR.match(str(v))
-    if not mt:
-        raise ConfigError([Problem("?", f"bad duration {v!r}")])
-    return float(mt.group(1)) * _UNIT[mt.group(2)]
+def load_data(data: Any, source: str = "<data>", ctx: Ctx | None = None) -> m.Config:
+    """Check already-parsed data (for example a merge of several documents) and build the Config.
+
+    ``ctx`` carries line numbers when the data came from ``parse_yaml``.
+    """
+    from nodeagent.config.schema import RULES, SCHEMA
+
+    ctx = ctx if ctx is not None else Ctx(source=source)
+    ctx.source = source
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [Problem(source, "the top level must be a mapping of keys (apiVersion, kind, ...)")]
+        )
+    config = SCHEMA.check(data, Loc(), ctx)
+    for rule in RULES:
+        if any(p in ctx.bad for p in rule.paths) or config is None:
+            continue
+        message = rule.check(config)
+        if message:
+            ctx.add(
+                Loc(tuple(rule.paths[0].split(".")), rule.paths[0]), message, line=_rule_line(rule.paths, ctx)
+            )
+    if ctx.problems:
+        problems = sorted(ctx.problems, key=lambda p: (p.line is None, p.line or 0))
+        raise ConfigError(problems, source)
+    assert isinstance(config, m.Config)
+    return config
 
 
-def _mirror_health(mh: dict[str, Any]) -> m.MirrorHealthConfig:
-    d = m.MirrorHealthConfig()
-    return m.MirrorHealthConfig(
-        enabled=bool(mh.get("enabled", d.enabled)),
-        interval=_dur(mh["interval"]) if "interval" in mh else d.interval,
-        timeout=_dur(mh["timeout"]) if "timeout" in mh else d.timeout,
-        failures_before_down=int(mh.get("failuresBeforeDown", d.failures_before_down)),
-        successes_before_up=int(mh.get("successesBeforeUp", d.successes_before_up)),
-        hold_time=_dur(mh["holdTime"]) if "holdTime" in mh else d.hold_time,
-    )
+def _rule_line(paths: Any, ctx: Ctx) -> int | None:
+    for p in paths:
+        parts: Parts = tuple(p.split("."))
+        if parts in ctx.value_lines:
+            return ctx.value_lines[parts]
+    return None
 
 
 def load_text(text: str, source: str = "<string>") -> m.Config:
-    doc = yaml.safe_load(text) or {}
-    cri = doc.get("cri", {})
-    kl = doc.get("kubelet", {})
-    cd = doc.get("containerd", {})
-    im = doc.get("images", {})
-    ev = doc.get("eviction", {})
-    me = doc.get("metrics", {})
-    d = m.Config()
-    mirrors = tuple(
-        (
-            reg,
-            tuple(
-                m.Mirror(
-                    endpoint=x["endpoint"],
-                    capabilities=tuple(x.get("capabilities", ["pull", "resolve"])),
-                    skip_verify=bool(x.get("skipVerify", False)),
-                    ca=tuple([x["ca"]] if isinstance(x.get("ca"), str) else x.get("ca", [])),
-                    override_path=bool(x.get("overridePath", False)),
-                    header=tuple(
-                        (k, tuple(v if isinstance(v, list) else [v])) for k, v in x.get("header", {}).items()
-                    ),
-                    dial_timeout=_dur(x["dialTimeout"]) if "dialTimeout" in x else None,
-                )
-                for x in lst
-            ),
-        )
-        for reg, lst in (cd.get("mirrors") or {}).items()
-    )
-    return m.Config(
-        cri=m.CriConfig(
-            endpoint=cri.get("endpoint", d.cri.endpoint),
-            proxy_socket=cri.get("proxySocket", d.cri.proxy_socket),
-        ),
-        kubelet=m.KubeletConfig(
-            serialize_image_pulls=kl.get("serializeImagePulls", False),
-            max_parallel_image_pulls=kl.get("maxParallelImagePulls", m.AUTO),
-            registry_pull_qps=kl.get("registryPullQPS", 10),
-            registry_burst=kl.get("registryBurst", 20),
-            image_gc_high_threshold_percent=kl.get("imageGCHighThresholdPercent", 85),
-            image_gc_low_threshold_percent=kl.get("imageGCLowThresholdPercent", 80),
-            image_minimum_gc_age=_dur(kl.get("imageMinimumGCAge", "2m")),
-            image_maximum_gc_age=_dur(kl.get("imageMaximumGCAge", "0s")),
-        ),
-        containerd=m.ContainerdConfig(
-            max_concurrent_downloads=cd.get("maxConcurrentDownloads", m.AUTO),
-            image_pull_progress_timeout=_dur(cd.get("imagePullProgressTimeout", "5m")),
-            hosts_dir=cd.get("hostsDir", d.containerd.hosts_dir),
-            mirrors=mirrors,
-            mirror_health=_mirror_health(cd.get("mirrorHealth") or {}),
-        ),
-        images=m.ImagesConfig(
-            prefetch=tuple(
-                m.PrefetchImage(x["image"], bool(x.get("pin", False)), bool(x.get("required", False)))
-                for x in im.get("prefetch", [])
-            ),
-            protect=tuple(im.get("protect", [])),
-        ),
-        eviction=m.EvictionConfig(
-            enabled=ev.get("enabled", True),
-            high_threshold_percent=ev.get("highThresholdPercent", 75),
-            low_threshold_percent=ev.get("lowThresholdPercent", 65),
-            min_unused_age=_dur(ev.get("minUnusedAge", "10m")),
-            interval=_dur(ev.get("interval", "30s")),
-        ),
-        metrics=m.MetricsConfig(
-            listen=me.get("listen", d.metrics.listen),
-            per_image_series_limit=me.get("perImageSeriesLimit", 100),
-        ),
-    )
+    data, ctx = parse_yaml(text, source)
+    return load_data(data, source, ctx)
 
 
-def load(path: Path) -> m.Config:
+def load(path: str | Path) -> m.Config:
+    """Read, parse and validate the config file at ``path`` (already under ``--root``)."""
+    path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError([Problem(str(path), f"cannot read: {e.strerror}")]) from None
+        raise ConfigError([Problem(str(path), f"cannot read: {e.strerror}")], str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem(str(path), f"not UTF-8 text (byte {e.start})")], str(path)) from None
     return load_text(text, str(path))
+
+
+def default_config() -> m.Config:
+    """The Config every omitted key falls back to (the schema's defaults)."""
+    from nodeagent.config.schema import API_VERSION, KIND
+
+    return load_data({"apiVersion": API_VERSION, "kind": KIND})

@@ -1,0 +1,617 @@
+"""The config schema: the single source of truth for every key of ``/etc/nodeagent/config.yaml``.
+
+Types, defaults, ranges, enums and descriptions are declared here once. The loader
+(``nodeagent.config.loader``) checks a document against ``SCHEMA`` and ``RULES`` and builds the typed
+objects of ``nodeagent.config.model``; ``scripts/gen_schema.py`` renders the same declarations as
+``docs/config.schema.json`` (JSON Schema draft 2020-12) and ``docs/configuration.md``.
+
+Kubelet keys follow KubeletConfiguration v1beta1 and its validation
+(kubernetes pkg/kubelet/apis/config/validation): GC thresholds 0..100 with low < high, QPS and burst
+not negative, ``maxParallelImagePulls`` >= 1 and only above 1 when ``serializeImagePulls`` is false,
+``imageMaximumGCAge`` either 0 or greater than ``imageMinimumGCAge``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nodeagent.config import formats as fmt
+from nodeagent.config import model as m
+from nodeagent.config.formats import format_duration
+from nodeagent.config.types import (
+    JSON,
+    Bool,
+    Duration,
+    Field,
+    Int,
+    List,
+    Map,
+    Object,
+    Str,
+)
+
+API_VERSION = "nodeagent.io/v1alpha1"
+KIND = "NodeAgentConfig"
+INT32_MAX = 2**31 - 1
+
+CRI = Object(
+    [
+        Field(
+            "endpoint",
+            "endpoint",
+            Str(fmt.UNIX_ENDPOINT),
+            "CRI endpoint of the container runtime (containerd, or SOCI's image service) that nodeagent "
+            "talks to and proxies image calls to.",
+            default="unix:///run/containerd/containerd.sock",
+        ),
+        Field(
+            "proxySocket",
+            "proxy_socket",
+            Str(fmt.SOCKET_PATH),
+            "Unix socket where nodeagent serves the CRI ImageService proxy to the kubelet "
+            '(`imageServiceEndpoint`). `""` turns the proxy off.',
+            default="/run/nodeagent/cri.sock",
+        ),
+        Field(
+            "timeout",
+            "timeout",
+            Duration(minimum=0.1, maximum=600.0),
+            "Deadline for short CRI calls (Version, ImageStatus, ListImages...). Pulls have their own.",
+            default="10s",
+        ),
+    ],
+    m.CriConfig,
+    "The container runtime nodeagent talks to, and the proxy it serves to the kubelet.",
+)
+
+KUBELET = Object(
+    [
+        Field(
+            "serializeImagePulls",
+            "serialize_image_pulls",
+            Bool(),
+            "Kubelet `serializeImagePulls`: pull one image at a time. Must be false for parallel pulls.",
+            default=False,
+        ),
+        Field(
+            "maxParallelImagePulls",
+            "max_parallel_image_pulls",
+            Int(minimum=1, maximum=INT32_MAX, auto=True),
+            "Kubelet `maxParallelImagePulls`: most image pulls in flight at once. `auto` sizes it from "
+            "this node's CPUs, memory and NIC. Above 1 (or `auto`) requires `serializeImagePulls: false`.",
+            default="auto",
+            examples=["auto", 5],
+        ),
+        Field(
+            "registryPullQPS",
+            "registry_pull_qps",
+            Int(minimum=0, maximum=INT32_MAX),
+            "Kubelet `registryPullQPS`: image pulls per second the kubelet starts; 0 means no limit.",
+            default=10,
+        ),
+        Field(
+            "registryBurst",
+            "registry_burst",
+            Int(minimum=0, maximum=INT32_MAX),
+            "Kubelet `registryBurst`: pulls allowed in a burst above `registryPullQPS` "
+            "(used only when `registryPullQPS` > 0).",
+            default=20,
+        ),
+        Field(
+            "imageGCHighThresholdPercent",
+            "image_gc_high_threshold_percent",
+            Int(minimum=0, maximum=100),
+            "Kubelet `imageGCHighThresholdPercent`: disk usage that starts the kubelet's image GC. "
+            "Must be above `imageGCLowThresholdPercent`.",
+            default=85,
+        ),
+        Field(
+            "imageGCLowThresholdPercent",
+            "image_gc_low_threshold_percent",
+            Int(minimum=0, maximum=100),
+            "Kubelet `imageGCLowThresholdPercent`: disk usage the kubelet's image GC frees down to.",
+            default=80,
+        ),
+        Field(
+            "imageMinimumGCAge",
+            "image_minimum_gc_age",
+            Duration(),
+            "Kubelet `imageMinimumGCAge`: an unused image younger than this is never garbage collected.",
+            default="2m",
+        ),
+        Field(
+            "imageMaximumGCAge",
+            "image_maximum_gc_age",
+            Duration(),
+            "Kubelet `imageMaximumGCAge`: remove images unused for this long; `0s` turns it off. When "
+            "set, must be greater than `imageMinimumGCAge` (needs the kubelet's ImageMaximumGCAge "
+            "feature gate, on by default since Kubernetes 1.30).",
+            default="0s",
+        ),
+    ],
+    m.KubeletConfig,
+    "Image-pull settings written into the kubelet's configuration by `nodeagent apply`.",
+)
+
+MIRROR = Object(
+    [
+        Field(
+            "endpoint",
+            "endpoint",
+            Str(fmt.HTTP_URL),
+            'Mirror URL (containerd hosts.toml `[host."..."]`), for example an ECR pull-through cache, '
+            "Harbor, Spegel or a local registry.",
+            required=True,
+            examples=["https://mirror.example.com", "http://127.0.0.1:5000"],
+        ),
+        Field(
+            "capabilities",
+            "capabilities",
+            List(
+                Str(enum=("pull", "resolve", "push")),
+                min_items=1,
+                unique=lambda c: c,
+                unique_message="duplicate of {first}",
+            ),
+            "What the mirror may be used for: `pull` (fetch blobs by digest), `resolve` (tag to "
+            "digest), `push`.",
+            default=["pull", "resolve"],
+        ),
+        Field(
+            "skipVerify",
+            "skip_verify",
+            Bool(),
+            "Skip TLS certificate verification for this mirror (hosts.toml `skip_verify`).",
+            default=False,
+        ),
+        Field(
+            "ca",
+            "ca",
+            List(Str(fmt.ABS_PATH), scalar_ok=True),
+            "CA certificate file(s) to trust for this mirror (hosts.toml `ca`).",
+            default=[],
+        ),
+        Field(
+            "overridePath",
+            "override_path",
+            Bool(),
+            "The endpoint's path is the full API root (hosts.toml `override_path`), as for ECR "
+            "pull-through caches under `/v2/<prefix>`.",
+            default=False,
+        ),
+        Field(
+            "header",
+            "header",
+            Map(fmt.HEADER_NAME, List(Str(fmt.HEADER_VALUE, secret=True), scalar_ok=True), max_items=64),
+            "Extra HTTP headers sent to the mirror (hosts.toml `header`). Values may be tokens: they are "
+            "never printed.",
+            default={},
+        ),
+        Field(
+            "dialTimeout",
+            "dial_timeout",
+            Duration(minimum=0.001, maximum=300.0),
+            "Connect timeout for this mirror (hosts.toml `dial_timeout`); unset uses containerd's.",
+        ),
+    ],
+    m.Mirror,
+    "One mirror of a registry.",
+)
+
+
+MIRROR_HEALTH = Object(
+    [
+        Field(
+            "enabled",
+            "enabled",
+            Bool(),
+            "Probe every mirror and take one that stops answering out of its registry's hosts.toml "
+            "until it recovers (the daemon, `nodeagent run`).",
+            default=True,
+        ),
+        Field(
+            "interval",
+            "interval",
+            Duration(minimum=0.1, maximum=3600.0),
+            "Time between probes of one mirror (with jitter).",
+            default="2s",
+        ),
+        Field(
+            "timeout",
+            "timeout",
+            Duration(minimum=0.01, maximum=60.0),
+            "Deadline of one probe (connect and answer). Must not exceed `interval`.",
+            default="1s",
+        ),
+        Field(
+            "failuresBeforeDown",
+            "failures_before_down",
+            Int(minimum=1, maximum=100),
+            "Consecutive failed probes that take a mirror out.",
+            default=3,
+        ),
+        Field(
+            "successesBeforeUp",
+            "successes_before_up",
+            Int(minimum=1, maximum=100),
+            "Consecutive good probes that bring a mirror back.",
+            default=5,
+        ),
+        Field(
+            "holdTime",
+            "hold_time",
+            Duration(maximum=86400.0),
+            "At most one hosts.toml rewrite per mirror per this long (stops flapping).",
+            default="1m",
+        ),
+    ],
+    m.MirrorHealthConfig,
+    "Mirror health checks and fail-over (issue 8).",
+)
+
+
+def _mirror_endpoint(mirror: m.Mirror) -> str:
+    return mirror.endpoint.rstrip("/")
+
+
+CONTAINERD = Object(
+    [
+        Field(
+            "maxConcurrentDownloads",
+            "max_concurrent_downloads",
+            Int(minimum=1, maximum=1000, auto=True),
+            "containerd CRI `max_concurrent_downloads`: layers downloaded at once per pull. `auto` sizes "
+            "it from this node's CPUs and NIC.",
+            default="auto",
+            examples=["auto", 6],
+        ),
+        Field(
+            "imagePullProgressTimeout",
+            "image_pull_progress_timeout",
+            Duration(),
+            "containerd CRI `image_pull_progress_timeout`: cancel a pull that made no progress for this "
+            "long; `0s` turns it off.",
+            default="5m",
+        ),
+        Field(
+            "hostsDir",
+            "hosts_dir",
+            Str(fmt.ABS_PATH),
+            "containerd registry `config_path`: where `<registry>/hosts.toml` files are written.",
+            default="/etc/containerd/certs.d",
+        ),
+        Field(
+            "mirrors",
+            "mirrors",
+            Map(
+                fmt.REGISTRY_HOST,
+                List(
+                    MIRROR,
+                    min_items=1,
+                    max_items=32,
+                    unique=_mirror_endpoint,
+                    unique_message="duplicate endpoint (same as {first})",
+                    unique_at="endpoint",
+                    noun="mirror",
+                ),
+                max_items=256,
+                key_identity=str.lower,
+            ),
+            "Registry host (or `_default` for all registries) to its ordered list of mirrors. Each "
+            "becomes `<hostsDir>/<registry>/hosts.toml`; mirrors are tried in order, then the registry.",
+            default={},
+        ),
+        Field("mirrorHealth", "mirror_health", MIRROR_HEALTH, MIRROR_HEALTH.description),
+    ],
+    m.ContainerdConfig,
+    "containerd image settings and registry mirrors written by `nodeagent apply`.",
+)
+
+PREFETCH_IMAGE = Object(
+    [
+        Field(
+            "image",
+            "image",
+            Str(fmt.IMAGE_REFERENCE),
+            "Image reference to pull.",
+            required=True,
+            examples=["public.ecr.aws/eks-distro/kubernetes/pause:3.10"],
+        ),
+        Field(
+            "pin",
+            "pin",
+            Bool(),
+            "Pin the image in containerd so that no garbage collection (kubelet or nodeagent) removes it.",
+            default=False,
+        ),
+        Field(
+            "required",
+            "required",
+            Bool(),
+            "`nodeagent prefetch` fails (exit 1) when this image cannot be pulled.",
+            default=False,
+        ),
+    ],
+    m.PrefetchImage,
+    "An image pulled before the kubelet starts.",
+)
+
+IMAGES = Object(
+    [
+        Field(
+            "prefetch",
+            "prefetch",
+            List(
+                PREFETCH_IMAGE,
+                max_items=1000,
+                unique=lambda p: fmt.normalize_image(p.image),
+                unique_message="duplicate image (same as {first})",
+                unique_at="image",
+                noun="image",
+            ),
+            "Images `nodeagent prefetch` pulls through CRI at boot (and `--bake` at AMI build).",
+            default=[],
+        ),
+        Field(
+            "protect",
+            "protect",
+            List(Str(fmt.GLOB), max_items=1000, unique=lambda p: p),
+            "Glob patterns of image references nodeagent never evicts.",
+            default=[],
+            examples=[["public.ecr.aws/eks-distro/*"]],
+        ),
+    ],
+    m.ImagesConfig,
+    "Images to prefetch at boot and images to protect from eviction.",
+)
+
+EVICTION = Object(
+    [
+        Field(
+            "enabled",
+            "enabled",
+            Bool(),
+            "Run nodeagent's image eviction loop in the daemon.",
+            default=True,
+        ),
+        Field(
+            "highThresholdPercent",
+            "high_threshold_percent",
+            Int(minimum=0, maximum=100),
+            "Start removing unused images when the image filesystem is this full. Must be above "
+            "`lowThresholdPercent` and, when enabled, below `kubelet.imageGCHighThresholdPercent` "
+            "so that nodeagent acts before the kubelet's image GC.",
+            default=75,
+        ),
+        Field(
+            "lowThresholdPercent",
+            "low_threshold_percent",
+            Int(minimum=0, maximum=100),
+            "Stop removing images once usage is down to this.",
+            default=65,
+        ),
+        Field(
+            "minUnusedAge",
+            "min_unused_age",
+            Duration(),
+            "Never evict an image used more recently than this.",
+            default="10m",
+        ),
+        Field(
+            "interval",
+            "interval",
+            Duration(minimum=1.0, maximum=3600.0),
+            "How often the eviction loop checks disk usage (it also runs after every pull).",
+            default="30s",
+        ),
+    ],
+    m.EvictionConfig,
+    "Disk-aware image eviction by the daemon (`nodeagent run`).",
+)
+
+METRICS = Object(
+    [
+        Field(
+            "listen",
+            "listen",
+            Str(fmt.LISTEN),
+            "Address of the Prometheus metrics and health endpoint.",
+            default="0.0.0.0:9847",
+        ),
+        Field(
+            "perImageSeriesLimit",
+            "per_image_series_limit",
+            Int(minimum=0, maximum=10000),
+            "At most this many `image` series in `nodeagent_image_last_pull_duration_seconds` (least "
+            "recent dropped); 0 turns the per-image metric off.",
+            default=100,
+        ),
+    ],
+    m.MetricsConfig,
+    "The Prometheus endpoint of the daemon.",
+)
+
+
+def _build_config(**kwargs: Any) -> m.Config:
+    kwargs.pop("api_version", None)
+    kwargs.pop("kind", None)
+    return m.Config(**kwargs)
+
+
+SCHEMA = Object(
+    [
+        Field(
+            "apiVersion",
+            "api_version",
+            Str(enum=(API_VERSION,)),
+            "Version of this config format.",
+            default=API_VERSION,  # only a placeholder so that the rest is checked: the key is required
+            required=True,
+        ),
+        Field("kind", "kind", Str(enum=(KIND,)), "Always `NodeAgentConfig`.", default=KIND, required=True),
+        Field("cri", "cri", CRI, CRI.description),
+        Field("kubelet", "kubelet", KUBELET, KUBELET.description),
+        Field("containerd", "containerd", CONTAINERD, CONTAINERD.description),
+        Field("images", "images", IMAGES, IMAGES.description),
+        Field("eviction", "eviction", EVICTION, EVICTION.description),
+        Field("metrics", "metrics", METRICS, METRICS.description),
+    ],
+    _build_config,
+    "nodeagent configuration (/etc/nodeagent/config.yaml).",
+)
+
+
+# --- cross-field rules --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule over several keys. ``check`` returns a message for ``paths[0]`` or None.
+
+    Skipped when any of ``paths`` already has a problem. The problem's line is that of the first of
+    ``paths`` written in the file.
+    """
+
+    paths: Sequence[str]
+    doc: str
+    check: Callable[[m.Config], str | None]
+
+
+def _gc_thresholds(c: m.Config) -> str | None:
+    k = c.kubelet
+    if k.image_gc_low_threshold_percent >= k.image_gc_high_threshold_percent:
+        return (
+            f"must be less than kubelet.imageGCHighThresholdPercent ({k.image_gc_high_threshold_percent}), "
+            f"got {k.image_gc_low_threshold_percent}"
+        )
+    return None
+
+
+def _gc_ages(c: m.Config) -> str | None:
+    k = c.kubelet
+    if 0 < k.image_maximum_gc_age <= k.image_minimum_gc_age:
+        return (
+            f"must be 0s (off) or greater than kubelet.imageMinimumGCAge "
+            f"({format_duration(k.image_minimum_gc_age)}), got {format_duration(k.image_maximum_gc_age)}"
+        )
+    return None
+
+
+def _parallel_pulls(c: m.Config) -> str | None:
+    k = c.kubelet
+    if not k.serialize_image_pulls:
+        return None
+    if k.max_parallel_image_pulls == m.AUTO:
+        return "'auto' requires kubelet.serializeImagePulls: false (set 1 to serialize pulls)"
+    if isinstance(k.max_parallel_image_pulls, int) and k.max_parallel_image_pulls > 1:
+        return (
+            f"must be 1 when kubelet.serializeImagePulls is true (the kubelet refuses larger values), "
+            f"got {k.max_parallel_image_pulls}"
+        )
+    return None
+
+
+def _probe_timeout(c: m.Config) -> str | None:
+    h = c.containerd.mirror_health
+    if h.timeout > h.interval:
+        return (
+            f"must not exceed containerd.mirrorHealth.interval ({format_duration(h.interval)}), "
+            f"got {format_duration(h.timeout)}"
+        )
+    return None
+
+
+def _eviction_thresholds(c: m.Config) -> str | None:
+    e = c.eviction
+    if e.low_threshold_percent >= e.high_threshold_percent:
+        return (
+            f"must be less than eviction.highThresholdPercent ({e.high_threshold_percent}), "
+            f"got {e.low_threshold_percent}"
+        )
+    return None
+
+
+def _eviction_before_kubelet(c: m.Config) -> str | None:
+    e, k = c.eviction, c.kubelet
+    if e.enabled and e.high_threshold_percent >= k.image_gc_high_threshold_percent:
+        return (
+            f"must be below kubelet.imageGCHighThresholdPercent ({k.image_gc_high_threshold_percent}) so "
+            f"that nodeagent evicts before the kubelet's image GC does, got {e.high_threshold_percent}"
+        )
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        ("kubelet.imageGCLowThresholdPercent", "kubelet.imageGCHighThresholdPercent"),
+        "`kubelet.imageGCLowThresholdPercent` < `kubelet.imageGCHighThresholdPercent`",
+        _gc_thresholds,
+    ),
+    Rule(
+        ("kubelet.imageMaximumGCAge", "kubelet.imageMinimumGCAge"),
+        "`kubelet.imageMaximumGCAge` is `0s` or greater than `kubelet.imageMinimumGCAge`",
+        _gc_ages,
+    ),
+    Rule(
+        ("kubelet.maxParallelImagePulls", "kubelet.serializeImagePulls"),
+        "`kubelet.maxParallelImagePulls` above 1 or `auto` requires `kubelet.serializeImagePulls: false`",
+        _parallel_pulls,
+    ),
+    Rule(
+        ("containerd.mirrorHealth.timeout", "containerd.mirrorHealth.interval"),
+        "`containerd.mirrorHealth.timeout` <= `containerd.mirrorHealth.interval`",
+        _probe_timeout,
+    ),
+    Rule(
+        ("eviction.lowThresholdPercent", "eviction.highThresholdPercent"),
+        "`eviction.lowThresholdPercent` < `eviction.highThresholdPercent`",
+        _eviction_thresholds,
+    ),
+    Rule(
+        ("eviction.highThresholdPercent", "kubelet.imageGCHighThresholdPercent", "eviction.enabled"),
+        "when `eviction.enabled`, `eviction.highThresholdPercent` < `kubelet.imageGCHighThresholdPercent`",
+        _eviction_before_kubelet,
+    ),
+)
+
+
+# --- views of the schema -------------------------------------------------------------------------
+
+
+def json_schema() -> JSON:
+    """The schema as JSON Schema draft 2020-12 (cross-field rules are listed in ``$comment``)."""
+    out: JSON = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://nodeagent.io/config.schema.json",
+        "title": "NodeAgentConfig",
+    }
+    out.update(SCHEMA.json_schema())
+    out["$comment"] = "Also enforced by `nodeagent validate`: " + "; ".join(r.doc for r in RULES) + "."
+    return out
+
+
+def differences(config: m.Config) -> list[tuple[str, str, str]]:
+    """(path, value, default) for every setting of ``config`` that differs from the default.
+
+    Secret values (mirror headers) are never rendered.
+    """
+    out: list[tuple[str, str, str]] = []
+
+    def walk(obj: Object, value: Any, default: Any, prefix: str) -> None:
+        for f in obj.fields:
+            if f.attr in ("api_version", "kind"):
+                continue
+            path = f"{prefix}.{f.key}" if prefix else f.key
+            v, d = getattr(value, f.attr), getattr(default, f.attr)
+            if isinstance(f.type, Object):
+                walk(f.type, v, d, path)
+            elif v != d:
+                dtext = f.type.show(d) if d is not None else "unset"
+                out.append((path, f.type.show(v), dtext))
+
+    from nodeagent.config.loader import default_config
+
+    walk(SCHEMA, config, default_config(), "")
+    return out
