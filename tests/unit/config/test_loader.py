@@ -168,6 +168,14 @@ INVALID: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "mirror-health-timeout-above-interval",
+        "containerd:\n  mirrorHealth:\n    interval: 1s\n    timeout: 2s\n",
+        [
+            "containerd.mirrorHealth.timeout: must not exceed containerd.mirrorHealth.interval (1s), "
+            "got 2s (line 6)"
+        ],
+    ),
+    (
         "eviction-low-above-high",
         "eviction:\n  highThresholdPercent: 60\n  lowThresholdPercent: 70\n",
         [
