@@ -38,7 +38,7 @@ def pod_config(name: str, log_dir: Path, *, namespace: str = "default", host_net
     ns = pb.NamespaceOption(network=NAMESPACE_NODE) if host_network else pb.NamespaceOption()
     return pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name=name, uid=uuid.uuid4().hex, namespace=namespace, attempt=0),
-        hostname=name,
+        hostname="" if host_network else name,  # host network shares the node's UTS namespace
         log_directory=str(log_dir),
         labels={"nodeagent-test": name},
         linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(namespace_options=ns)),
