@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from nodeagent.config.loader import ConfigError, Problem, load_text
+from nodeagent.config.loader import ConfigError, Problem, load, load_data, parse_yaml
 from nodeagent.config.model import Config
 from nodeagent.imds import ImdsClient, ImdsError, ImdsSettings
 from nodeagent.paths import Paths
@@ -99,19 +97,17 @@ def imds_enabled(args: argparse.Namespace, paths: Paths, env: Mapping[str, str])
 
 
 def _problems(where: str, e: ConfigError, *, lines: bool) -> str:
-    return "\n".join(f"{where}: {p}" if lines else f"{where}: {p.path}: {p.message}" for p in e.problems)
+    out = []
+    for p in e.problems:
+        text = str(p) if lines else f"{p.path}: {p.message}"
+        out.append(text if text.startswith(where) else f"{where}: {text}")
+    return "\n".join(out)
 
 
-def _read_baked(path: Path) -> tuple[str, dict[str, Any], Config]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError([Problem(str(path), f"cannot read: {e.strerror}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([Problem(str(path), "not UTF-8 text")]) from None
-    cfg = load_text(text, str(path))  # raises ConfigError, path-qualified
-    doc = yaml.safe_load(text) or {}
-    return text, doc if isinstance(doc, dict) else {}, cfg
+def _read_baked(path: Path) -> tuple[dict[str, Any], Config]:
+    cfg = load(path)  # raises ConfigError, path-qualified (also for unreadable or non-UTF-8 files)
+    data, _ = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    return data, cfg
 
 
 def _apply_parts(
@@ -119,26 +115,17 @@ def _apply_parts(
 ) -> tuple[Config | None, str | None]:
     merged: dict[str, Any] = baked_doc
     for where, text in parts:
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-            problem = getattr(e, "problem", None) or "cannot parse"
-            return None, f"{where}: broken YAML: {problem}{at}"
-        if doc is None:
+        if not text.strip():
             continue  # an empty part changes nothing
-        if not isinstance(doc, dict):
-            return None, f"{where}: must be a mapping (a NodeAgentConfig), not {type(doc).__name__}"
-        if "apiVersion" in doc:  # a whole config: validate it alone first, for line numbers in the part
-            try:
-                load_text(text, where)
-            except ConfigError as e:
-                return None, _problems(where, e, lines=True)
+        try:
+            doc, ctx = parse_yaml(text, where)  # broken YAML, duplicate keys, not a mapping: with lines
+            if "apiVersion" in doc:  # a whole config: validate it alone first, for lines in the part
+                load_data(doc, where, ctx)
+        except ConfigError as e:
+            return None, _problems(where, e, lines=True)
         merged = merge(merged, doc)
-    source = f"{baked_path} + user-data"
     try:
-        return load_text(yaml.safe_dump(merged, sort_keys=False), source), None
+        return load_data(merged, f"{baked_path} + user-data"), None
     except ConfigError as e:
         return None, _problems(f"user-data merged over {baked_path}", e, lines=False)
 
@@ -158,7 +145,7 @@ def load_for_command(
     """The config a command runs with. Raises ConfigError only when the BAKED file is invalid."""
     e = os.environ if env is None else env
     path = Path(args.config) if getattr(args, "config", None) else paths.config_file
-    _, baked_doc, baked = _read_baked(path)
+    baked_doc, baked = _read_baked(path)
     baked_only = (str(path),)
     if not imds_enabled(args, paths, e):
         return LoadedConfig(baked, baked_only)

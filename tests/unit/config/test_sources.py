@@ -139,12 +139,24 @@ def test_imds_hung_bounded_by_deadline(root: Path) -> None:
 @pytest.mark.parametrize(
     ("user_data", "message"),
     [
-        (render_al2023("kubelet: {registryPullQPS: [1, 2\n").encode(), "broken YAML"),
-        (render_al2023("- a\n- b\n").encode(), "must be a mapping"),
+        (
+            render_al2023("kubelet: {registryPullQPS: [1, 2\n").encode(),
+            "user-data part 1 (application/nodeagent.yaml): invalid YAML: expected ',' or ']'",
+        ),
+        (render_al2023("- a\n- b\n").encode(), "top level must be a mapping"),
         (render_al2023("eviction:\n  interval: soon\n").encode(), "user-data merged over"),
         (
             render_al2023(PART.replace("interval", "x") + "eviction:\n  interval: soon\n").encode(),
             "user-data part 1 (application/nodeagent.yaml)",
+        ),
+        (
+            render_al2023("kubelet:\n  registryPullQPS: lots\n").encode(),
+            "kubelet.registryPullQPS: expected an integer, got a string",
+        ),
+        (
+            render_al2023(PART.replace("registryPullQPS: 50", "registryPullQPS: lots")).encode(),
+            "user-data part 1 (application/nodeagent.yaml): kubelet.registryPullQPS: expected an integer, "
+            "got a string 'lots' (line 4)",
         ),
         (b"\x1f\x8b\x08\x00broken", "gzip data is"),
         (b"# application/nodeagent.yaml\nkubelet: {}\n", "not a MIME multi-part document"),
