@@ -19,6 +19,33 @@ RESULTS = ("success", "not_found", "unauthorized", "rate_limited", "network", "n
 # Image pulls take from ~100 ms (cached layers) to tens of minutes (multi-GB images on slow links).
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 
+# CRI proxy: method label values (anything else is "other") and gRPC status code names.
+PROXY_METHODS = frozenset(
+    {"ListImages", "ImageStatus", "PullImage", "RemoveImage", "ImageFsInfo", "StreamImages"}
+)
+GRPC_CODES = frozenset(
+    {
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    }
+)
+REGISTRY_LABEL_LIMIT = 50
+
 # Mirror probes: a healthy mirror answers /v2/ in milliseconds; the probe timeout (default 1 s) caps it.
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # nodeagent_mirror_failovers_total{direction}: down = taken out of hosts.toml, up = put back.
@@ -80,6 +107,20 @@ class Metrics:
             "nodeagent_image_evicted_bytes", "Bytes of images removed by nodeagent", registry=r
         )
 
+        # --- CRI proxy and daemon (nodeagent/proxy, nodeagent/daemon.py) ---
+        self.proxy_requests = Counter(
+            "nodeagent_cri_proxy_requests",
+            "CRI calls forwarded by the proxy, by method and gRPC status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "nodeagent_cri_upstream_up",
+            "1 while the upstream CRI image service (cri.endpoint) answers, else 0",
+            registry=r,
+        )
+        self._registries: set[str] = set()
+
         # --- mirror health (nodeagent/mirrorhealth); mirror label values come from operator config ---
         self.mirror_up = Gauge(
             "nodeagent_mirror_up",
@@ -101,6 +142,23 @@ class Metrics:
             ["registry", "mirror", "direction"],
             registry=r,
         )
+
+    def registry_label(self, registry: str) -> str:
+        """``registry`` as a label value, at most ``REGISTRY_LABEL_LIMIT`` distinct ones (then
+        ``other``): pods choose registries, so the set is not closed by config alone."""
+        registry = registry or "unknown"
+        if registry in self._registries:
+            return registry
+        if len(self._registries) >= REGISTRY_LABEL_LIMIT:
+            return "other"
+        self._registries.add(registry)
+        return registry
+
+    def observe_proxy_request(self, method: str, code: str) -> None:
+        self.proxy_requests.labels(
+            method=method if method in PROXY_METHODS else "other",
+            code=code if code in GRPC_CODES else "UNKNOWN",
+        ).inc()
 
     def observe_last_pull(self, image: str, seconds: float) -> None:
         """Set the per-image gauge, keeping at most ``per_image_series_limit`` series (LRU by pull)."""

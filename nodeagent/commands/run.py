@@ -1,0 +1,52 @@
+"""``nodeagent run [-c FILE] [--root DIR]``: the daemon (CRI image proxy, metrics, workers).
+
+Exit 0 after SIGTERM (in-flight calls drained), 2 invalid config, 1 when it cannot start (e.g.
+the proxy socket is held by another live process). Features plug into the daemon in
+``build_daemon``: each adds its workers, pull listeners and status sections there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import TYPE_CHECKING
+
+from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG
+from nodeagent.config import Config, ConfigError, load
+from nodeagent.paths import Paths
+
+if TYPE_CHECKING:
+    from nodeagent.daemon import Daemon
+
+
+def build_daemon(config: Config, paths: Paths) -> Daemon:
+    from nodeagent.daemon import Daemon
+
+    daemon = Daemon(config, paths)
+    # --- features plug in here (one block each) -------------------------------------------------
+    return daemon
+
+
+def run(args: argparse.Namespace) -> int:
+    from nodeagent import log
+    from nodeagent.commands.validate import config_path
+
+    log.setup()
+    path = config_path(args)
+    try:
+        config = load(path)
+    except ConfigError as e:
+        print(f"{path}: invalid config:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    paths = Paths.at(args.root)
+    from nodeagent.proxy.sockets import SocketInUseError
+
+    daemon = build_daemon(config, paths)
+    try:
+        return asyncio.run(daemon.run())
+    except (SocketInUseError, OSError, ValueError) as e:
+        print(f"nodeagent run: {e}", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,1 @@
+"""The CRI image-service proxy (``nodeagent run``)."""
