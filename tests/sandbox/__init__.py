@@ -5,6 +5,7 @@ Start with ``Sandbox`` (stack.py), which owns cleanup; the pytest fixtures in te
 wrap it. Facts behind the recipes: ../shared/notes/sandbox-node.md.
 """
 
+from tests.sandbox.agent import NodeAgent
 from tests.sandbox.containerd import Containerd, Mirror, cri_version, hosts_toml
 from tests.sandbox.loopfs import LoopFs
 from tests.sandbox.net import HungServer, RefusedPort, ThrottleProxy, free_port
@@ -19,6 +20,7 @@ __all__ = [
     "Image",
     "LoopFs",
     "Mirror",
+    "NodeAgent",
     "PushedImage",
     "RefusedPort",
     "Registry",

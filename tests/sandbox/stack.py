@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from tests.sandbox.agent import NodeAgent
 from tests.sandbox.containerd import Containerd, Mirror
 from tests.sandbox.loopfs import LoopFs
 from tests.sandbox.mounts import unmount_all_under
@@ -97,6 +98,19 @@ class Sandbox:
         pause = self.pause_image(registry)
         node = self.containerd([registry], pods=True, sandbox_image=pause.reference, **kw)
         return node, pause
+
+    def nodeagent(
+        self, upstream: Containerd | str, *, start: bool = True, config: dict[str, Any] | None = None
+    ) -> NodeAgent:
+        """``nodeagent run`` proxying ``upstream`` (a Containerd or an endpoint), with its own
+        ``--root``; ``config`` entries are merged over the defaults (metrics on 127.0.0.1:0)."""
+        endpoint = upstream.endpoint if isinstance(upstream, Containerd) else upstream
+        agent = NodeAgent(self._name("agent"), endpoint, config)
+        self._stack.callback(agent.stop)
+        if start:
+            agent.start()
+            self._track(agent.pid)
+        return agent
 
     def loopfs(self, size_mb: int = 200) -> LoopFs:
         fs = LoopFs(self._name("disk"), size_mb)
