@@ -20,7 +20,7 @@ EXIT_FAILED = 1
 EXIT_INVALID_CONFIG = 2
 
 
-def _common(p: argparse.ArgumentParser, *, config: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, *, config: bool = True, imds: bool = True) -> None:
     if config:
         p.add_argument(
             "-c",
@@ -35,6 +35,20 @@ def _common(p: argparse.ArgumentParser, *, config: bool = True) -> None:
         metavar="DIR",
         help="prefix every host path read or written with DIR (for tests and image builds)",
     )
+    if config and imds:
+        p.add_argument(
+            "--imds",
+            choices=["auto", "on", "off"],
+            default=None,
+            help="merge the config part of the EC2 user-data (IMDSv2) over the file; default "
+            "$NODEAGENT_IMDS or auto (on for the eks-al2023 flavor)",
+        )
+        p.add_argument(
+            "--imds-endpoint",
+            default=None,
+            metavar="URL",
+            help="IMDS address (default $NODEAGENT_IMDS_ENDPOINT or http://169.254.169.254)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="render launch-template user-data carrying this node's settings",
         description="Render EC2 user-data (AL2023 nodeadm MIME multi-part) or a Karpenter EC2NodeClass.",
     )
-    _common(p)
+    _common(p, imds=False)
     p.add_argument("--format", choices=["al2023", "karpenter"], required=True)
     g = p.add_argument_group("cluster details (al2023: adds a nodeadm NodeConfig part; give all four)")
     g.add_argument("--cluster-name", metavar="NAME")

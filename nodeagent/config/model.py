@@ -89,6 +89,15 @@ class PrefetchImage:
 class ImagesConfig:
     prefetch: tuple[PrefetchImage, ...] = ()
     protect: tuple[str, ...] = ()
+    # `nodeagent prefetch`: parallel pulls, and the total time it may hold the kubelet back
+    # (systemd/nodeagent-prefetch.service's TimeoutStartSec sits just above this default).
+    prefetch_concurrency: int = 4
+    prefetch_budget: float = 300.0
+    # Registry credentials without new secrets: the kubelet's image credential provider plugins
+    # (AL2023 defaults, as nodeadm passes them to the kubelet) and a docker config.json.
+    credential_provider_config: str = "/etc/eks/image-credential-provider/config.json"
+    credential_provider_bin_dir: str = "/etc/eks/image-credential-provider"
+    docker_config: str = "/var/lib/kubelet/config.json"
 
 
 @dataclass(frozen=True)

@@ -362,6 +362,45 @@ IMAGES = Object(
             default=[],
             examples=[["public.ecr.aws/eks-distro/*"]],
         ),
+        Field(
+            "prefetchConcurrency",
+            "prefetch_concurrency",
+            Int(minimum=1, maximum=64),
+            "Images `nodeagent prefetch` pulls at the same time.",
+            default=4,
+        ),
+        Field(
+            "prefetchBudget",
+            "prefetch_budget",
+            Duration(minimum=1.0, maximum=3600.0),
+            "Total time `nodeagent prefetch` may take (it holds the kubelet back at boot); pulls still "
+            "running then are canceled. systemd's TimeoutStartSec for nodeagent-prefetch.service is the "
+            "backstop just above the default: raise both together.",
+            default="5m",
+        ),
+        Field(
+            "credentialProviderConfig",
+            "credential_provider_config",
+            Str(fmt.ABS_PATH),
+            "The kubelet's CredentialProviderConfig (`--image-credential-provider-config`); prefetch "
+            "gets registry credentials from the same plugins the kubelet uses. A missing file means no "
+            "plugins.",
+            default="/etc/eks/image-credential-provider/config.json",
+        ),
+        Field(
+            "credentialProviderBinDir",
+            "credential_provider_bin_dir",
+            Str(fmt.ABS_PATH),
+            "Directory of the credential provider plugins (`--image-credential-provider-bin-dir`).",
+            default="/etc/eks/image-credential-provider",
+        ),
+        Field(
+            "dockerConfig",
+            "docker_config",
+            Str(fmt.ABS_PATH),
+            "A docker `config.json` whose `auths` prefetch also uses (the kubelet reads the same file).",
+            default="/var/lib/kubelet/config.json",
+        ),
     ],
     m.ImagesConfig,
     "Images to prefetch at boot and images to protect from eviction.",
