@@ -292,7 +292,7 @@ class Str(Type):
 
     def doc(self) -> str:
         if self.enum:
-            return " \\| ".join(f"`{e}`" for e in self.enum)
+            return " | ".join(f"`{e}`" for e in self.enum)
         return f"string ({self.format.description})" if self.format else "string"
 
     def show(self, value: Any) -> str:

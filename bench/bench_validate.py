@@ -1,0 +1,83 @@
+"""Wall time of ``nodeagent validate -c docs/config.example.yaml`` as a fresh process (it runs on the
+boot path), against ``python -c pass`` measured in the same run. Target: median under 300 ms.
+
+Also checks that the validate path imports none of grpc, prometheus_client or tomlkit
+(``python -X importtime``), and prints its heaviest imports.
+
+    python -m bench validate            # or: python -m bench.bench_validate [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "docs/config.example.yaml"
+TARGET_MS = 300.0
+HEAVY = ("grpc", "prometheus_client", "tomlkit")
+VALIDATE = [sys.executable, "-m", "nodeagent", "validate", "-c", str(EXAMPLE)]
+BASELINE = [sys.executable, "-c", "pass"]
+
+
+def _time(cmd: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _imports() -> list[tuple[int, str]]:
+    """(cumulative microseconds, module) for every module the validate process imports."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", *VALIDATE[1:]],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stderr
+    rows = []
+    for line in out.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _self, cumulative, name = line[len("import time:") :].split("|")
+        rows.append((int(cumulative), name.strip()))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--runs", type=int, default=21)
+    args = ap.parse_args(argv)
+
+    for _ in range(2):  # warm the page cache for both
+        _time(BASELINE)
+        _time(VALIDATE)
+    base, validate = [], []
+    for _ in range(args.runs):  # interleaved, so load from other processes hits both alike
+        base.append(_time(BASELINE))
+        validate.append(_time(VALIDATE))
+    b, v = statistics.median(base), statistics.median(validate)
+    print(f"python -c pass:              median {b:6.1f} ms  (min {min(base):.1f}, n={args.runs})")
+    print(f"nodeagent validate example:  median {v:6.1f} ms  (min {min(validate):.1f}, n={args.runs})")
+    print(f"ratio validate/baseline:     {v / b:.2f}x; validate's own cost {v - b:.1f} ms")
+
+    rows = _imports()
+    top = [r for r in rows if r[1].split(".")[0] in ("nodeagent", "yaml")]
+    top.sort(reverse=True)
+    print("heaviest nodeagent/yaml imports (cumulative):")
+    for us, name in top[:6]:
+        print(f"  {us / 1000:6.1f} ms  {name}")
+    heavy = sorted({n for _, n in rows if n.split(".")[0] in HEAVY})
+    ok = v < TARGET_MS and not heavy
+    if heavy:
+        print(f"FAIL: validate imports {', '.join(heavy)}")
+    print(f"target median < {TARGET_MS:.0f} ms: {'met' if v < TARGET_MS else 'MISSED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
