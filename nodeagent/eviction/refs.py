@@ -1,0 +1,76 @@
+"""Image reference normalization, the way containerd and the kubelet spell references.
+
+``busybox`` -> ``docker.io/library/busybox:latest``; ``ghcr.io/x/y`` -> ``ghcr.io/x/y:latest``;
+a digest reference keeps its digest and gets no tag. CRI runtimes report ``RepoTags`` and
+``RepoDigests`` already normalized; user input (protect patterns, the baked manifest, the image a
+container was created from) may not be.
+"""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT_REGISTRY = "docker.io"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_GLOB = frozenset("*?[")
+
+
+def _has_domain(first: str) -> bool:
+    return "." in first or ":" in first or first == "localhost"
+
+
+def split_domain(ref: str) -> tuple[str, str]:
+    """``(registry host, rest)`` with docker.io defaulting and its ``library/`` prefix."""
+    first, sep, rest = ref.partition("/")
+    if sep and (_has_domain(first) or first != first.lower()):
+        domain, remainder = first, rest
+    else:
+        domain, remainder = DEFAULT_REGISTRY, ref
+    if domain in ("index.docker.io", "registry-1.docker.io"):
+        domain = DEFAULT_REGISTRY
+    if domain == DEFAULT_REGISTRY and "/" not in remainder:
+        remainder = "library/" + remainder
+    return domain, remainder
+
+
+def normalize(ref: str) -> str:
+    """The fully qualified form of an image reference, or an image id (``sha256:...``) as is."""
+    ref = ref.strip()
+    if ref.startswith("sha256:"):
+        return ref
+    if _HEX64.match(ref):
+        return "sha256:" + ref
+    domain, rest = split_domain(ref)
+    name, at, digest = rest.partition("@")
+    if not at:
+        last = name.rsplit("/", 1)[-1]
+        if ":" not in last:
+            name += ":latest"
+        return f"{domain}/{name}"
+    return f"{domain}/{name}@{digest}"
+
+
+def repository(ref: str) -> str:
+    """A normalized reference without its tag or digest: ``docker.io/library/busybox``."""
+    name = ref.split("@", 1)[0]
+    head, slash, last = name.rpartition("/")
+    if ":" in last:
+        last = last.split(":", 1)[0]
+    return f"{head}{slash}{last}"
+
+
+def normalize_pattern(pattern: str) -> str:
+    """Normalize the registry part of a protect glob, leaving the glob itself alone.
+
+    ``busybox*`` -> ``docker.io/library/busybox*``; ``*`` and ``*/pause:*`` stay as written (a
+    pattern that starts with a glob, or globs its registry part, may stand for any registry); no
+    ``:latest`` is added.
+    """
+    pattern = pattern.strip()
+    if pattern.startswith("sha256:"):
+        return pattern
+    first, slash, _ = pattern.partition("/")
+    if (slash and _GLOB & set(first)) or pattern[:1] in _GLOB:
+        return pattern
+    domain, rest = split_domain(pattern)
+    return f"{domain}/{rest}"

@@ -1,0 +1,46 @@
+import pytest
+
+from nodeagent.eviction import refs
+
+
+@pytest.mark.parametrize(
+    ("ref", "want"),
+    [
+        ("busybox", "docker.io/library/busybox:latest"),
+        ("busybox:1.36", "docker.io/library/busybox:1.36"),
+        ("library/busybox", "docker.io/library/busybox:latest"),
+        ("bitnami/redis:7", "docker.io/bitnami/redis:7"),
+        ("index.docker.io/library/busybox", "docker.io/library/busybox:latest"),
+        ("localhost:5000/app", "localhost:5000/app:latest"),
+        ("localhost/app:v1", "localhost/app:v1"),
+        (
+            "public.ecr.aws/eks-distro/kubernetes/pause:3.10",
+            "public.ecr.aws/eks-distro/kubernetes/pause:3.10",
+        ),
+        ("ghcr.io/x/y@sha256:" + "a" * 64, "ghcr.io/x/y@sha256:" + "a" * 64),
+        ("sha256:" + "b" * 64, "sha256:" + "b" * 64),
+        ("c" * 64, "sha256:" + "c" * 64),
+    ],
+)
+def test_normalize(ref: str, want: str) -> None:
+    assert refs.normalize(ref) == want
+
+
+def test_repository_strips_tag_and_digest_not_port() -> None:
+    assert refs.repository("localhost:5000/app:v1") == "localhost:5000/app"
+    assert refs.repository("ghcr.io/x/y@sha256:" + "a" * 64) == "ghcr.io/x/y"
+    assert refs.repository("docker.io/library/busybox:1.36") == "docker.io/library/busybox"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "want"),
+    [
+        ("busybox*", "docker.io/library/busybox*"),
+        ("*", "*"),
+        ("*/pause:*", "*/pause:*"),
+        ("public.ecr.aws/eks-distro/*", "public.ecr.aws/eks-distro/*"),
+        ("bitnami/*", "docker.io/bitnami/*"),
+    ],
+)
+def test_normalize_pattern(pattern: str, want: str) -> None:
+    assert refs.normalize_pattern(pattern) == want
