@@ -1,0 +1,60 @@
+"""How full the image filesystem is, measured with statvfs(2) at the moment of asking.
+
+containerd's ImageFsInfo ``used_bytes`` is refreshed only every ``stats_collect_period`` (10 s by
+default) and counts only the snapshotter's directory; statvfs is current and counts everything on
+the filesystem, which is what makes a pull fail with ENOSPC. Like the kubelet, "used" is capacity
+minus what an unprivileged writer can still use (``f_bavail``), so blocks reserved for root count
+as used.
+
+Which filesystem: ``eviction.imagefsPath`` when configured, else the mountpoint CRI ImageFsInfo
+reports for the image filesystem (containerd: its snapshotter root). Either is a host path and goes
+through ``Paths`` (``--root``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from nodeagent.eviction.policy import FsUsage
+from nodeagent.paths import Paths
+
+
+class UsageError(RuntimeError):
+    """The image filesystem cannot be found or measured; the message names the path."""
+
+
+def measure(path: Path) -> FsUsage:
+    """Used and total bytes of the filesystem holding ``path`` (statvfs, current)."""
+    try:
+        st = os.statvfs(path)
+    except OSError as e:
+        raise UsageError(f"{path}: statvfs failed: {e.strerror}") from None
+    total = st.f_blocks * st.f_frsize
+    used = total - st.f_bavail * st.f_frsize
+    return FsUsage(used_bytes=max(0, used), total_bytes=total)
+
+
+def mountpoint_from_imagefs_info(response: Any) -> str:
+    """The image filesystem's mountpoint from a CRI ImageFsInfoResponse ("" when it names none)."""
+    for fs in getattr(response, "image_filesystems", ()):
+        mp = str(fs.fs_id.mountpoint)
+        if mp:
+            return mp
+    return ""
+
+
+def imagefs_path(paths: Paths, configured: str, mountpoint: str = "") -> Path:
+    """The host path to measure: the configured one, else the runtime's mountpoint, under ``paths``."""
+    chosen = configured or mountpoint
+    if not chosen:
+        raise UsageError(
+            "image filesystem unknown: CRI ImageFsInfo reported no mountpoint "
+            "and eviction.imagefsPath is not set"
+        )
+    try:
+        return paths.host(chosen)
+    except ValueError as e:
+        source = "eviction.imagefsPath" if configured else "ImageFsInfo fs_id.mountpoint"
+        raise UsageError(f"{source}: {e}") from None
