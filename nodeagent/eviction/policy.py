@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
-from nodeagent.eviction import refs
+from nodeagent import imageref as refs
 from nodeagent.eviction.baked import BakedImage
 
 KEEP: Final = "keep"
@@ -69,13 +69,15 @@ class Image:
 class Container:
     """A container or pod sandbox and the image it was created from (ListContainers/ListPodSandbox).
 
-    ``image`` is the ImageSpec as the runtime reports it (a reference or an id); ``image_ref`` the
-    resolved image id when known. Either one in use keeps the image, whatever the state.
+    ``image`` is the ImageSpec as the runtime reports it (a reference or an id); ``image_ref`` and
+    ``image_id`` what the runtime resolved it to (CRI ``image_ref``, and ``image_id`` since CRI v1.31).
+    Any of them naming an image keeps it, whatever the container's state.
     """
 
     id: str
     image: str = ""
     image_ref: str = ""
+    image_id: str = ""
     running: bool = False
     kind: Literal["container", "sandbox"] = "container"
 
@@ -205,7 +207,7 @@ def _in_use_keys(containers: Iterable[Container], extra: Iterable[str]) -> dict[
     keys: dict[str, str] = {}
     for c in containers:
         who = f"{c.kind} {c.id[:13]}" + (" (running)" if c.running else "")
-        for s in (c.image_ref, c.image):
+        for s in (c.image_id, c.image_ref, c.image):
             if s:
                 keys.setdefault(s, who)
                 keys.setdefault(refs.normalize(s), who)

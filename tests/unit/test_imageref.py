@@ -1,6 +1,6 @@
 import pytest
 
-from nodeagent.eviction import refs
+from nodeagent import imageref as refs
 
 
 @pytest.mark.parametrize(

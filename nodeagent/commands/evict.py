@@ -1,0 +1,151 @@
+"""``nodeagent evict --dry-run``: print what the eviction policy would remove now, and why.
+
+Reads the same inputs as the daemon's eviction loop (CRI images, containers and sandboxes; statvfs
+of the image filesystem; the baked-images manifest; the last-used state the daemon persists) and
+prints the plan as a table, one row per image: removals first, in order. Removes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from nodeagent import config
+from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
+from nodeagent.eviction import baked, usage
+from nodeagent.eviction.policy import REMOVE, Plan
+from nodeagent.paths import Paths
+
+
+@dataclass(frozen=True)
+class DryRun:
+    plan: Plan
+    imagefs: Path
+    now: float
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m ago"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m ago"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h ago"
+
+
+def render(result: DryRun, *, max_name: int = 60) -> str:
+    """The plan as a text table with a summary (pure; tested on its own)."""
+    p, now = result.plan, result.now
+    th = p.thresholds
+    lines = [
+        f"imagefs {result.imagefs}: {human_bytes(p.usage.used_bytes)} of {human_bytes(p.usage.total_bytes)} "
+        f"used ({p.usage.ratio:.1%}); high {th.high_percent}%, low {th.low_percent}%, "
+        f"minUnusedAge {th.min_unused_age:g}s",
+    ]
+    if not p.triggered:
+        lines.append(f"below the high threshold ({human_bytes(p.high_bytes)}): nothing to remove")
+    else:
+        ratio = p.projected_used_bytes / max(1, p.usage.total_bytes)
+        lines.append(
+            f"would remove {len(p.removals)} image(s), {human_bytes(p.removal_bytes)}; "
+            f"projected usage {human_bytes(p.projected_used_bytes)} ({ratio:.1%})"
+        )
+    if p.low_unreachable:
+        lines.append(
+            "cannot reach the low threshold: every other image is in use, pinned, baked, "
+            "protected or too recent"
+        )
+    header = ("#", "IMAGE", "SIZE", "LAST USED", "DECISION", "REASON", "DETAIL")
+    rows: list[tuple[str, ...]] = []
+    for i, d in enumerate(p.decisions, 1):
+        name = d.image.name
+        if len(name) > max_name:
+            name = name[: max_name - 3] + "..."
+        rows.append(
+            (
+                str(i) if d.verdict == REMOVE else "",
+                name,
+                human_bytes(d.image.size),
+                human_age(None if d.last_used is None else now - d.last_used),
+                d.verdict,
+                d.reason,
+                d.detail,
+            )
+        )
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    lines.append("")
+    for r in [header, *rows]:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+async def dry_run(cfg: config.Config, paths: Paths, *, now: float | None = None) -> DryRun:
+    # grpc is imported here, not at module level: the CLI stays fast for the other commands.
+    from nodeagent.cri.client import CriClient
+    from nodeagent.eviction.inventory import Inventory
+    from nodeagent.eviction.policy import Thresholds, plan
+    from nodeagent.lastused import LastUsed
+
+    ev = cfg.eviction
+    thresholds = Thresholds(ev.high_threshold_percent, ev.low_threshold_percent, ev.min_unused_age)
+    manifest = baked.load(paths.baked_manifest)
+    last_used = LastUsed(paths.last_used_file)
+    last_used.load()
+    async with CriClient(cfg.cri.endpoint, cfg.cri.timeout) as cri:
+        inv = Inventory(cri)
+        configured = getattr(ev, "imagefs_path", "")
+        mountpoint = "" if configured else usage.mountpoint_from_imagefs_info(await cri.image_fs_info())
+        fs_path = usage.imagefs_path(paths, configured, mountpoint)
+        images = await inv.images()
+        users = await inv.users()
+    fs = usage.measure(fs_path)
+    t = time.time() if now is None else now
+    p = plan(
+        images,
+        users,
+        usage=fs,
+        thresholds=thresholds,
+        now=t,
+        last_used=last_used.items(),
+        protect=cfg.images.protect,
+        baked=manifest,
+    )
+    return DryRun(p, fs_path, t)
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    paths = Paths.at(args.root)
+    path = Path(args.config) if args.config else paths.config_file
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as e:
+        for problem in e.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    from nodeagent.cri.client import CriError
+
+    try:
+        result = asyncio.run(dry_run(cfg, paths))
+    except (CriError, usage.UsageError, baked.BakedManifestError) as e:
+        print(f"nodeagent evict: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    out.write(render(result))
+    return EXIT_OK

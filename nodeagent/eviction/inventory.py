@@ -1,0 +1,80 @@
+"""What the runtime holds, read through CRI and turned into the policy's plain data.
+
+Images from ListImages; their users from ListContainers and ListPodSandbox. A pod sandbox does not
+name its image in ListPodSandbox, so the sandbox (pause) image is read once per sandbox from
+PodSandboxStatus(verbose) (containerd reports it as ``info.image``) and remembered while the sandbox
+exists. Any container or sandbox, running or not, keeps its image.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from nodeagent.eviction.policy import Container, Image
+
+CONTAINER_RUNNING = 1  # runtime.v1 ContainerState
+SANDBOX_READY = 0  # runtime.v1 PodSandboxState
+
+
+def image_of(msg: Any) -> Image:
+    return Image(
+        id=str(msg.id),
+        repo_tags=tuple(msg.repo_tags),
+        repo_digests=tuple(msg.repo_digests),
+        size=int(msg.size),
+        pinned=bool(getattr(msg, "pinned", False)),
+    )
+
+
+def container_of(msg: Any) -> Container:
+    return Container(
+        id=str(msg.id),
+        image=str(msg.image.image) if msg.HasField("image") else "",
+        image_ref=str(msg.image_ref),
+        image_id=str(getattr(msg, "image_id", "")),
+        running=msg.state == CONTAINER_RUNNING,
+        kind="container",
+    )
+
+
+def sandbox_image_from_status(resp: Any) -> str:
+    """The image a sandbox was created from, from PodSandboxStatus(verbose=True); "" if not reported."""
+    raw = resp.info.get("info") if hasattr(resp, "info") else None
+    if not raw:
+        return ""
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return ""
+    image = info.get("image") if isinstance(info, dict) else None
+    return image if isinstance(image, str) else ""
+
+
+class Inventory:
+    """Reads images and their users through a ``CriClient``; caches sandbox images by sandbox id."""
+
+    def __init__(self, cri: Any) -> None:
+        self.cri = cri
+        self._sandbox_images: dict[str, str] = {}
+
+    async def images(self) -> list[Image]:
+        return [image_of(m) for m in await self.cri.list_images()]
+
+    async def users(self) -> list[Container]:
+        """Every container and pod sandbox, with the image each was created from."""
+        containers = [container_of(m) for m in await self.cri.list_containers()]
+        sandboxes = await self.cri.list_pod_sandboxes()
+        seen: dict[str, str] = {}
+        for sb in sandboxes:
+            sid = str(sb.id)
+            image = self._sandbox_images.get(sid)
+            if image is None:
+                image = sandbox_image_from_status(await self.cri.pod_sandbox_status(sid, verbose=True))
+            seen[sid] = image
+            if image:
+                containers.append(
+                    Container(sid, image=image, running=sb.state == SANDBOX_READY, kind="sandbox")
+                )
+        self._sandbox_images = {k: v for k, v in seen.items() if v}  # forget removed sandboxes
+        return containers
