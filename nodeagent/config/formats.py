@@ -217,6 +217,18 @@ _ABS_PATH_PATTERN = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$"
 
 ABS_PATH = Format("abs-path", check_abs_path, _ABS_PATH_PATTERN, "an absolute path without `..`")
 
+
+def check_optional_abs_path(path: str) -> str | None:
+    return None if path == "" else check_abs_path(path)
+
+
+OPTIONAL_ABS_PATH = Format(
+    "optional-abs-path",
+    check_optional_abs_path,
+    r"^$|" + _ABS_PATH_PATTERN,
+    'an absolute path without `..`, or `""`',
+)
+
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 

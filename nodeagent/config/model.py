@@ -107,6 +107,7 @@ class EvictionConfig:
     low_threshold_percent: int = 65
     min_unused_age: float = 600.0
     interval: float = 30.0
+    imagefs_path: str = ""  # "" = CRI ImageFsInfo's mountpoint
 
 
 @dataclass(frozen=True)

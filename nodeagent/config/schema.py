@@ -445,6 +445,14 @@ EVICTION = Object(
             "How often the eviction loop checks disk usage (it also runs after every pull).",
             default="30s",
         ),
+        Field(
+            "imagefsPath",
+            "imagefs_path",
+            Str(fmt.OPTIONAL_ABS_PATH),
+            'A path on the image filesystem whose usage eviction measures (statvfs). `""`: the '
+            "mountpoint the runtime reports in CRI ImageFsInfo (containerd: its snapshotter root).",
+            default="",
+        ),
     ],
     m.EvictionConfig,
     "Disk-aware image eviction by the daemon (`nodeagent run`).",

@@ -82,6 +82,18 @@ def test_proxy_socket_may_be_empty_and_numbers_and_auto_are_kept() -> None:
     assert c.metrics.listen == "[::]:9847"
 
 
+def test_eviction_imagefs_path_is_optional_and_absolute() -> None:
+    assert load_text(HEAD).eviction.imagefs_path == ""
+    c = load_text(HEAD + "eviction:\n  imagefsPath: /var/lib/containerd\n")
+    assert c.eviction.imagefs_path == "/var/lib/containerd"
+    assert problems(HEAD + "eviction:\n  imagefsPath: var/lib\n") == [
+        "eviction.imagefsPath: must be an absolute path (line 4)"
+    ]
+    assert problems(HEAD + "eviction:\n  imagefsPath: /var/../etc\n") == [
+        "eviction.imagefsPath: path must not contain '..' (line 4)"
+    ]
+
+
 # Each case: (id, config text after the apiVersion/kind header, exact problem lines)
 INVALID: list[tuple[str, str, list[str]]] = [
     (
