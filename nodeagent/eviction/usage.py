@@ -6,9 +6,8 @@ the filesystem, which is what makes a pull fail with ENOSPC. Like the kubelet, "
 minus what an unprivileged writer can still use (``f_bavail``), so blocks reserved for root count
 as used.
 
-Which filesystem: ``eviction.imagefsPath`` when configured, else the mountpoint CRI ImageFsInfo
-reports for the image filesystem (containerd: its snapshotter root). Either is a host path and goes
-through ``Paths`` (``--root``).
+Which filesystem: ``eviction.imagefsPath`` when configured (a host path, through ``Paths``), else
+the mountpoint CRI ImageFsInfo reports for the image filesystem (containerd: its snapshotter root).
 """
 
 from __future__ import annotations
@@ -46,15 +45,20 @@ def mountpoint_from_imagefs_info(response: Any) -> str:
 
 
 def imagefs_path(paths: Paths, configured: str, mountpoint: str = "") -> Path:
-    """The host path to measure: the configured one, else the runtime's mountpoint, under ``paths``."""
-    chosen = configured or mountpoint
-    if not chosen:
+    """The path to measure: ``eviction.imagefsPath`` under ``paths`` (``--root``), else the
+    runtime's mountpoint as the runtime reports it (the runtime does not run under ``--root``, just
+    as ``cri.endpoint`` is used as configured)."""
+    if configured:
+        try:
+            return paths.host(configured)
+        except ValueError as e:
+            raise UsageError(f"eviction.imagefsPath: {e}") from None
+    if not mountpoint:
         raise UsageError(
             "image filesystem unknown: CRI ImageFsInfo reported no mountpoint "
             "and eviction.imagefsPath is not set"
         )
     try:
-        return paths.host(chosen)
+        return Paths().host(mountpoint)  # validated: absolute, no '..'
     except ValueError as e:
-        source = "eviction.imagefsPath" if configured else "ImageFsInfo fs_id.mountpoint"
-        raise UsageError(f"{source}: {e}") from None
+        raise UsageError(f"ImageFsInfo fs_id.mountpoint: {e}") from None

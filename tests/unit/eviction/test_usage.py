@@ -33,7 +33,13 @@ def test_measure_missing_path_names_it(tmp_path: Path) -> None:
 def test_configured_path_wins_and_goes_under_root(tmp_path: Path) -> None:
     p = Paths(tmp_path)
     assert usage.imagefs_path(p, "/var/lib/containerd", "/x") == tmp_path / "var/lib/containerd"
-    assert usage.imagefs_path(p, "", "/var/lib/containerd/snap") == tmp_path / "var/lib/containerd/snap"
+
+
+def test_runtime_mountpoint_is_the_runtimes_view_not_under_root(tmp_path: Path) -> None:
+    # the runtime does not run under --root: what it reports is used as reported (like cri.endpoint)
+    assert usage.imagefs_path(Paths(tmp_path), "", "/var/lib/containerd/snap") == Path(
+        "/var/lib/containerd/snap"
+    )
 
 
 @pytest.mark.parametrize(

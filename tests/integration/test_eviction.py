@@ -1,0 +1,107 @@
+"""Eviction against a real containerd (Debian's 1.6) with real pods: see tests/conftest.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nodeagent.cri.client import CriClient
+from nodeagent.eviction.baked import BakedImage
+from nodeagent.eviction.baked import write as write_baked
+from nodeagent.lastused import LastUsed
+from nodeagent.paths import Paths
+from tests.sandbox import Containerd, PushedImage, Registry, Sandbox
+from tests.sandbox.pods import remove_pod, run_container, run_pod
+
+HEAD = "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\n"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def nodeagent(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "nodeagent", *argv], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def table_rows(out: str) -> dict[str, dict[str, str]]:
+    """IMAGE -> {column: cell} from the dry-run table (columns sliced at the header's positions)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#  "))
+    header = lines[start]
+    names = ["#", "IMAGE", "SIZE", "LAST USED", "DECISION", "REASON", "DETAIL"]
+    cols = [header.index(n) for n in names]
+    rows = {}
+    for line in lines[start + 1 :]:
+        cells = {
+            n: line[a:b].strip() for n, a, b in zip(names, cols, [*cols[1:], len(line) + 1], strict=True)
+        }
+        rows[cells["IMAGE"]] = cells
+    return rows
+
+
+def test_evict_dry_run_on_a_real_node(
+    sandbox: Sandbox, registry: Registry, pod_node: Containerd, pause_image: PushedImage
+) -> None:
+    root = sandbox.dir / "root"
+    paths = Paths(root)
+    in_use, old, newer, protected, baked_img = (
+        sandbox.image(registry, f"evict/{name}", layers=1, layer_size=256 << 10, busybox=name == "in-use")
+        for name in ("in-use", "old", "newer", "protected", "baked")
+    )
+    now = time.time()
+
+    async def setup() -> tuple[list[str], object]:
+        async with CriClient(pod_node.endpoint) as cri:
+            for img in (old, newer, protected, baked_img):
+                await cri.pull_image(img.reference)
+            pod = await run_pod(cri, "evict-dry-run", log_dir=sandbox.dir / "logs")
+            await run_container(cri, pod, in_use.reference, "app", ["/bin/busybox", "sleep", "300"])
+            return sorted(i.id for i in await cri.list_images()), pod
+
+    before, pod = asyncio.run(setup())
+    paths.config_file.parent.mkdir(parents=True)
+    paths.config_file.write_text(
+        HEAD + f"cri:\n  endpoint: {pod_node.endpoint}\n"
+        "eviction:\n  highThresholdPercent: 1\n  lowThresholdPercent: 0\n  minUnusedAge: 1m\n"
+        f"images:\n  protect: ['{registry.host}/evict/prot*']\n"
+    )
+    write_baked(paths.baked_manifest, [BakedImage(baked_img.reference, baked_img.manifest_digest, 1, True)])
+    lu = LastUsed(paths.last_used_file)
+    lu.touch(old.reference, now - 7200)
+    lu.touch(newer.image_id, now - 3600)
+    lu.save()
+
+    r = nodeagent("evict", "--dry-run", "--root", str(root))
+    print(r.stdout)
+    assert r.returncode == 0, r.stderr
+    rows = table_rows(r.stdout)
+    assert [rows[old.reference][k] for k in ("#", "DECISION", "REASON")] == ["1", "remove", "lru"]
+    assert [rows[newer.reference][k] for k in ("#", "DECISION", "REASON")] == ["2", "remove", "lru"]
+    assert rows[newer.reference]["LAST USED"] == "1h00m ago"
+    assert rows[old.reference]["LAST USED"] == "2h00m ago"
+    assert (rows[in_use.reference]["REASON"], rows[in_use.reference]["DETAIL"][:10]) == (
+        "in_use",
+        "container ",
+    )
+    assert rows[in_use.reference]["DETAIL"].endswith("(running)")
+    assert (rows[pause_image.reference]["REASON"], rows[pause_image.reference]["DETAIL"][:8]) == (
+        "in_use",
+        "sandbox ",
+    )
+    assert rows[protected.reference]["REASON"] == "protected"
+    assert rows[protected.reference]["DETAIL"] == f"{registry.host}/evict/prot*"
+    assert rows[baked_img.reference]["REASON"] == "baked"
+    assert {r["DECISION"] for r in rows.values()} == {"keep", "remove"}
+
+    async def after() -> list[str]:
+        async with CriClient(pod_node.endpoint) as cri:
+            ids = sorted(i.id for i in await cri.list_images())
+            await remove_pod(cri, pod)  # type: ignore[arg-type]
+            return ids
+
+    assert asyncio.run(after()) == before  # a dry run removes nothing
