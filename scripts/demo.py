@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""nodeagent's main job, end to end, against a sandbox node (run it with ``sudo bash scripts/demo.sh``).
+
+The sandbox node is real: Debian's containerd with its own root/state/socket under a temp dir, a
+local docker-registry with images built on the spot, and nodeagent talking CRI to it. Nothing on
+the machine outside that temp dir is changed, and everything started is stopped on exit.
+
+The demo is an ordered list of steps (``STEPS``). Each step is a function ``step(ctx) -> None``
+that does one part of the job through nodeagent's own commands or modules and tells the reader
+what happened with ``ctx.say()``. Features add their step to ``STEPS`` where it belongs in the
+node's life (setup, validate, apply, prefetch, pulls through the proxy, eviction, ...), using what
+earlier steps left in ``ctx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests.sandbox (the sandbox node) lives beside the package
+
+from nodeagent import proc  # noqa: E402
+from tests.sandbox import Containerd, PushedImage, Registry, Sandbox  # noqa: E402
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@dataclass
+class Context:
+    """What the steps share. Add fields (or use ``extra``) for what your step leaves for later ones."""
+
+    sb: Sandbox
+    registry: Registry | None = None
+    node: Containerd | None = None
+    images: dict[str, PushedImage] = field(default_factory=dict)
+    config_path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def say(self, text: str = "") -> None:
+        for line in text.splitlines() or [""]:
+            print(f"      {line}", flush=True)
+
+    def nodeagent(self, *args: str, check: bool = True, timeout: float = 120) -> proc.Result:
+        """Run the real ``nodeagent`` command line (as installed in the venv) and show it."""
+        argv = [sys.executable, "-m", "nodeagent", *args]
+        self.say(f"$ nodeagent {' '.join(shlex.quote(a) for a in args)}")
+        r = proc.run(argv, timeout=timeout, check=False)
+        out = (r.stdout + r.stderr).decode(errors="replace").rstrip()
+        if out:
+            self.say("\n".join("  " + line for line in out.splitlines()))
+        if check and r.returncode != 0:
+            raise RuntimeError(f"nodeagent {args[0]} exited with {r.returncode}")
+        return r
+
+    def need_node(self) -> tuple[Registry, Containerd]:
+        assert self.registry is not None and self.node is not None, "the node step runs first"
+        return self.registry, self.node
+
+
+# --- steps -------------------------------------------------------------------------------------
+def start_sandbox_node(ctx: Context) -> None:
+    from nodeagent.cri.client import CriClient
+
+    ctx.registry = ctx.sb.registry()
+    ctx.say(f"registry    {ctx.registry.url}  (docker-registry, storage in {ctx.registry.storage})")
+    ctx.node = ctx.sb.containerd([ctx.registry])
+    ctx.say(f"containerd  {ctx.node.endpoint}  (pid {ctx.node.pid})")
+    ctx.say(f"            root {ctx.node.root}")
+    ctx.say(f"            registry hosts dir {ctx.node.hosts_dir} (plain-HTTP hosts.toml for the registry)")
+
+    async def version() -> Any:
+        async with CriClient(ctx.node.endpoint) as cri:  # type: ignore[union-attr]
+            return await cri.version()
+
+    v = asyncio.run(version())
+    ctx.say(f"CRI Version: {v.runtime_name} {v.runtime_version}, CRI API {v.runtime_api_version}")
+
+
+def push_images(ctx: Context) -> None:
+    registry, _ = ctx.need_node()
+    plan = {
+        "app": dict(layers=3, layer_size=4 << 20),
+        "sidecar": dict(layers=1, layer_size=2 << 20),
+    }
+    for name, build in plan.items():
+        img = ctx.sb.image(registry, f"demo/{name}", "v1", **build)
+        ctx.images[name] = img
+        ctx.say(
+            f"{img.reference}  {len(img.layer_digests)} layer(s), {human_bytes(img.size)}, "
+            f"digest {img.manifest_digest[:19]}..."
+        )
+    ctx.say("(layers are random bytes: incompressible, so sizes on disk are predictable)")
+
+
+def write_config(ctx: Context) -> None:
+    registry, node = ctx.need_node()
+    path = ctx.sb.dir / "etc" / "nodeagent" / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefetch = "\n".join(f"    - image: {img.reference}\n      required: true" for img in ctx.images.values())
+    path.write_text(
+        f"""# nodeagent config for the sandbox node (written by scripts/demo.py)
+apiVersion: nodeagent.io/v1alpha1
+kind: NodeAgentConfig
+cri:
+  endpoint: {node.endpoint}
+  proxySocket: {ctx.sb.dir}/run/nodeagent/cri.sock
+kubelet:
+  serializeImagePulls: false
+  maxParallelImagePulls: auto
+containerd:
+  maxConcurrentDownloads: auto
+  hostsDir: {node.hosts_dir}
+images:
+  prefetch:
+{prefetch}
+  protect: ["{registry.host}/demo/app"]
+eviction:
+  enabled: true
+  highThresholdPercent: 75
+  lowThresholdPercent: 65
+metrics:
+  listen: 127.0.0.1:0
+"""
+    )
+    ctx.config_path = path
+    ctx.say(f"wrote {path}")
+
+
+def validate_config(ctx: Context) -> None:
+    assert ctx.config_path is not None
+    ctx.nodeagent("validate", "-c", str(ctx.config_path))
+    example = REPO / "docs" / "config.example.yaml"
+    if example.exists():
+        ctx.nodeagent("validate", "-c", str(example))
+    broken = ctx.sb.dir / "broken.yaml"
+    broken.write_text(
+        ctx.config_path.read_text()
+        .replace("lowThresholdPercent: 65", "lowThresholdPercent: 90")
+        .replace("endpoint: unix://", "endpoint: unix:/")
+        .replace("hostsDir:", "hostDir:")
+    )
+    ctx.say("and a broken copy (thresholds swapped, a misspelt key), which must exit 2:")
+    r = ctx.nodeagent("validate", "-c", str(broken), check=False)
+    if r.returncode != 2:
+        raise RuntimeError(f"validate on a broken config exited {r.returncode}, expected 2")
+
+
+def cri_round_trip(ctx: Context) -> None:
+    from nodeagent.cri.client import CriClient
+
+    _, node = ctx.need_node()
+    img = ctx.images["app"]
+
+    async def body() -> None:
+        async with CriClient(node.endpoint) as cri:
+            before = (await cri.image_fs_info()).image_filesystems[0].used_bytes.value
+            t0 = time.monotonic()
+            ref = await cri.pull_image(img.reference)
+            took = time.monotonic() - t0
+            ctx.say(f"PullImage {img.reference}: {took:.2f} s -> {ref[:19]}...")
+            for i in await cri.list_images():
+                ctx.say(
+                    f"ListImages: {', '.join(i.repo_tags)}  {human_bytes(i.size)}  "
+                    f"{', '.join(d.split('@')[1][:19] + '...' for d in i.repo_digests)}"
+                )
+            after = before
+            deadline = time.monotonic() + 5
+            while after <= before and time.monotonic() < deadline:  # stats refresh every second
+                await asyncio.sleep(0.3)
+                fs = (await cri.image_fs_info()).image_filesystems[0]
+                after, mountpoint = fs.used_bytes.value, fs.fs_id.mountpoint
+            ctx.say(
+                f"ImageFsInfo: {mountpoint} uses {human_bytes(after)} ({human_bytes(after - before)} more)"
+            )
+            await cri.remove_image(img.reference)
+            left = [i for i in await cri.list_images() if i.id == ref]
+            ctx.say(f"RemoveImage {img.reference}: {'still listed!' if left else 'gone from ListImages'}")
+            if left:
+                raise RuntimeError("image still listed after RemoveImage")
+
+    asyncio.run(body())
+    blobs = ctx.registry.blob_requests() if ctx.registry else []
+    ctx.say(f"registry served {len(blobs)} blob request(s) for the pull (from its access log)")
+
+
+Step = Callable[[Context], None]
+STEPS: list[tuple[str, Step]] = [
+    ("Start a sandbox node: containerd + local registry", start_sandbox_node),
+    ("Push test images to the local registry", push_images),
+    ("Write nodeagent's config for this node", write_config),
+    ("nodeagent validate", validate_config),
+    ("Pull, list, inspect and remove an image through nodeagent's CRI client", cri_round_trip),
+]
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--keep", action="store_true", help="leave the sandbox running until Enter is pressed")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("demo: needs root (containerd, mounts): sudo bash scripts/demo.sh", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _terminate)  # clean up on SIGTERM too, not only on Ctrl-C
+    print("nodeagent demo: the main job against a sandbox node (real containerd, local registry)\n")
+    started = time.monotonic()
+    with Sandbox(prefix="nodeagent-demo-") as sb:
+        ctx = Context(sb)
+        print(f"sandbox dir: {sb.dir}\n")
+        for n, (title, step) in enumerate(STEPS, 1):
+            print(f"[{n}/{len(STEPS)}] {title}", flush=True)
+            t0 = time.monotonic()
+            try:
+                step(ctx)
+            except Exception as e:
+                print(f"      FAILED: {e}", file=sys.stderr)
+                if ctx.node is not None:
+                    print(f"      containerd log: {ctx.node.log_path}", file=sys.stderr)
+                print("\ncleaning up the sandbox node", file=sys.stderr)
+                return 1
+            print(f"      ok ({time.monotonic() - t0:.1f} s)\n", flush=True)
+        if args.keep:
+            input("sandbox still running; press Enter to stop it and clean up ")
+        print("cleaning up: stopping containerd and the registry by PID, removing", sb.dir)
+    print(f"\ndemo finished in {time.monotonic() - started:.1f} s: every step passed.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
