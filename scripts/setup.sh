@@ -6,28 +6,53 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(containerd docker-registry skopeo crun busybox-static packer prometheus shellcheck
-              apache2-utils iproute2 util-linux e2fsprogs systemd python3 python3-venv python3-pip)
+              apache2-utils iproute2 util-linux mount e2fsprogs procps systemd python3 python3-venv python3-pip)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: need root to install ${missing[*]} (sudo bash scripts/setup.sh)" >&2
+    exit 1
+  fi
   echo "setup: installing ${missing[*]}"
+  # Debian starts packaged daemons (containerd, docker-registry, prometheus) on install. The tests
+  # and the demo run private instances instead, so keep them from starting at all: invoke-rc.d and
+  # deb-systemd-invoke both honour policy-rc.d (exit 101 = "action forbidden").
+  own_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    own_policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$own_policy"
+    chmod 755 "$own_policy"
+    trap 'rm -f "$own_policy"' EXIT
+  fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$own_policy" ]; then rm -f "$own_policy"; trap - EXIT; fi
+  # If a daemon we just installed still got started (policy-rc.d was someone else's and allowed it),
+  # stop it through its init system. Services that were installed before are left alone.
+  for svc in containerd docker-registry prometheus prometheus-node-exporter; do
+    case " ${missing[*]} " in *" ${svc} "*) ;; *) continue ;; esac
+    if [ -d /run/systemd/system ] && systemctl is-active --quiet "$svc" 2>/dev/null; then
+      systemctl stop "$svc" || true
+    elif [ -x "/etc/init.d/$svc" ]; then
+      "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+    fi
+  done
 fi
-# Debian starts the packaged daemons; the tests run their own private instances instead.
-for svc in containerd docker-registry prometheus; do
-  if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
-    systemctl stop "$svc" || true
-  fi
-done
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev]'
+# Reinstall only when the package definition changed (the install is editable: code changes need none).
+stamp=.venv/.nodeagent-setup
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  echo "$want" >"$stamp"
+fi
