@@ -297,4 +297,8 @@ def render_karpenter(
             },
         },
     }
-    return "---\n" + _dump(node_class) + "---\n" + _dump(node_pool)
+    pool_note = (
+        "# Example NodePool. The startup taint keeps pods that do not tolerate it off the node until it is\n"
+        "# removed once the node's images are ready (prefetch done): docs/eks.md, 'Image-readiness gate'.\n"
+    )
+    return "---\n" + _dump(node_class) + "---\n" + pool_note + _dump(node_pool)
