@@ -70,6 +70,8 @@ class ContainerdConfig:
     # registry host (or "_default") -> ordered mirrors; order of registries as written
     mirrors: tuple[tuple[str, tuple[Mirror, ...]], ...] = ()
     mirror_health: MirrorHealthConfig = field(default_factory=MirrorHealthConfig)
+    # generic flavor: how `nodeagent apply` restarts containerd after changing its config (argv, no shell)
+    restart_command: tuple[str, ...] = ("systemctl", "restart", "containerd")
 
     def mirrors_of(self, registry: str) -> tuple[Mirror, ...]:
         for name, mirrors in self.mirrors:

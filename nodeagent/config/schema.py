@@ -304,6 +304,15 @@ CONTAINERD = Object(
             default={},
         ),
         Field("mirrorHealth", "mirror_health", MIRROR_HEALTH, MIRROR_HEALTH.description),
+        Field(
+            "restartCommand",
+            "restart_command",
+            List(Str(), max_items=32),
+            "Command (argv, no shell) `nodeagent apply` runs to restart containerd after changing its "
+            "config (generic flavor). If CRI Version does not answer afterwards, the previous config is "
+            "restored and containerd restarted again. `[]` never restarts.",
+            default=["systemctl", "restart", "containerd"],
+        ),
     ],
     m.ContainerdConfig,
     "containerd image settings and registry mirrors written by `nodeagent apply`.",

@@ -1,0 +1,331 @@
+"""The apply runner: render every target of a flavor, then write only what changed.
+
+1. Render all targets (pure). If any target cannot render (unsafe registry name, unreadable
+   containerd config), nothing at all is written and apply fails.
+2. Per target, per file: skip when the bytes already match (a second apply writes nothing); keep one
+   backup ``<file>.nodeagent.bak`` before first replacing a file nodeagent did not create; write
+   through ``nodeagent.atomicio.write_atomic`` (a kill at any moment leaves old or new content,
+   never a mix). Remove our own stale files (only those carrying the ownership marker). A failing
+   target is reported and the others still run.
+3. generic flavor: when containerd's config changed, restart containerd with
+   ``containerd.restartCommand``; if CRI Version does not answer afterwards, restore the previous
+   config, restart again and fail.
+4. Record changed files, warnings and errors in ``Paths.apply_report_file`` for ``nodeagent status``.
+
+``--dry-run`` prints a unified diff per file and writes nothing (not even the report).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from nodeagent.atomicio import read_bytes_or_none, remove_durably, write_atomic
+from nodeagent.config.model import Config
+from nodeagent.facts import NodeFacts
+from nodeagent.paths import Paths
+from nodeagent.targets import DesiredFile, TargetError, TargetPlan, is_owned
+from nodeagent.targets import containerd as containerd_target
+from nodeagent.targets import kubelet as kubelet_target
+from nodeagent.targets import mirrors as mirrors_target
+from nodeagent.targets import nodeadm as nodeadm_target
+from nodeagent.tuning import resolve
+
+FLAVORS = ("eks-al2023", "generic")
+BACKUP_SUFFIX = ".nodeagent.bak"
+RESTART_TIMEOUT = 120.0  # the restart command itself
+HEALTH_TIMEOUT = 30.0  # CRI Version must answer within this after a restart
+# Test-only fault injection: sleep this long before each write step, announcing it on stderr.
+FAULT_DELAY_ENV = "NODEAGENT_APPLY_FAULT_DELAY"
+
+Renderer = Callable[[Config, NodeFacts], TargetPlan]
+
+TARGETS: dict[str, tuple[Renderer, ...]] = {
+    "generic": (kubelet_target.render, containerd_target.render, mirrors_target.render),
+    "eks-al2023": (nodeadm_target.render, mirrors_target.render),
+}
+
+
+@dataclass
+class ApplyReport:
+    flavor: str
+    dry_run: bool = False
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    backups: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    tuning: list[dict[str, object]] = field(default_factory=list)
+    containerd_restarted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> str:
+        return json.dumps({"result": "ok" if self.ok else "failed", **asdict(self)}, indent=2) + "\n"
+
+    def write(self, paths: Paths) -> None:
+        """Save for ``nodeagent status``; unchanged content leaves the file alone."""
+        write_atomic(paths.apply_report_file, self.to_json(), mode=0o644)
+
+
+def detect_flavor(facts: NodeFacts) -> str:
+    """eks-al2023 when nodeadm is installed (or its drop-in directory exists) under the root."""
+    return "eks-al2023" if facts.nodeadm_present else "generic"
+
+
+def render_all(config: Config, facts: NodeFacts, flavor: str) -> tuple[list[TargetPlan], list[str]]:
+    plans: list[TargetPlan] = []
+    errors: list[str] = []
+    for render in TARGETS[flavor]:
+        name = (render.__module__ or "").rsplit(".", 1)[-1]
+        try:
+            plans.append(render(config, facts))
+        except TargetError as e:
+            errors.append(f"{name}: {e}")
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+    return plans, errors
+
+
+# --- diffs -----------------------------------------------------------------------------------
+
+_HEADER_TABLE = re.compile(r'^\s*\[host\..*\.header\]\s*$')
+_TABLE = re.compile(r"^\s*\[")
+
+
+def redact_headers(text: str) -> str:
+    """hosts.toml header values can be tokens: show names only."""
+    out, in_header = [], False
+    for line in text.splitlines(keepends=True):
+        if _TABLE.match(line):
+            in_header = bool(_HEADER_TABLE.match(line))
+        elif in_header and "=" in line:
+            name = line.split("=", 1)[0]
+            line = f'{name}= ["<redacted>"]\n'
+        out.append(line)
+    return "".join(out)
+
+
+def unified_diff(path: Path, old: bytes | None, new: str | None, *, secret: bool = False) -> str:
+    a = "" if old is None else old.decode(errors="replace")
+    b = "" if new is None else new
+    if secret:
+        a, b = redact_headers(a), redact_headers(b)
+    lines = difflib.unified_diff(
+        a.splitlines(keepends=True),
+        b.splitlines(keepends=True),
+        fromfile=str(path) if old is not None else "/dev/null",
+        tofile=str(path) if new is not None else "/dev/null",
+    )
+    text = "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
+    return text
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+class _Faults:
+    def __init__(self, err: TextIO) -> None:
+        raw = os.environ.get(FAULT_DELAY_ENV, "")
+        self.delay = float(raw) if raw else 0.0
+        self.n = 0
+        self.err = err
+
+    def point(self, what: str) -> None:
+        if self.delay <= 0:
+            return
+        self.n += 1
+        print(f"fault-point {self.n} {what}", file=self.err, flush=True)
+        time.sleep(self.delay)
+
+
+def _mode_for(f: DesiredFile, current_mode: int | None) -> int:
+    # a file we patch keeps its owner's permissions; our own files get the mode we chose
+    if not f.owned and current_mode is not None:
+        return current_mode
+    return f.mode
+
+
+def write_file(f: DesiredFile, report: ApplyReport, faults: _Faults) -> bool:
+    data = f.content.encode()
+    current = read_bytes_or_none(f.path)
+    current_mode = (f.path.stat().st_mode & 0o7777) if current is not None else None
+    mode = _mode_for(f, current_mode)
+    if current == data and current_mode == mode:
+        return False
+    if current is not None and not is_owned(current):
+        backup = f.path.with_name(f.path.name + BACKUP_SUFFIX)
+        if not backup.exists():
+            faults.point(f"backup {backup}")
+            write_atomic(backup, current, mode=current_mode or 0o600)
+            report.backups.append(str(backup))
+    faults.point(f"write {f.path}")
+    changed = write_atomic(f.path, data, mode=mode)
+    if changed:
+        report.changed.append(str(f.path))
+    return changed
+
+
+def remove_file(path: Path, report: ApplyReport, faults: _Faults) -> None:
+    current = read_bytes_or_none(path)
+    if current is None or not is_owned(current):
+        return  # only ever remove what carries our marker
+    faults.point(f"remove {path}")
+    if remove_durably(path):
+        report.removed.append(str(path))
+    try:
+        path.parent.rmdir()  # the registry directory, when nothing else is left in it
+    except OSError:
+        pass
+
+
+# --- containerd restart ----------------------------------------------------------------------
+
+Restarter = Callable[[Config], str | None]  # returns None when containerd is healthy, else why not
+
+
+def cri_healthy(endpoint: str, timeout: float = HEALTH_TIMEOUT) -> str | None:
+    """None once CRI Version answers on ``endpoint``; the last error after ``timeout`` seconds."""
+    import asyncio
+
+    from nodeagent.cri.client import CriClient  # grpc is imported only when a restart happens
+
+    async def once() -> None:
+        async with CriClient(endpoint, timeout=2.0) as c:
+            await c.version()
+
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        try:
+            asyncio.run(once())
+            return None
+        except Exception as e:
+            last = str(e)[:300]
+        if time.monotonic() >= deadline:
+            return f"CRI Version on {endpoint} did not answer within {timeout:g}s: {last}"
+        time.sleep(0.5)
+
+
+def restart_containerd(config: Config) -> str | None:
+    from nodeagent import proc
+
+    argv = config.containerd.restart_command
+    if not argv:
+        return "containerd.restartCommand is empty"
+    try:
+        proc.run(argv, timeout=RESTART_TIMEOUT)
+    except proc.CommandError as e:
+        return f"restart command failed: {e}"
+    return cri_healthy(config.cri.endpoint)
+
+
+def _restart_with_rollback(
+    config: Config,
+    path: Path,
+    previous: bytes | None,
+    previous_mode: int | None,
+    restarter: Restarter,
+    report: ApplyReport,
+) -> None:
+    problem = restarter(config)
+    if problem is None:
+        report.containerd_restarted = True
+        return
+    if previous is None:
+        remove_durably(path)
+    else:
+        write_atomic(path, previous, mode=previous_mode or 0o644)
+    if str(path) in report.changed:
+        report.changed.remove(str(path))
+    again = restarter(config)
+    tail = "containerd is healthy on it" if again is None else "containerd is still not healthy on it"
+    report.errors.append(
+        f"containerd: not healthy after the config change ({problem}); previous {path} restored, {tail}"
+    )
+
+
+# --- the runner ------------------------------------------------------------------------------
+
+
+def run_apply(
+    config: Config,
+    facts: NodeFacts,
+    *,
+    flavor: str = "auto",
+    dry_run: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    restarter: Restarter | None = None,
+) -> ApplyReport:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if flavor == "auto":
+        flavor = detect_flavor(facts)
+    if flavor not in TARGETS:
+        raise ValueError(f"unknown flavor {flavor!r}")
+    report = ApplyReport(flavor=flavor, dry_run=dry_run)
+    for c in resolve(config, facts).choices():
+        report.tuning.append({"key": c.key, "value": c.value, "auto": c.auto, "reason": c.reason})
+    report.warnings.extend(config_warnings(config))
+
+    plans, errors = render_all(config, facts, flavor)
+    for p in plans:
+        report.warnings.extend(p.warnings)
+    if errors:
+        report.errors.extend(errors)
+        return report  # nothing is written when any target cannot render
+
+    if dry_run:
+        for p in plans:
+            for f in p.files:
+                current = read_bytes_or_none(f.path)
+                if current != f.content.encode():
+                    out.write(unified_diff(f.path, current, f.content, secret=f.secret))
+                    report.changed.append(str(f.path))
+            for path in p.remove:
+                out.write(unified_diff(path, read_bytes_or_none(path), None, secret=True))
+                report.removed.append(str(path))
+        return report
+
+    faults = _Faults(err)
+    for p in plans:
+        try:
+            restart_needed = False
+            snapshots: dict[Path, tuple[bytes | None, int | None]] = {}
+            for f in p.files:
+                if p.restart_on_change:
+                    cur = read_bytes_or_none(f.path)
+                    snapshots[f.path] = (cur, f.path.stat().st_mode & 0o7777 if cur is not None else None)
+                if write_file(f, report, faults) and p.restart_on_change:
+                    restart_needed = True
+            for path in p.remove:
+                remove_file(path, report, faults)
+            if restart_needed and flavor == "generic":
+                for path, (prev, mode) in snapshots.items():
+                    _restart_with_rollback(config, path, prev, mode, restarter or restart_containerd, report)
+        except OSError as e:
+            report.errors.append(f"{p.target}: {e.strerror or e}: {e.filename or ''}".rstrip(": "))
+    return report
+
+
+def config_warnings(config: Config) -> list[str]:
+    w = []
+    ev, kl = config.eviction, config.kubelet
+    if ev.enabled and ev.high_threshold_percent >= kl.image_gc_high_threshold_percent:
+        w.append(
+            f"eviction.highThresholdPercent ({ev.high_threshold_percent}) is not below "
+            f"kubelet.imageGCHighThresholdPercent ({kl.image_gc_high_threshold_percent}): the kubelet's "
+            "image GC acts first and nodeagent's eviction (which protects pinned and baked images) never does"
+        )
+    return w

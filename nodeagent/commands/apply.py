@@ -1,0 +1,56 @@
+"""``nodeagent apply``: write kubelet, containerd and registry-mirror configuration.
+
+Exit 0 ok, 1 failed (every file is old or new, never half-written), 2 invalid config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nodeagent.apply import run_apply
+from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
+from nodeagent.config import ConfigError, load
+from nodeagent.facts import gather
+from nodeagent.paths import Paths
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = Paths.at(args.root)
+    cfg_path = Path(args.config) if args.config else paths.config_file
+    try:
+        config = load(cfg_path)
+    except ConfigError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    facts = gather(paths, config.containerd.hosts_dir)
+    report = run_apply(config, facts, flavor=args.flavor, dry_run=args.dry_run)
+
+    prefix = "would change" if args.dry_run else "changed"
+    print(f"flavor: {report.flavor}")
+    for t in report.tuning:
+        how = f"auto: {t['reason']}" if t["auto"] else "from config"
+        print(f"tuning: {t['key']} = {t['value']} ({how})")
+    for f in report.backups:
+        print(f"backup: {f}")
+    for f in report.changed:
+        print(f"{prefix}: {f}")
+    for f in report.removed:
+        print(f"{'would remove' if args.dry_run else 'removed'}: {f}")
+    if report.containerd_restarted:
+        print("containerd: restarted, CRI answers")
+    if not report.changed and not report.removed and report.ok:
+        print("nothing to change")
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for e in report.errors:
+        print(f"error: {e}", file=sys.stderr)
+    if not args.dry_run:
+        try:
+            report.write(paths)
+        except OSError as e:
+            print(f"error: cannot write {paths.apply_report_file}: {e.strerror}", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK if report.ok else EXIT_FAILED

@@ -1,0 +1,104 @@
+"""kubelet image-pull and image-GC settings, as KubeletConfiguration (kubelet.config.k8s.io/v1beta1).
+
+``settings()`` gives the fields (used as-is by the nodeadm target inside ``spec.kubelet.config``);
+``render()`` writes them as a drop-in for the kubelet's ``--config-dir`` (generic flavor): a
+``*.conf`` file with its own apiVersion/kind, merged by the kubelet in file-name order over the main
+config, so ours is named to sort late.
+
+Only fields that exist in KubeletConfiguration v1beta1 are emitted, with the kubelet's own
+validation rules applied (pkg/kubelet/apis/config/validation): GC percents in 0..100 and
+low < high; maxParallelImagePulls >= 1 and only when serializeImagePulls is false; durations are
+Go durations, non-negative, and imageMaximumGCAge (when not 0) greater than imageMinimumGCAge.
+imageMaximumGCAge is left out when 0 (its default), since it needs the ImageMaximumGCAge feature
+gate (beta, on by default since 1.30) on older kubelets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from nodeagent.config.model import Config
+from nodeagent.facts import NodeFacts
+from nodeagent.targets import DesiredFile, TargetError, TargetPlan, go_duration, owned_header
+from nodeagent.tuning import resolve
+
+API_VERSION = "kubelet.config.k8s.io/v1beta1"
+KIND = "KubeletConfiguration"
+DROPIN_NAME = "90-nodeagent.conf"
+
+# The KubeletConfiguration v1beta1 fields this target may set (a test checks them against the API).
+FIELDS = (
+    "serializeImagePulls",
+    "maxParallelImagePulls",
+    "registryPullQPS",
+    "registryBurst",
+    "imageGCHighThresholdPercent",
+    "imageGCLowThresholdPercent",
+    "imageMinimumGCAge",
+    "imageMaximumGCAge",
+    "imageServiceEndpoint",
+)
+
+
+def image_service_endpoint(config: Config) -> str | None:
+    sock = config.cri.proxy_socket
+    if not sock:
+        return None
+    return sock if sock.startswith("unix://") else f"unix://{sock}"
+
+
+def settings(config: Config, facts: NodeFacts) -> dict[str, Any]:
+    """KubeletConfiguration fields nodeagent sets, validated with the kubelet's own rules."""
+    kl = config.kubelet
+    problems = []
+    hi, lo = kl.image_gc_high_threshold_percent, kl.image_gc_low_threshold_percent
+    for key, v in (("imageGCHighThresholdPercent", hi), ("imageGCLowThresholdPercent", lo)):
+        if not 0 <= v <= 100:
+            problems.append(f"kubelet.{key}: {v} must be between 0 and 100")
+    if lo >= hi:
+        problems.append(
+            f"kubelet.imageGCLowThresholdPercent: {lo} must be less than imageGCHighThresholdPercent {hi}"
+        )
+    if kl.registry_pull_qps < 0:
+        problems.append(f"kubelet.registryPullQPS: {kl.registry_pull_qps} must not be negative")
+    if kl.registry_burst < 0:
+        problems.append(f"kubelet.registryBurst: {kl.registry_burst} must not be negative")
+    if kl.image_minimum_gc_age < 0:
+        problems.append("kubelet.imageMinimumGCAge: must not be negative")
+    if kl.image_maximum_gc_age < 0:
+        problems.append("kubelet.imageMaximumGCAge: must not be negative")
+    elif 0 < kl.image_maximum_gc_age <= kl.image_minimum_gc_age:
+        problems.append("kubelet.imageMaximumGCAge: must be 0 or greater than imageMinimumGCAge")
+    out: dict[str, Any] = {"serializeImagePulls": kl.serialize_image_pulls}
+    if not kl.serialize_image_pulls:
+        mpp = resolve(config, facts).max_parallel_image_pulls.value
+        if mpp < 1:
+            problems.append(f"kubelet.maxParallelImagePulls: {mpp} must be at least 1")
+        out["maxParallelImagePulls"] = mpp
+    if problems:
+        raise TargetError("; ".join(problems))
+    out["registryPullQPS"] = kl.registry_pull_qps
+    out["registryBurst"] = kl.registry_burst
+    out["imageGCHighThresholdPercent"] = hi
+    out["imageGCLowThresholdPercent"] = lo
+    out["imageMinimumGCAge"] = go_duration(kl.image_minimum_gc_age)
+    if kl.image_maximum_gc_age > 0:
+        out["imageMaximumGCAge"] = go_duration(kl.image_maximum_gc_age)
+    endpoint = image_service_endpoint(config)
+    if endpoint:
+        out["imageServiceEndpoint"] = endpoint
+    return out
+
+
+def render_dropin(fields: dict[str, Any]) -> str:
+    doc = {"apiVersion": API_VERSION, "kind": KIND, **fields}
+    return owned_header("kubelet drop-in") + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+
+
+def render(config: Config, facts: NodeFacts) -> TargetPlan:
+    plan = TargetPlan("kubelet")
+    path = facts.paths.kubelet_dropin_dir / DROPIN_NAME
+    plan.files.append(DesiredFile(path, render_dropin(settings(config, facts))))
+    return plan
