@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -99,7 +100,7 @@ def render_all(config: Config, facts: NodeFacts, flavor: str) -> tuple[list[Targ
 
 # --- diffs -----------------------------------------------------------------------------------
 
-_HEADER_TABLE = re.compile(r'^\s*\[host\..*\.header\]\s*$')
+_HEADER_TABLE = re.compile(r"^\s*\[host\..*\.header\]\s*$")
 _TABLE = re.compile(r"^\s*\[")
 
 
@@ -127,7 +128,9 @@ def unified_diff(path: Path, old: bytes | None, new: str | None, *, secret: bool
         fromfile=str(path) if old is not None else "/dev/null",
         tofile=str(path) if new is not None else "/dev/null",
     )
-    text = "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
+    text = "".join(
+        line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines
+    )
     return text
 
 
@@ -183,10 +186,8 @@ def remove_file(path: Path, report: ApplyReport, faults: _Faults) -> None:
     faults.point(f"remove {path}")
     if remove_durably(path):
         report.removed.append(str(path))
-    try:
+    with contextlib.suppress(OSError):
         path.parent.rmdir()  # the registry directory, when nothing else is left in it
-    except OSError:
-        pass
 
 
 # --- containerd restart ----------------------------------------------------------------------
@@ -311,7 +312,17 @@ def run_apply(
                     restart_needed = True
             for path in p.remove:
                 remove_file(path, report, faults)
-            if restart_needed and flavor == "generic":
+            if (
+                restart_needed
+                and flavor == "generic"
+                and restarter is None
+                and not config.containerd.restart_command
+            ):
+                report.warnings.append(
+                    "containerd config changed but containerd.restartCommand is empty: "
+                    "restart containerd to use it"
+                )
+            elif restart_needed and flavor == "generic":
                 for path, (prev, mode) in snapshots.items():
                     _restart_with_rollback(config, path, prev, mode, restarter or restart_containerd, report)
         except OSError as e:

@@ -63,13 +63,13 @@ def parallel_image_pulls(facts: NodeFacts) -> tuple[int, str]:
         limits.append("NIC speed unknown")
     value = _clamp(min(by), PARALLEL_PULLS_MIN, PARALLEL_PULLS_MAX)
     reason = f"min({', '.join(limits)}) clamped to {PARALLEL_PULLS_MIN}..{PARALLEL_PULLS_MAX}"
-    if facts.imagefs_bytes is not None and facts.imagefs_bytes < SMALL_IMAGEFS_BYTES:
-        if value > SMALL_IMAGEFS_PARALLEL_PULLS:
-            value = SMALL_IMAGEFS_PARALLEL_PULLS
-            reason += (
-                f", capped at {SMALL_IMAGEFS_PARALLEL_PULLS} for a small image filesystem "
-                f"({facts.imagefs_bytes / 2**30:.1f} GiB)"
-            )
+    small_fs = facts.imagefs_bytes is not None and facts.imagefs_bytes < SMALL_IMAGEFS_BYTES
+    if small_fs and value > SMALL_IMAGEFS_PARALLEL_PULLS:
+        value = SMALL_IMAGEFS_PARALLEL_PULLS
+        reason += (
+            f", capped at {SMALL_IMAGEFS_PARALLEL_PULLS} for a small image filesystem "
+            f"({(facts.imagefs_bytes or 0) / 2**30:.1f} GiB)"
+        )
     return value, reason
 
 

@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
         print("nothing to change")
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    for e in report.errors:
-        print(f"error: {e}", file=sys.stderr)
+    for problem in report.errors:
+        print(f"error: {problem}", file=sys.stderr)
     if not args.dry_run:
         try:
             report.write(paths)

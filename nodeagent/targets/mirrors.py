@@ -100,8 +100,12 @@ def _q(s: str) -> str:
 
 def _check_mirror(registry: str, i: int, m: Mirror) -> None:
     where = f"containerd.mirrors.{registry}[{i}]"
-    u = urlsplit(m.endpoint)
-    if u.scheme not in ("http", "https") or not u.hostname or any(c.isspace() for c in m.endpoint):
+    try:
+        u = urlsplit(m.endpoint)
+        ok = u.scheme in ("http", "https") and bool(u.hostname)
+    except ValueError:
+        ok = False
+    if not ok or any(c.isspace() or c in '"\\' for c in m.endpoint):
         raise TargetError(f"{where}.endpoint: {m.endpoint!r} is not an http(s) URL")
     bad = [c for c in m.capabilities if c not in CAPABILITIES]
     if bad:
@@ -149,8 +153,10 @@ def spegel_mirrors(config: Config) -> list[str]:
     found = []
     for _, mirrors in config.containerd.mirrors:
         for m in mirrors:
-            u = urlsplit(m.endpoint)
-            port = u.port if u.hostname else None
+            try:
+                port = urlsplit(m.endpoint).port
+            except ValueError:
+                port = None
             if "spegel" in m.endpoint.lower() or port in (30020, 30021):
                 found.append(m.endpoint)
     return found
@@ -179,4 +185,3 @@ def render(config: Config, facts: NodeFacts) -> TargetPlan:
         if path not in wanted:
             plan.remove.append(path)
     return plan
-

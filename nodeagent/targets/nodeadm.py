@@ -21,9 +21,8 @@ import yaml
 
 from nodeagent.config.model import Config
 from nodeagent.facts import NodeFacts
-from nodeagent.targets import DesiredFile, TargetPlan, owned_header
+from nodeagent.targets import DesiredFile, TargetPlan, kubelet, owned_header
 from nodeagent.targets import containerd as ctd
-from nodeagent.targets import kubelet
 from nodeagent.targets.mirrors import spegel_mirrors
 
 API_VERSION = "node.eks.aws/v1alpha1"

@@ -1,0 +1,143 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from nodeagent.targets import TargetError, is_owned
+from nodeagent.targets import containerd as ctd
+from tests.unit.targets.helpers import DATA, config, facts
+
+V = ctd.Values(
+    max_concurrent_downloads=6, image_pull_progress_timeout="5m0s", hosts_dir="/etc/containerd/certs.d"
+)
+OWNED_KEYS = ("max_concurrent_downloads", "image_pull_progress_timeout", "config_path")
+
+
+def _unrelated_lines_kept(before: str, after: str) -> None:
+    """Every line of the original that does not set one of our keys is in the output, in order."""
+    kept = [ln for ln in before.splitlines() if not ln.strip().startswith(OWNED_KEYS)]
+    out = after.splitlines()
+    i = 0
+    for line in kept:
+        while i < len(out) and out[i] != line:
+            i += 1
+        assert i < len(out), f"line lost or reordered: {line!r}"
+        i += 1
+
+
+def _strip_owned(doc: dict) -> dict:  # type: ignore[type-arg]
+    out = {}
+    for k, v in doc.items():
+        if k in OWNED_KEYS or k == "io.containerd.transfer.v1.local":
+            continue
+        out[k] = _strip_owned(v) if isinstance(v, dict) else v
+    return out
+
+
+@pytest.mark.parametrize("name", ["containerd-v2-commented.toml", "containerd-1.6-config-default.toml"])
+def test_v2_round_trip_keeps_everything_else(name: str) -> None:
+    before = (DATA / name).read_text()
+    p = ctd.patch(before, V)
+    assert p.version == 2
+    _unrelated_lines_kept(before, p.text)
+    doc = tomllib.loads(p.text)
+    cri = doc["plugins"]["io.containerd.grpc.v1.cri"]
+    assert cri["max_concurrent_downloads"] == 6
+    assert cri["image_pull_progress_timeout"] == "5m0s"
+    assert cri["registry"]["config_path"].split(":")[0] == "/etc/containerd/certs.d"
+    assert _strip_owned(doc) == _strip_owned(tomllib.loads(before))
+    assert ctd.patch(p.text, V).text == p.text  # patching again changes nothing
+
+
+def test_v2_existing_config_path_dirs_are_kept_after_ours() -> None:
+    p = ctd.patch((DATA / "containerd-v2-commented.toml").read_text(), V)
+    assert p.config_path == "/etc/containerd/certs.d:/etc/docker/certs.d"
+
+
+def test_v3_round_trip_keeps_everything_else() -> None:
+    before = (DATA / "containerd-v3-commented.toml").read_text()
+    p = ctd.patch(before, V)
+    assert p.version == 3
+    _unrelated_lines_kept(before, p.text)
+    doc = tomllib.loads(p.text)
+    images = doc["plugins"]["io.containerd.cri.v1.images"]
+    assert images["max_concurrent_downloads"] == 6
+    assert images["image_pull_progress_timeout"] == "5m0s"
+    # already listed: left exactly as it was
+    assert images["registry"]["config_path"] == "/etc/containerd/certs.d:/etc/docker/certs.d"
+    assert doc["plugins"]["io.containerd.transfer.v1.local"]["max_concurrent_downloads"] == 6
+    assert "io.containerd.grpc.v1.cri" not in doc["plugins"]
+    assert _strip_owned(doc) == _strip_owned(tomllib.loads(before))
+    assert ctd.patch(p.text, V).text == p.text
+
+
+def test_values_already_right_leave_file_byte_identical() -> None:
+    text = (
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n  max_concurrent_downloads = 6\n'
+        '  image_pull_progress_timeout = "5m0s"\n  [plugins."io.containerd.grpc.v1.cri".registry]\n'
+        '    config_path = "/etc/containerd/certs.d"\n'
+    )
+    assert ctd.patch(text, V).text == text
+
+
+def test_missing_file_becomes_minimal_owned_v2_config() -> None:
+    p = ctd.patch(None, V)
+    assert is_owned(p.text)
+    doc = tomllib.loads(p.text)
+    assert doc["version"] == 2
+    assert doc["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"] == "/etc/containerd/certs.d"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[plugins.cri]\n  x = 1\n", "version = 1"),
+        ("version = 2\n[broken", "not valid TOML"),
+        ('version = "2"\n', "not a containerd config version"),
+    ],
+)
+def test_unsupported_files_refused(text: str, match: str) -> None:
+    with pytest.raises(TargetError, match=match):
+        ctd.patch(text, V)
+
+
+def test_legacy_registry_mirrors_block_config_path_with_warning() -> None:
+    text = (
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]\n'
+        '  endpoint = ["https://mirror.example"]\n'
+    )
+    p = ctd.patch(text, V)
+    assert "config_path" not in p.text
+    assert any("registry.mirrors" in w for w in p.warnings)
+    assert any("no plugins.io.containerd.grpc.v1.cri.registry.config_path" in w for w in p.warnings)
+
+
+def test_discard_unpacked_layers_with_spegel_warns() -> None:
+    text = (DATA / "containerd-v3-commented.toml").read_text()
+    assert any("Spegel" in w for w in ctd.patch(text, V, spegel=["http://127.0.0.1:30020"]).warnings)
+    assert not any("Spegel" in w for w in ctd.patch(text, V, spegel=[]).warnings)
+    v2 = (DATA / "containerd-v2-commented.toml").read_text()  # discard_unpacked_layers = false
+    assert not any("Spegel" in w for w in ctd.patch(v2, V, spegel=["http://127.0.0.1:30020"]).warnings)
+
+
+def test_render_uses_tuning_and_existing_file(tmp_path: Path) -> None:
+    cfg = config("containerd:\n  maxConcurrentDownloads: 7\n  imagePullProgressTimeout: 90s\n")
+    text = (DATA / "containerd-v2-commented.toml").read_text()
+    plan = ctd.render(cfg, facts(tmp_path, containerd_config=text))
+    assert plan.restart_on_change
+    (f,) = plan.files
+    assert f.path == tmp_path / "etc/containerd/config.toml" and not f.owned
+    cri = tomllib.loads(f.content)["plugins"]["io.containerd.grpc.v1.cri"]
+    assert (cri["max_concurrent_downloads"], cri["image_pull_progress_timeout"]) == (7, "1m30s")
+
+
+def test_render_error_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(TargetError, match=r"etc/containerd/config.toml: not valid TOML"):
+        ctd.render(config(), facts(tmp_path, containerd_config="version = 2\n[x"))
+
+
+def test_fragment_parses_for_both_versions() -> None:
+    v2 = tomllib.loads(ctd.fragment(2, V))
+    assert v2["plugins"]["io.containerd.grpc.v1.cri"]["max_concurrent_downloads"] == 6
+    v3 = tomllib.loads(ctd.fragment(3, V, "/a:/b"))
+    assert v3["plugins"]["io.containerd.cri.v1.images"]["registry"]["config_path"] == "/a:/b"

@@ -1,0 +1,213 @@
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from nodeagent.apply import BACKUP_SUFFIX, ApplyReport, detect_flavor, redact_headers, run_apply
+from nodeagent.config.model import Config, EvictionConfig
+from nodeagent.facts import gather
+from nodeagent.paths import Paths
+from nodeagent.targets import is_owned, owned_header
+from tests.unit.targets.helpers import DATA, config, facts
+
+MIRRORS = """
+containerd:
+  restartCommand: []
+  maxConcurrentDownloads: 5
+  mirrors:
+    docker.io:
+      - endpoint: http://127.0.0.1:4001
+        header: {Authorization: "Bearer s3cret-t0ken"}
+    quay.io:
+      - endpoint: https://quay-cache.example
+"""
+
+
+def _tree(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            st = p.stat()
+            out[str(p.relative_to(root))] = (p.read_bytes(), st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def _stock(root: Path) -> None:
+    (root / "etc/containerd").mkdir(parents=True, exist_ok=True)
+    (root / "etc/containerd/config.toml").write_text(
+        (DATA / "containerd-1.6-config-default.toml").read_text()
+    )
+
+
+def _apply(cfg: Config, root: Path, **kw: object) -> tuple[ApplyReport, str]:
+    out = io.StringIO()
+    restarts: list[Config] = []
+    kw.setdefault("restarter", lambda c: restarts.append(c))
+    report = run_apply(cfg, gather(Paths(root), cfg.containerd.hosts_dir), out=out, err=io.StringIO(), **kw)  # type: ignore[arg-type]
+    return report, out.getvalue()
+
+
+def test_generic_apply_writes_backs_up_once_and_second_apply_changes_nothing(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    original = (tmp_path / "etc/containerd/config.toml").read_bytes()
+    cfg = config(MIRRORS)
+    report, _ = _apply(cfg, tmp_path, flavor="generic")
+    assert report.ok, report.errors
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p in report.changed) == [
+        "etc/containerd/certs.d/docker.io/hosts.toml",
+        "etc/containerd/certs.d/quay.io/hosts.toml",
+        "etc/containerd/config.toml",
+        "etc/kubernetes/kubelet.conf.d/90-nodeagent.conf",
+    ]
+    backup = tmp_path / ("etc/containerd/config.toml" + BACKUP_SUFFIX)
+    assert backup.read_bytes() == original
+    assert (tmp_path / "etc/containerd/certs.d/docker.io/hosts.toml").stat().st_mode & 0o777 == 0o600
+    before = _tree(tmp_path)
+    report2, _ = _apply(cfg, tmp_path, flavor="generic")
+    assert report2.ok and report2.changed == [] and report2.backups == []
+    assert _tree(tmp_path) == before  # content, mtime and mode of every file unchanged
+
+
+def test_backup_is_kept_from_the_first_replacement_only(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    original = (tmp_path / "etc/containerd/config.toml").read_bytes()
+    _apply(config(), tmp_path, flavor="generic")
+    _apply(config("containerd:\n  maxConcurrentDownloads: 9\n"), tmp_path, flavor="generic")
+    assert (tmp_path / ("etc/containerd/config.toml" + BACKUP_SUFFIX)).read_bytes() == original
+
+
+def test_containerd_restart_only_when_its_config_changed(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    calls: list[Config] = []
+    r, _ = _apply(config(), tmp_path, flavor="generic", restarter=lambda c: calls.append(c))
+    assert len(calls) == 1 and r.containerd_restarted
+    r, _ = _apply(config(), tmp_path, flavor="generic", restarter=lambda c: calls.append(c))
+    assert len(calls) == 1 and not r.containerd_restarted
+
+
+def test_unhealthy_restart_restores_previous_config_and_fails(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    cfg_file = tmp_path / "etc/containerd/config.toml"
+    original = cfg_file.read_bytes()
+    seen: list[bytes] = []
+
+    def restarter(c: Config) -> str | None:
+        seen.append(cfg_file.read_bytes())
+        return "CRI Version did not answer" if len(seen) == 1 else None
+
+    report, _ = _apply(config(), tmp_path, flavor="generic", restarter=restarter)
+    assert not report.ok
+    assert "previous" in report.errors[0] and "CRI Version did not answer" in report.errors[0]
+    assert seen[0] != original and seen[1] == original  # restarted on new, then on restored config
+    assert cfg_file.read_bytes() == original
+    assert str(cfg_file) not in report.changed
+
+
+def test_dry_run_prints_diffs_and_leaves_tree_byte_identical(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    before = _tree(tmp_path)
+    report, out = _apply(config(MIRRORS), tmp_path, flavor="generic", dry_run=True)
+    assert report.ok and len(report.changed) == 4
+    assert _tree(tmp_path) == before
+    assert "+++ " + str(tmp_path / "etc/kubernetes/kubelet.conf.d/90-nodeagent.conf") in out
+    assert "-    max_concurrent_downloads = 3" in out
+    assert "s3cret-t0ken" not in out and "<redacted>" in out  # header values never printed
+
+
+def test_unsafe_registry_name_writes_nothing_at_all(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    before = _tree(tmp_path)
+    bad = Config(containerd=config().containerd.__class__(mirrors=(("../../etc", ()),), restart_command=()))
+    report, _ = _apply(bad, tmp_path, flavor="generic")
+    assert not report.ok and "mirrors" in report.errors[0]
+    assert _tree(tmp_path) == before
+
+
+def test_only_our_stale_hosts_files_are_removed(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    _apply(config(MIRRORS), tmp_path, flavor="generic")
+    theirs = tmp_path / "etc/containerd/certs.d/theirs.io/hosts.toml"
+    theirs.parent.mkdir()
+    theirs.write_text('server = "https://theirs.io"\n')
+    report, _ = _apply(
+        config(
+            "containerd:\n  restartCommand: []\n  mirrors:\n    quay.io:\n      - endpoint: https://q.example\n"
+        ),
+        tmp_path,
+        flavor="generic",
+    )
+    assert report.removed == [str(tmp_path / "etc/containerd/certs.d/docker.io/hosts.toml")]
+    assert not (tmp_path / "etc/containerd/certs.d/docker.io").exists()
+    assert theirs.exists()
+
+
+def test_file_we_do_not_own_at_our_path_is_backed_up_then_owned(tmp_path: Path) -> None:
+    p = tmp_path / "etc/containerd/certs.d/quay.io/hosts.toml"
+    p.parent.mkdir(parents=True)
+    p.write_text('server = "https://hand-written"\n')
+    _stock(tmp_path)
+    report, _ = _apply(config(MIRRORS), tmp_path, flavor="generic")
+    assert report.ok
+    assert (p.parent / ("hosts.toml" + BACKUP_SUFFIX)).read_text() == 'server = "https://hand-written"\n'
+    assert is_owned(p.read_text())
+
+
+def test_eks_flavor_writes_nodeadm_dropin_and_leaves_containerd_config_alone(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/nodeadm").write_text("")
+    before = (tmp_path / "etc/containerd/config.toml").read_bytes()
+    calls: list[Config] = []
+    report, _ = _apply(config(MIRRORS), tmp_path, restarter=lambda c: calls.append(c))
+    assert report.flavor == "eks-al2023" and report.ok
+    assert (tmp_path / "etc/eks/nodeadm.d/90-nodeagent.yaml").exists()
+    assert (tmp_path / "etc/containerd/config.toml").read_bytes() == before
+    assert not (tmp_path / "etc/kubernetes").exists() and calls == []
+
+
+def test_detect_flavor(tmp_path: Path) -> None:
+    assert detect_flavor(facts(tmp_path)) == "generic"
+    assert detect_flavor(facts(tmp_path, nodeadm_present=True)) == "eks-al2023"
+
+
+def test_warnings_reach_the_report(tmp_path: Path) -> None:
+    # the schema refuses this combination; a hand-built Config (user-data merges, tests) still warns
+    cfg = Config(eviction=EvictionConfig(high_threshold_percent=90, low_threshold_percent=80))
+    report, _ = _apply(cfg, tmp_path, flavor="generic")
+    assert any("eviction.highThresholdPercent (90)" in w for w in report.warnings)
+    report.write(Paths(tmp_path))
+    saved = json.loads(Paths(tmp_path).apply_report_file.read_text())
+    assert saved["result"] == "ok" and saved["warnings"] == report.warnings
+    assert saved["tuning"][0]["key"] == "kubelet.maxParallelImagePulls"
+
+
+def test_write_error_in_one_target_does_not_stop_the_others(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    (tmp_path / "etc/kubernetes").mkdir(parents=True)
+    (tmp_path / "etc/kubernetes/kubelet.conf.d").write_text("a file where a directory should be")
+    report, _ = _apply(config(MIRRORS), tmp_path, flavor="generic")
+    assert not report.ok and report.errors[0].startswith("kubelet:")
+    assert (tmp_path / "etc/containerd/certs.d/quay.io/hosts.toml").exists()
+
+
+def test_redact_headers_keeps_names() -> None:
+    text = (
+        owned_header("x") + '[host."h"]\n  capabilities = ["pull"]\n  [host."h".header]\n    "A" = ["tok"]\n'
+    )
+    red = redact_headers(text)
+    assert "tok" not in red and '"A" = ["<redacted>"]' in red and 'capabilities = ["pull"]' in red
+
+
+@pytest.mark.parametrize("flavor", ["generic", "eks-al2023"])
+def test_render_error_reported_per_target(tmp_path: Path, flavor: str) -> None:
+    (tmp_path / "etc/containerd").mkdir(parents=True)
+    (tmp_path / "etc/containerd/config.toml").write_text("version = 1\n")
+    report, _ = _apply(config(), tmp_path, flavor=flavor)
+    if flavor == "generic":
+        assert report.errors and report.errors[0].startswith("containerd:") and report.changed == []
+    else:
+        assert report.ok  # nodeadm assumes version 2 with a warning
+        assert any("assumed version 2" in w for w in report.warnings)
