@@ -17,6 +17,7 @@ from typing import TextIO
 
 from nodeagent import config
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
+from nodeagent.config.sources import load_for_command, print_notes
 from nodeagent.eviction import baked, usage
 from nodeagent.eviction.policy import REMOVE, Plan
 from nodeagent.paths import Paths
@@ -135,11 +136,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     paths = Paths.at(args.root)
     path = Path(args.config) if args.config else paths.config_file
     try:
-        cfg = config.load(path)
+        loaded = load_for_command(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
     except config.ConfigError as e:
         for problem in e.problems:
             print(f"{path}: {problem}", file=sys.stderr)
         return EXIT_INVALID_CONFIG
+    print_notes(loaded, sys.stderr)
+    cfg = loaded.config
     from nodeagent.cri.client import CriError
 
     try:

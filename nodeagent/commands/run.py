@@ -13,7 +13,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG
-from nodeagent.config import Config, ConfigError, load
+from nodeagent.config import Config, ConfigError
+from nodeagent.config.sources import load_for_command, print_notes
 from nodeagent.paths import Paths
 
 if TYPE_CHECKING:
@@ -34,14 +35,16 @@ def run(args: argparse.Namespace) -> int:
 
     log.setup()
     path = config_path(args)
+    paths = Paths.at(args.root)
     try:
-        config = load(path)
+        loaded = load_for_command(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
     except ConfigError as e:
         print(f"{path}: invalid config:", file=sys.stderr)
         for problem in e.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_INVALID_CONFIG
-    paths = Paths.at(args.root)
+    print_notes(loaded, sys.stderr)
+    config = loaded.config
     from nodeagent.proxy.sockets import SocketInUseError
 
     daemon = build_daemon(config, paths)
