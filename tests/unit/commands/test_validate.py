@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from nodeagent.cli import main
+from nodeagent.userdata import render_al2023
+from tests.fakes.imds import FakeImds
 from tests.unit.config.test_loader import HEAD, INVALID, REPO, _text
 
 
@@ -72,3 +74,53 @@ def test_missing_file_is_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[s
         f"{cfg}: invalid, 1 problem:",
         f"  {cfg}: cannot read: No such file or directory",
     ]
+
+
+# --- --imds: the user-data part merged over the file (FAKE IMDSv2 on loopback, threads only) --------
+PART = HEAD + "kubelet:\n  registryPullQPS: 50\n"
+
+
+def _root(tmp_path: Path) -> Path:
+    cfg = tmp_path / "etc/nodeagent/config.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(HEAD + "kubelet:\n  registryBurst: 30\n")
+    return tmp_path
+
+
+def test_imds_on_validates_the_merge_with_the_user_data_part(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _root(tmp_path)
+    with FakeImds(render_al2023(PART).encode()) as fake:
+        rc = main(["validate", "--root", str(root), "--imds", "on", "--imds-endpoint", fake.endpoint])
+    assert rc == 0
+    cfg = root / "etc/nodeagent/config.yaml"
+    assert capsys.readouterr().out.splitlines() == [
+        f"{cfg} + imds:user-data: OK, 2 settings differ from defaults:",
+        "  kubelet.registryPullQPS: 50 (default: 10)",
+        "  kubelet.registryBurst: 30 (default: 20)",
+    ]
+
+
+def test_imds_on_with_an_invalid_user_data_part_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _root(tmp_path)
+    bad = HEAD + "kubelet:\n  registryPullQPS: lots\n"
+    with FakeImds(render_al2023(bad).encode()) as fake:
+        rc = main(["validate", "--root", str(root), "--imds", "on", "--imds-endpoint", fake.endpoint])
+    assert rc == 2
+    cfg = root / "etc/nodeagent/config.yaml"
+    assert capsys.readouterr().err.splitlines() == [
+        f"{cfg} + imds:user-data: invalid, 1 problem:",
+        "  user-data part 1 (application/nodeagent.yaml): kubelet.registryPullQPS: expected an integer, "
+        "got a string 'lots' (line 4)",
+    ]
+
+
+def test_without_imds_flag_imds_is_not_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _root(tmp_path)
+    with FakeImds(render_al2023(PART).encode()) as fake:
+        assert main(["validate", "--root", str(root), "--imds-endpoint", fake.endpoint]) == 0
+        assert fake.requests == []
+    assert "registryPullQPS" not in capsys.readouterr().out
