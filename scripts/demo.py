@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import shlex
 import signal
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print("nodeagent demo: the main job against a sandbox node (real containerd, local registry)\n")
     started = time.monotonic()
     with Sandbox(prefix="nodeagent-demo-") as sb:
+        atexit.register(sb.close)  # last resort if the interpreter exits some other way
         ctx = Context(sb)
         print(f"sandbox dir: {sb.dir}\n")
         for n, (title, step) in enumerate(STEPS, 1):

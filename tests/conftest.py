@@ -108,6 +108,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
+            reporter.write("\n")
             reporter.write_line(f"CI: failing the run: {'; '.join(problems)}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
