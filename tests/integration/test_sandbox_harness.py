@@ -159,3 +159,53 @@ def test_images_are_random_and_sized_as_asked() -> None:
     assert a.manifest_digest != b.manifest_digest
     assert build_image(seed=1).manifest_digest == build_image(seed=1).manifest_digest
     assert push_image  # exported for scripts
+
+
+PROBE = """
+import json, os
+from pathlib import Path
+
+def test_probe(pod_node, containerd, registry_factory, loopfs_factory, throttle_proxy_factory, sandbox,
+               session_sandbox, registry):
+    reg = registry_factory()
+    disk = loopfs_factory(16)
+    proxy = throttle_proxy_factory(reg, 1 << 20)
+    Path(os.environ["PROBE_OUT"]).write_text(json.dumps({
+        "pids": [pod_node.pid, containerd.pid, reg.pid, registry.pid],
+        "dirs": [str(sandbox.dir), str(session_sandbox.dir)],
+        "disk": str(disk.image),
+        "port": proxy.port,
+    }))
+    assert False, "the probe fails on purpose"
+"""
+
+
+def test_fixtures_clean_up_after_a_failing_test(tmp_path: Path) -> None:
+    """Run the real fixtures in an inner pytest whose test fails; afterwards nothing is left."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(PROBE)
+    out = tmp_path / "probe.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", str(probe)],
+        cwd=repo,
+        env={**os.environ, "PROBE_OUT": str(out), "CI": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "the probe fails on purpose" in r.stdout, r.stdout + r.stderr
+    seen = json.loads(out.read_text())
+    assert len(seen["pids"]) == 4
+    assert all(gone(pid) for pid in seen["pids"])
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    for d in seen["dirs"]:
+        assert not Path(d).exists()
+        assert d not in mountinfo
+    assert not Path(seen["disk"]).exists()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", seen["port"]), timeout=2)
