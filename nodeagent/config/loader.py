@@ -16,6 +16,15 @@ from nodeagent.config.types import ConfigError, Ctx, Loc, Parts, Problem
 __all__ = ["ConfigError", "Problem", "default_config", "load", "load_data", "load_text", "parse_yaml"]
 
 _STR_TAG = "tag:yaml.org,2002:str"
+# Bounds: a config is small; these stop a hostile or broken file from using unbounded memory/time
+# (aliases can expand a short file exponentially, deep nesting exhausts the stack).
+MAX_BYTES = 1 << 20
+MAX_NODES = 50_000
+MAX_DEPTH = 32
+
+
+class _TooBig(Exception):
+    pass
 
 
 def parse_yaml(text: str, source: str = "<string>") -> tuple[Any, Ctx]:
@@ -27,8 +36,12 @@ def parse_yaml(text: str, source: str = "<string>") -> tuple[Any, Ctx]:
     import yaml
 
     ctx = Ctx(source=source)
+    if len(text) > MAX_BYTES:
+        raise ConfigError([Problem(source, f"the file is larger than {MAX_BYTES >> 10} KiB")])
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError([Problem(source, "invalid YAML: nested too deeply")]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         what = e.problem or e.context or "syntax error"
@@ -55,7 +68,10 @@ def parse_yaml(text: str, source: str = "<string>") -> tuple[Any, Ctx]:
             ]
         )
     constructor = yaml.SafeLoader("")
-    data = _to_data(node, Loc(), ctx, constructor, yaml)
+    try:
+        data = _to_data(node, Loc(), ctx, constructor, yaml, [0])
+    except _TooBig as e:
+        raise ConfigError([Problem(source, str(e))]) from None
     if ctx.problems:
         raise ConfigError(ctx.problems, source)
     return data, ctx
@@ -67,7 +83,12 @@ def _api() -> str:
     return API_VERSION
 
 
-def _to_data(node: Any, loc: Loc, ctx: Ctx, constructor: Any, yaml: Any) -> Any:
+def _to_data(node: Any, loc: Loc, ctx: Ctx, constructor: Any, yaml: Any, count: list[int]) -> Any:
+    count[0] += 1
+    if count[0] > MAX_NODES:
+        raise _TooBig(f"more than {MAX_NODES} YAML values (aliases expanding too far?)")
+    if len(loc.parts) > MAX_DEPTH:
+        raise _TooBig(f"nested more than {MAX_DEPTH} levels deep (line {node.start_mark.line + 1})")
     ctx.value_lines[loc.parts] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
@@ -85,10 +106,10 @@ def _to_data(node: Any, loc: Loc, ctx: Ctx, constructor: Any, yaml: Any) -> Any:
                 continue
             first[key] = line
             ctx.key_lines[child.parts] = line
-            out[key] = _to_data(value_node, child, ctx, constructor, yaml)
+            out[key] = _to_data(value_node, child, ctx, constructor, yaml, count)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_data(v, loc.item(i), ctx, constructor, yaml) for i, v in enumerate(node.value)]
+        return [_to_data(v, loc.item(i), ctx, constructor, yaml, count) for i, v in enumerate(node.value)]
     try:
         return constructor.construct_object(node, deep=True)
     except yaml.YAMLError:
@@ -142,7 +163,8 @@ def load(path: str | Path) -> m.Config:
     """Read, parse and validate the config file at ``path`` (already under ``--root``)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise ConfigError([Problem(str(path), f"cannot read: {e.strerror}")], str(path)) from None
     try:

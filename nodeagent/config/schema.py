@@ -184,7 +184,11 @@ MIRROR = Object(
         Field(
             "header",
             "header",
-            Map(fmt.HEADER_NAME, List(Str(fmt.HEADER_VALUE, secret=True), scalar_ok=True), max_items=64),
+            Map(
+                fmt.HEADER_NAME,
+                List(Str(fmt.HEADER_VALUE, secret=True), scalar_ok=True, min_items=1),
+                max_items=64,
+            ),
             "Extra HTTP headers sent to the mirror (hosts.toml `header`). Values may be tokens: they are "
             "never printed.",
             default={},

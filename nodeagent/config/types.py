@@ -313,6 +313,8 @@ class List(Type):
     unique_at: str | None = None  # report duplicates at this key of the item (``images.prefetch[2].image``)
 
     def check(self, value: object, loc: Loc, ctx: Ctx) -> Any:
+        if value is None:  # "prefetch:" with nothing under it
+            value = []
         if self.scalar_ok and not isinstance(value, list):
             value = [value]
             single = True
@@ -375,6 +377,8 @@ class Map(Type):
     key_identity: Callable[[str], str] | None = None  # keys equal under this are duplicates
 
     def check(self, value: object, loc: Loc, ctx: Ctx) -> Any:
+        if value is None:  # "mirrors:" with nothing under it
+            value = {}
         if not isinstance(value, dict):
             ctx.add(loc, f"expected a mapping, {got(value)}")
             return None

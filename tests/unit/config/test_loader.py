@@ -599,3 +599,46 @@ def test_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load(f)
     assert [str(p) for p in e.value.problems] == [f"{f}: not UTF-8 text (byte 56)"]
+
+
+def test_empty_sections_and_lists_mean_defaults() -> None:
+    c = load_text(HEAD + "kubelet:\ncontainerd:\n  mirrors:\nimages:\n  prefetch:\n  protect:\n")
+    assert c == default_config()
+
+
+def test_null_scalar_is_a_type_error() -> None:
+    assert problems(HEAD + "eviction:\n  enabled:\n") == [
+        "eviction.enabled: expected true or false, got null (line 4)"
+    ]
+
+
+BILLION_LAUGHS = (
+    "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    "b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+    "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+    "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
+    "f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("#" * (1 << 20) + "\n", "<string>: the file is larger than 1024 KiB"),
+        (BILLION_LAUGHS, "<string>: more than 50000 YAML values (aliases expanding too far?)"),
+        ("a: " + "[" * 40 + "]" * 40 + "\n", "<string>: nested more than 32 levels deep (line 1)"),
+        ("a: " + "[" * 3000 + "]" * 3000 + "\n", "<string>: invalid YAML: nested too deeply"),
+    ],
+    ids=["too-large", "alias-bomb", "deep", "deeper-than-the-parser-stack"],
+)
+def test_hostile_documents_are_refused_within_bounds(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+def test_file_size_is_bounded_when_reading(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_bytes(HEAD.encode() + b"#" * (2 << 20))
+    with pytest.raises(ConfigError) as e:
+        load(f)
+    assert [str(p) for p in e.value.problems] == [f"{f}: the file is larger than 1024 KiB"]
