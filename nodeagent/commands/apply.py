@@ -7,26 +7,30 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from nodeagent.apply import run_apply
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
-from nodeagent.config import ConfigError, load
+from nodeagent.config import ConfigError
+from nodeagent.config.sources import load_for_command
 from nodeagent.facts import gather
 from nodeagent.paths import Paths
 
 
 def run(args: argparse.Namespace) -> int:
     paths = Paths.at(args.root)
-    cfg_path = Path(args.config) if args.config else paths.config_file
     try:
-        config = load(cfg_path)
+        loaded = load_for_command(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
     except ConfigError as e:
         for p in e.problems:
             print(p, file=sys.stderr)
         return EXIT_INVALID_CONFIG
+    config = loaded.config
     facts = gather(paths, config.containerd.hosts_dir)
     report = run_apply(config, facts, flavor=args.flavor, dry_run=args.dry_run)
+    # bad user-data: the baked config has been applied above; exit 1 and keep the error for `status`
+    report.warnings.extend(loaded.warnings)
+    if loaded.userdata_error:
+        report.errors.append(loaded.userdata_error)
 
     prefix = "would change" if args.dry_run else "changed"
     print(f"flavor: {report.flavor}")

@@ -34,15 +34,13 @@ from typing import Any, Literal, TextIO
 
 from nodeagent.config.loader import ConfigError, Problem, load, load_data, parse_yaml
 from nodeagent.config.model import Config
-from nodeagent.imds import ImdsClient, ImdsError, ImdsSettings
+from nodeagent.imds import ENDPOINT_ENV, ImdsClient, ImdsError, ImdsSettings
 from nodeagent.paths import Paths
 from nodeagent.userdata import UserDataError, nodeagent_parts
 
 IMDS_ENV = "NODEAGENT_IMDS"  # on | off | auto
 ImdsMode = Literal["on", "off", "auto"]
 USER_DATA_SOURCE = "imds:user-data"
-# Same test as flavor detection in apply: an EKS AL2023 node has nodeadm (or its drop-in directory).
-_NODEADM_BINARIES = ("/usr/bin/nodeadm", "/usr/local/bin/nodeadm")
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,10 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _nodeadm_present(paths: Paths) -> bool:
-    return any(paths.host(b).exists() for b in _NODEADM_BINARIES) or paths.nodeadm_dropin_dir.is_dir()
+    """The same test apply's flavor detection uses (facts.gather): nodeadm or its drop-in directory."""
+    from nodeagent.facts import NODEADM_BINARIES
+
+    return any(paths.host(b).exists() for b in NODEADM_BINARIES) or paths.nodeadm_dropin_dir.is_dir()
 
 
 def imds_mode(args: argparse.Namespace, env: Mapping[str, str]) -> ImdsMode:
@@ -84,10 +85,18 @@ def imds_mode(args: argparse.Namespace, env: Mapping[str, str]) -> ImdsMode:
 
 
 def imds_enabled(args: argparse.Namespace, paths: Paths, env: Mapping[str, str]) -> bool:
-    """auto: on for the eks-al2023 flavor (``--flavor eks-al2023``, or auto-detected: nodeadm present)."""
+    """auto: on for the eks-al2023 flavor (``--flavor eks-al2023``, or auto-detected: nodeadm present).
+
+    Under a ``--root`` other than ``/`` (a test tree, an image being built) the tree is not this
+    instance, so auto also needs an explicit endpoint (``--imds-endpoint``/``NODEAGENT_IMDS_ENDPOINT``):
+    a test can never reach the real 169.254.169.254 by accident.
+    """
     mode = imds_mode(args, env)
     if mode != "auto":
         return mode == "on"
+    explicit_endpoint = bool(getattr(args, "imds_endpoint", None) or env.get(ENDPOINT_ENV))
+    if paths.root != Path("/") and not explicit_endpoint:
+        return False
     flavor = getattr(args, "flavor", "auto")
     if flavor == "eks-al2023":
         return True

@@ -46,7 +46,13 @@ images:
 
 
 def args(root: Path, **kw: object) -> argparse.Namespace:
-    base: dict[str, object] = {"config": None, "root": str(root), "flavor": "auto", "imds": None}
+    base: dict[str, object] = {
+        "config": None,
+        "root": str(root),
+        "flavor": "auto",
+        "imds": None,
+        "imds_endpoint": None,
+    }
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -201,7 +207,19 @@ def test_imds_enabled(
     if nodeadm:
         (root / "usr/bin").mkdir(parents=True)
         (root / "usr/bin/nodeadm").write_text("")
+    env = {**env, "NODEAGENT_IMDS_ENDPOINT": "http://127.0.0.1:9"}  # a test tree needs an explicit endpoint
     assert imds_enabled(args(root, flavor=flavor, imds=imds), Paths.at(root), env) is expected
+
+
+@pytest.mark.parametrize("flavor", ["auto", "eks-al2023"])
+def test_auto_under_a_test_root_needs_an_explicit_endpoint(root: Path, flavor: str) -> None:
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/nodeadm").write_text("")
+    a = args(root, flavor=flavor)
+    assert imds_enabled(a, Paths.at(root), {}) is False  # never the real 169.254.169.254 from a test tree
+    assert imds_enabled(a, Paths.at(root), {"NODEAGENT_IMDS_ENDPOINT": "http://127.0.0.1:9"}) is True
+    a.imds_endpoint = "http://127.0.0.1:9"
+    assert imds_enabled(a, Paths.at(root), {}) is True
 
 
 def test_disabled_never_contacts_imds(root: Path) -> None:
