@@ -156,7 +156,7 @@ def validate_config(ctx: Context) -> None:
         .replace("endpoint: unix://", "endpoint: unix:/")
         .replace("hostsDir:", "hostDir:")
     )
-    ctx.say("and a broken copy (thresholds swapped, a misspelt key), which must exit 2:")
+    ctx.say("and a broken copy (relative socket path, misspelt key, low threshold above high): exit 2")
     r = ctx.nodeagent("validate", "-c", str(broken), check=False)
     if r.returncode != 2:
         raise RuntimeError(f"validate on a broken config exited {r.returncode}, expected 2")
