@@ -433,8 +433,8 @@ EVICTION = Object(
             "high_threshold_percent",
             Int(minimum=0, maximum=100),
             "Start removing unused images when the image filesystem is this full. Must be above "
-            "`lowThresholdPercent` and, when enabled, below `kubelet.imageGCHighThresholdPercent` "
-            "so that nodeagent acts before the kubelet's image GC.",
+            "`lowThresholdPercent`; keep it below `kubelet.imageGCHighThresholdPercent` so that "
+            "nodeagent acts before the kubelet's image GC (`apply` warns otherwise).",
             default=75,
         ),
         Field(
@@ -593,16 +593,6 @@ def _eviction_thresholds(c: m.Config) -> str | None:
     return None
 
 
-def _eviction_before_kubelet(c: m.Config) -> str | None:
-    e, k = c.eviction, c.kubelet
-    if e.enabled and e.high_threshold_percent >= k.image_gc_high_threshold_percent:
-        return (
-            f"must be below kubelet.imageGCHighThresholdPercent ({k.image_gc_high_threshold_percent}) so "
-            f"that nodeagent evicts before the kubelet's image GC does, got {e.high_threshold_percent}"
-        )
-    return None
-
-
 RULES: tuple[Rule, ...] = (
     Rule(
         ("kubelet.imageGCLowThresholdPercent", "kubelet.imageGCHighThresholdPercent"),
@@ -628,11 +618,6 @@ RULES: tuple[Rule, ...] = (
         ("eviction.lowThresholdPercent", "eviction.highThresholdPercent"),
         "`eviction.lowThresholdPercent` < `eviction.highThresholdPercent`",
         _eviction_thresholds,
-    ),
-    Rule(
-        ("eviction.highThresholdPercent", "kubelet.imageGCHighThresholdPercent", "eviction.enabled"),
-        "when `eviction.enabled`, `eviction.highThresholdPercent` < `kubelet.imageGCHighThresholdPercent`",
-        _eviction_before_kubelet,
     ),
 )
 

@@ -174,7 +174,7 @@ def test_detect_flavor(tmp_path: Path) -> None:
 
 
 def test_warnings_reach_the_report(tmp_path: Path) -> None:
-    # the schema refuses this combination; a hand-built Config (user-data merges, tests) still warns
+    # valid config, but the kubelet's GC would act before nodeagent: apply warns (issue 3), status shows it
     cfg = Config(eviction=EvictionConfig(high_threshold_percent=90, low_threshold_percent=80))
     report, _ = _apply(cfg, tmp_path, flavor="generic")
     assert any("eviction.highThresholdPercent (90)" in w for w in report.warnings)

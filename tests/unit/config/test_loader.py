@@ -196,14 +196,6 @@ INVALID: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
-        "eviction-high-not-below-kubelet-gc",
-        "eviction:\n  highThresholdPercent: 90\n",
-        [
-            "eviction.highThresholdPercent: must be below kubelet.imageGCHighThresholdPercent (85) so that "
-            "nodeagent evicts before the kubelet's image GC does, got 90 (line 4)"
-        ],
-    ),
-    (
         "parallel-pulls-with-serialize",
         "kubelet:\n  serializeImagePulls: true\n  maxParallelImagePulls: 4\n",
         [
