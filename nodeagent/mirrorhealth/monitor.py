@@ -20,12 +20,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from nodeagent.config.model import Mirror, MirrorHealthConfig
+from nodeagent.config.model import Config, Mirror, MirrorHealthConfig
 from nodeagent.log import event, get_logger
 from nodeagent.mirrorhealth import probe as probes
 from nodeagent.mirrorhealth.state import Health, MirrorState, Thresholds
+from nodeagent.paths import Paths, child
 
 if TYPE_CHECKING:
     from nodeagent.metrics import Metrics
@@ -85,7 +87,7 @@ class MirrorHealth:
         writer: HostsWriter | None,
         metrics: Metrics | None = None,
         *,
-        resolve_ca: Callable[[str, str], Any] | None = None,
+        resolve_ca: Callable[[str, str], Path] | None = None,
         prober: Prober | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -112,7 +114,7 @@ class MirrorHealth:
                 if resolve_ca is not None:
                     reg = registry
 
-                    def ca(path: str, reg: str = reg) -> Any:
+                    def ca(path: str, reg: str = reg) -> Path:
                         return resolve_ca(reg, path)
 
                     target = probes.make_target(registry, m, ca)
@@ -329,3 +331,32 @@ class MirrorHealth:
                 }
             out.append(item)
         return {"mirrors": out, "degraded": any(e.state.health is Health.DOWN for e in self._mirrors)}
+
+
+def ca_resolver(paths: Paths, hosts_dir: str) -> Callable[[str, str], Path]:
+    """Map a mirror's configured CA path as containerd does: absolute paths are host paths (under
+    ``--root``), relative ones are relative to the registry's hosts.toml directory."""
+
+    def resolve(registry: str, ca: str) -> Path:
+        if ca.startswith("/"):
+            return paths.host(ca)
+        return child(paths.hosts_dir(hosts_dir), registry) / ca
+
+    return resolve
+
+
+def from_config(config: Config, paths: Paths, metrics: Metrics | None = None) -> MirrorHealth | None:
+    """The daemon's mirror health worker, or None when there is nothing to watch (no mirrors, or
+    ``containerd.mirrorHealth.enabled: false``)."""
+    from nodeagent.mirrorhealth.failover import HostsFileWriter
+
+    cd = config.containerd
+    if not cd.mirror_health.enabled or not any(ms for _, ms in cd.mirrors):
+        return None
+    return MirrorHealth(
+        cd.mirrors,
+        cd.mirror_health,
+        HostsFileWriter(paths, cd),
+        metrics,
+        resolve_ca=ca_resolver(paths, cd.hosts_dir),
+    )

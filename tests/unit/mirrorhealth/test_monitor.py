@@ -303,3 +303,29 @@ def test_run_probes_at_once_then_every_interval_with_jitter() -> None:
         asyncio.run(mh.run())
     assert probed[0] == 1000.0
     assert all(1.8 <= d <= 2.2 for d in delays) and len(set(delays)) > 10
+
+
+def test_ca_paths_resolve_like_containerd_under_root(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nodeagent.mirrorhealth.monitor import ca_resolver
+    from nodeagent.paths import Paths
+
+    resolve = ca_resolver(Paths(tmp_path), "/etc/containerd/certs.d")
+    assert resolve("docker.io", "/etc/pki/mirror.pem") == tmp_path / "etc/pki/mirror.pem"
+    assert resolve("docker.io", "mirror.crt") == tmp_path / "etc/containerd/certs.d/docker.io/mirror.crt"
+
+
+def test_from_config_is_none_without_mirrors_or_when_disabled(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nodeagent.config.model import Config, ContainerdConfig
+    from nodeagent.mirrorhealth.monitor import from_config
+    from nodeagent.paths import Paths
+
+    assert from_config(Config(), Paths(tmp_path)) is None
+    off = Config(
+        containerd=ContainerdConfig(
+            mirrors=(("docker.io", (A,)),), mirror_health=MirrorHealthConfig(enabled=False)
+        )
+    )
+    assert from_config(off, Paths(tmp_path)) is None
+    on = Config(containerd=ContainerdConfig(mirrors=(("docker.io", (A,)),)))
+    mh = from_config(on, Paths(tmp_path))
+    assert mh is not None and mh.status()["mirrors"][0]["mirror"] == A.endpoint

@@ -1,0 +1,62 @@
+"""apply's one-shot mirror check, with a stand-in probe (no sockets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nodeagent.config.model import Config, ContainerdConfig, Mirror, MirrorHealthConfig
+from nodeagent.mirrorhealth.applycheck import leave_out_dead_mirrors
+from nodeagent.mirrorhealth.probe import ProbeResult, ProbeTarget
+from nodeagent.paths import Paths
+
+A = Mirror("http://a:5000")
+B = Mirror("https://u:secret@b/v2/hub", override_path=True)
+C = Mirror("http://c:5000")
+
+
+def config(enabled: bool = True) -> Config:
+    return Config(
+        containerd=ContainerdConfig(
+            mirrors=(("docker.io", (A, B, C)), ("quay.io", (C,))),
+            mirror_health=MirrorHealthConfig(enabled=enabled, timeout=0.5),
+        )
+    )
+
+
+def fake(dead: set[str], calls: list[tuple[list[str], float]] | None = None):  # type: ignore[no-untyped-def]
+    def probe_all(targets: list[ProbeTarget], timeout_s: float) -> list[ProbeResult]:
+        if calls is not None:
+            calls.append(([t.endpoint for t in targets], timeout_s))
+        return [
+            ProbeResult(False, timeout_s, None, f"timeout after {timeout_s:g}s")
+            if t.endpoint in dead
+            else ProbeResult(True, 0.01, 401)
+            for t in targets
+        ]
+
+    return probe_all
+
+
+def test_dead_mirrors_are_left_out_in_order_with_one_warning_each(tmp_path: Path) -> None:
+    calls: list[tuple[list[str], float]] = []
+    out, warnings = leave_out_dead_mirrors(config(), Paths(tmp_path), probe_all=fake({B.endpoint}, calls))
+    assert out.containerd.mirrors == (("docker.io", (A, C)), ("quay.io", (C,)))
+    assert calls == [([A.endpoint, B.endpoint, C.endpoint, C.endpoint], 0.5)]  # all at once, one timeout
+    assert warnings == (
+        "containerd.mirrors.docker.io[1]: https://b/v2/hub not answering at apply time (timeout after 0.5s); "
+        "left out of hosts.toml until it answers (nodeagent run puts it back)",
+    )
+    assert "secret" not in warnings[0]
+
+
+def test_all_alive_returns_the_config_unchanged(tmp_path: Path) -> None:
+    cfg = config()
+    out, warnings = leave_out_dead_mirrors(cfg, Paths(tmp_path), probe_all=fake(set()))
+    assert out is cfg and warnings == ()
+
+
+def test_disabled_probes_nothing(tmp_path: Path) -> None:
+    calls: list[tuple[list[str], float]] = []
+    cfg = config(enabled=False)
+    out, warnings = leave_out_dead_mirrors(cfg, Paths(tmp_path), probe_all=fake({A.endpoint}, calls))
+    assert out is cfg and warnings == () and calls == []
