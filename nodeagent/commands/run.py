@@ -26,6 +26,15 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
 
     daemon = Daemon(config, paths)
     # --- features plug in here (one block each) -------------------------------------------------
+    # mirror health (issue 8): probe mirrors, take a dead one out of hosts.toml, restart pulls stuck
+    # on it (nodeagent/mirrorhealth)
+    from nodeagent.mirrorhealth.monitor import from_config as mirror_health
+
+    mirrors = mirror_health(config, paths, daemon.metrics, on_change=daemon.mark_status_dirty)
+    if mirrors is not None:
+        daemon.add_worker("mirrorhealth", mirrors.run)
+        daemon.set_pull_wrapper(mirrors.run_with_failover)
+        daemon.add_status_hook("mirrorHealth", mirrors.status)
     return daemon
 
 

@@ -88,6 +88,7 @@ class MirrorHealth:
         metrics: Metrics | None = None,
         *,
         resolve_ca: Callable[[str, str], Path] | None = None,
+        on_change: Callable[[], None] | None = None,
         prober: Prober | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -98,6 +99,7 @@ class MirrorHealth:
         self.writer = writer
         self.metrics = metrics
         self._prober: Prober = prober or probes.probe
+        self._on_change = on_change  # the daemon's "status changed" signal
         self._clock = clock
         self._wall = wall
         self._sleep = sleep
@@ -188,6 +190,8 @@ class MirrorHealth:
         )
         if new is Health.DOWN and changed:
             self._wake(e.registry)
+        if self._on_change is not None:
+            self._on_change()
         return new
 
     def _rewrite(self, registry: str) -> bool:
@@ -345,7 +349,13 @@ def ca_resolver(paths: Paths, hosts_dir: str) -> Callable[[str, str], Path]:
     return resolve
 
 
-def from_config(config: Config, paths: Paths, metrics: Metrics | None = None) -> MirrorHealth | None:
+def from_config(
+    config: Config,
+    paths: Paths,
+    metrics: Metrics | None = None,
+    *,
+    on_change: Callable[[], None] | None = None,
+) -> MirrorHealth | None:
     """The daemon's mirror health worker, or None when there is nothing to watch (no mirrors, or
     ``containerd.mirrorHealth.enabled: false``)."""
     from nodeagent.mirrorhealth.failover import HostsFileWriter
@@ -359,4 +369,5 @@ def from_config(config: Config, paths: Paths, metrics: Metrics | None = None) ->
         HostsFileWriter(paths, cd),
         metrics,
         resolve_ca=ca_resolver(paths, cd.hosts_dir),
+        on_change=on_change,
     )

@@ -12,26 +12,21 @@ exactly as ``nodeagent apply`` writes them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 import threading
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nodeagent.config.model import ContainerdConfig, Mirror, MirrorHealthConfig
+from nodeagent.config.model import Mirror
 from nodeagent.cri.client import CriClient
-from nodeagent.metrics import Metrics
-from nodeagent.mirrorhealth.failover import HostsFileWriter
-from nodeagent.mirrorhealth.monitor import MirrorHealth
-from nodeagent.paths import Paths
 from nodeagent.targets.mirrors import render_hosts_toml
 from tests.sandbox import Containerd, PushedImage, Registry, Sandbox
+from tests.sandbox.agent import NodeAgent
 
 STOCK_DEADLINE = 30.0  # seconds the stock baseline may hang before we call it
 FIRST_PULL_GOAL = 10.0  # hung mirror, default settings: the first pull completes within this
@@ -55,36 +50,57 @@ def hosts_in(path: Path) -> list[str]:
     return list(tomllib.loads(path.read_text()).get("host", {}))
 
 
-@dataclass
-class Agent:
-    """The mirror-health part of ``nodeagent run`` in this process, and a CRI client whose pulls go
-    through ``MirrorHealth.run_with_failover`` (the hook the CRI proxy calls)."""
+def start_agent(
+    sandbox: Sandbox,
+    node: Containerd,
+    mirrors: dict[str, Sequence[Mirror]],
+    health: dict[str, Any] | None = None,
+) -> NodeAgent:
+    """``nodeagent run`` (a real process) proxying ``node``; its hosts dir (under its --root) is the
+    node's, so the daemon rewrites the files containerd reads."""
+    config: dict[str, Any] = {
+        "containerd": {
+            "hostsDir": "/etc/containerd/certs.d",
+            "mirrors": {reg: [{"endpoint": m.endpoint} for m in ms] for reg, ms in mirrors.items()},
+            "mirrorHealth": health or {},
+        }
+    }
+    agent = sandbox.nodeagent(node, start=False, config=config)
+    link = agent.root / "etc/containerd/certs.d"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(node.hosts_dir)
+    agent.start()
+    return agent
 
-    health: MirrorHealth
-    cri: CriClient
-    registry: str
-    metrics: Metrics
 
-    async def pull(self, ref: str) -> tuple[float, str | None]:
+async def proxied_pull(agent: NodeAgent, ref: str) -> float:
+    async with CriClient(agent.proxy_endpoint) as cri:
         t0 = time.monotonic()
-        _, retry = await self.health.run_with_failover(self.registry, lambda: self.cri.pull_image(ref))
-        return time.monotonic() - t0, retry
+        await cri.pull_image(ref)
+        return time.monotonic() - t0
 
 
-@contextlib.asynccontextmanager
-async def agent(
-    node: Containerd, registry: Registry, mirrors: Sequence[Mirror], settings: MirrorHealthConfig
-) -> AsyncIterator[Agent]:
-    cfg = ContainerdConfig(hosts_dir=str(node.hosts_dir), mirrors=((registry.host, tuple(mirrors)),))
-    metrics = Metrics()
-    health = MirrorHealth(cfg.mirrors, settings, HostsFileWriter(Paths(Path("/")), cfg), metrics)
-    task = asyncio.create_task(health.run())
-    try:
-        async with CriClient(node.endpoint) as cri:
-            yield Agent(health, cri, registry.host, metrics)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+def pull_log(agent: NodeAgent, ref: str) -> dict[str, Any]:
+    """The daemon's per-pull log line for ``ref`` (written just after the pull returns)."""
+    for _ in range(100):
+        lines = [x for x in agent.log_lines() if x.get("image") == ref and "duration_seconds" in x]
+        if lines:
+            return lines[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no pull log line for {ref}")
+
+
+def health_status(
+    agent: NodeAgent, want: Callable[[dict[str, Any]], bool] = lambda _: True
+) -> dict[str, Any]:
+    """The mirrorHealth section of the daemon's status file, once ``want`` holds (the daemon writes
+    the file at most once a second), or as it is after 5 s."""
+    for _ in range(100):
+        section: dict[str, Any] = agent.status()["sections"]["mirrorHealth"]
+        if want(section):
+            break
+        time.sleep(0.05)
+    return section
 
 
 async def plain_pull(node: Containerd, ref: str) -> float:
@@ -114,12 +130,14 @@ def test_hung_mirror_first_pull_within_goal_and_later_pulls_like_no_mirror(
     hung = sandbox.hung_server()
     mirror = Mirror(hung.url)
     imgs = images(image_factory, 8)
-    settings = MirrorHealthConfig()  # the defaults are what the goal is about
 
-    # no mirror configured: the reference pull time (median of 3 fresh pulls)
+    # no mirror configured: the reference pull time (median of 3 fresh pulls through the proxy)
     plain = sandbox.containerd([])
     write_owned_hosts(plain, registry, [])
-    no_mirror = statistics.median(asyncio.run(plain_pull(plain, i.reference)) for i in imgs[:3])
+    plain_agent = start_agent(sandbox, plain, {})
+    no_mirror = statistics.median(asyncio.run(proxied_pull(plain_agent, i.reference)) for i in imgs[:3])
+    plain_agent.stop()
+    plain.stop()
 
     # stock: containerd alone with the hung mirror first, bounded by a deadline
     stock = sandbox.containerd([])
@@ -134,32 +152,32 @@ def test_hung_mirror_first_pull_within_goal_and_later_pulls_like_no_mirror(
     stock_time = asyncio.run(stock_pull())
     stock.stop()
 
-    # with the agent: same hosts.toml, agent starts together with the pull
+    # with the agent (default mirrorHealth settings): same hosts.toml; the pull starts as soon as
+    # the daemon is up
     node = sandbox.containerd([])
     path = write_owned_hosts(node, registry, [mirror])
-
-    async def with_agent() -> tuple[float, str | None, list[float], dict[str, Any]]:
-        async with agent(node, registry, [mirror], settings) as a:
-            first, retry = await a.pull(imgs[4].reference)
-            after = [(await a.pull(i.reference))[0] for i in imgs[5:8]]
-            return first, retry, after, a.health.status()
-
-    first, retry, after, status = asyncio.run(with_agent())
+    agent = start_agent(sandbox, node, {registry.host: [mirror]})
+    first = asyncio.run(proxied_pull(agent, imgs[4].reference))
+    after = [asyncio.run(proxied_pull(agent, i.reference)) for i in imgs[5:8]]
     after_median = statistics.median(after)
+    line = pull_log(agent, imgs[4].reference)
     stock_text = f">{STOCK_DEADLINE:g} s (cancelled)" if stock_time is None else f"{stock_time:.2f} s"
     report(
         capsys,
         f"hung mirror, {IMAGE['layers']}x{IMAGE['layer_size'] >> 20} MiB image: "
-        f"stock containerd {stock_text}; "
-        f"with nodeagent first pull {first:.2f} s (retried: {retry}), after failover median "
-        f"{after_median:.3f} s vs no mirror {no_mirror:.3f} s ({after_median / no_mirror:.2f}x)",
+        f"stock containerd {stock_text}; with nodeagent first pull {first:.2f} s "
+        f"(retry: {line.get('retry_reason')}), after failover median {after_median:.3f} s vs no mirror "
+        f"{no_mirror:.3f} s ({after_median / no_mirror:.2f}x)",
     )
     assert stock_time is None or stock_time > FIRST_PULL_GOAL  # the problem is real here
     assert first < FIRST_PULL_GOAL
-    assert retry == "mirror_down"
+    assert line["result"] == "success" and line["retried"] is True and line["retry_reason"] == "mirror_down"
     assert after_median <= AFTER_FAILOVER_RATIO * no_mirror + 0.05  # + 50 ms: timer noise on tiny pulls
     assert hosts_in(path) == []
-    assert status["mirrors"][0]["state"] == "down"
+    st = health_status(agent, lambda st: bool(st["degraded"]))
+    assert st["degraded"] is True and st["mirrors"][0]["state"] == "down"
+    up = f'nodeagent_mirror_up{{mirror="{hung.url}",registry="{registry.host}"}} 0.0'
+    assert up in agent.scrape()
 
 
 def test_refused_mirror_pulls_succeed_and_mirror_is_taken_out(
@@ -170,16 +188,18 @@ def test_refused_mirror_pulls_succeed_and_mirror_is_taken_out(
     imgs = images(image_factory, 2)
     node = sandbox.containerd([])
     path = write_owned_hosts(node, registry, [mirror])
-    settings = MirrorHealthConfig(interval=0.5, timeout=0.5, failures_before_down=3)
+    agent = start_agent(sandbox, node, {registry.host: [mirror]}, {"interval": "500ms", "timeout": "500ms"})
 
     async def body() -> None:
-        async with agent(node, registry, [mirror], settings) as a:
-            await a.pull(imgs[0].reference)  # containerd falls back to the server by itself
-            await until(lambda: hosts_in(path) == [], 10)
-            assert hosts_in(path) == []
-            await a.pull(imgs[1].reference)
+        await proxied_pull(agent, imgs[0].reference)  # containerd falls back to the server by itself
+        await until(lambda: hosts_in(path) == [], 10)
+        assert hosts_in(path) == []
+        await proxied_pull(agent, imgs[1].reference)
 
-    asyncio.run(body())  # both pulls returned an image ref (a failed pull raises CriError)
+    asyncio.run(body())
+    assert [pull_log(agent, i.reference)["result"] for i in imgs] == ["success", "success"]
+    st = health_status(agent, lambda st: bool(st["degraded"]))
+    assert st["mirrors"][0]["lastProbe"]["error"] == "connection refused"
 
 
 def test_slow_but_alive_mirror_stays_in_use(
@@ -191,19 +211,25 @@ def test_slow_but_alive_mirror_stays_in_use(
     node = sandbox.containerd([])
     path = write_owned_hosts(node, registry, [mirror])
     before = path.read_bytes()
-    settings = MirrorHealthConfig(interval=0.5, timeout=1.0)
-
-    async def body() -> tuple[str | None, dict[str, Any]]:
-        async with agent(node, registry, [mirror], settings) as a:
-            _, retry = await a.pull(img.reference)
-            await asyncio.sleep(2.0)  # a few more probe rounds
-            return retry, a.health.status()
-
-    retry, status = asyncio.run(body())
-    assert retry is None
+    agent = start_agent(sandbox, node, {registry.host: [mirror]}, {"interval": "1s", "timeout": "1s"})
+    asyncio.run(proxied_pull(agent, img.reference))
+    time.sleep(2.0)  # a few more probe rounds
+    line = pull_log(agent, img.reference)
+    assert line["result"] == "success" and "retried" not in line
     assert slow.bytes_down >= 1 << 20  # the layer really came through the slow mirror
     assert path.read_bytes() == before
-    assert status["mirrors"][0]["state"] == "up" and status["mirrors"][0]["transitions"] == 0
+    st = health_status(agent)["mirrors"][0]
+    assert st["state"] == "up" and st["transitions"] == 0 and st["lastProbe"]["alive"] is True
+
+
+def failovers(agent: NodeAgent, registry: str, mirror: str, direction: str) -> float:
+    want = (
+        f'nodeagent_mirror_failovers_total{{direction="{direction}",mirror="{mirror}",registry="{registry}"}}'
+    )
+    for line in agent.scrape().splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_mirror_that_comes_back_is_restored_flapping_is_bounded_and_rewrites_are_atomic(
@@ -220,9 +246,13 @@ def test_mirror_that_comes_back_is_restored_flapping_is_bounded_and_rewrites_are
     foreign.write_text(f'server = "{other.url}"\n\n[host."{cache.url}"]\n  capabilities = ["pull"]\n')
     foreign_before = (foreign.read_bytes(), foreign.stat().st_mtime_ns)
     hold = 3.0
-    settings = MirrorHealthConfig(
-        interval=0.25, timeout=0.5, failures_before_down=2, successes_before_up=3, hold_time=hold
-    )
+    settings = {
+        "interval": "250ms",
+        "timeout": "250ms",
+        "failuresBeforeDown": 2,
+        "successesBeforeUp": 3,
+        "holdTime": f"{hold:g}s",
+    }
 
     # read the file continuously: every read must be one complete, valid version
     seen: set[bytes] = set()
@@ -240,54 +270,38 @@ def test_mirror_that_comes_back_is_restored_flapping_is_bounded_and_rewrites_are
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
-    cfg = ContainerdConfig(
-        hosts_dir=str(node.hosts_dir),
-        mirrors=((registry.host, (mirror,)), (other.host, (mirror,))),
-    )
-    metrics = Metrics()
-    health = MirrorHealth(cfg.mirrors, settings, HostsFileWriter(Paths(Path("/")), cfg), metrics)
-
-    def failovers(direction: str) -> float:
-        v = metrics.registry.get_sample_value(
-            "nodeagent_mirror_failovers_total",
-            {"registry": registry.host, "mirror": cache.url, "direction": direction},
-        )
-        return v or 0.0
-
-    async def body() -> None:
-        task = asyncio.create_task(health.run())
-        try:
-            cache.stop()
-            await asyncio.sleep(2.0)
-            assert hosts_in(path) == [], "dead mirror taken out"
-            cache.start()
-            await until(lambda: hosts_in(path) != [], 15)
-            assert path.read_bytes() == original, "restored to exactly what apply wrote"
-            assert failovers("up") == 1
-            # flap: 1 s down / 1 s up for 12 s; with a 3 s hold, at most 12/3 + 1 rewrites
-            f0 = failovers("up") + failovers("down")
-            t_flap = time.monotonic()
-            while time.monotonic() - t_flap < 12:
-                cache.stop()
-                await asyncio.sleep(1.0)
-                cache.start()
-                await asyncio.sleep(1.0)
-            flap_rewrites = failovers("up") + failovers("down") - f0
-            report(
-                capsys,
-                f"flapping mirror (1 s down / 1 s up for 12 s, hold {hold:g} s): "
-                f"{flap_rewrites:g} hosts.toml rewrites",
-            )
-            assert flap_rewrites <= 12 / hold + 1
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
     try:
-        asyncio.run(body())
+        agent = start_agent(sandbox, node, {registry.host: [mirror], other.host: [mirror]}, settings)
+
+        def rewrites() -> float:
+            return sum(failovers(agent, registry.host, cache.url, d) for d in ("up", "down"))
+
+        cache.stop()
+        asyncio.run(until(lambda: hosts_in(path) == [], 5))
+        assert hosts_in(path) == [], "dead mirror taken out"
+        cache.start()
+        asyncio.run(until(lambda: hosts_in(path) != [], 15))
+        assert path.read_bytes() == original, "restored to exactly what apply wrote"
+        assert failovers(agent, registry.host, cache.url, "up") == 1
+        # flap: 1 s down / 1 s up for 12 s; with a 3 s hold, at most 12/3 + 1 rewrites
+        r0 = rewrites()
+        t_flap = time.monotonic()
+        while time.monotonic() - t_flap < 12:
+            cache.stop()
+            time.sleep(1.0)
+            cache.start()
+            time.sleep(1.0)
+        flap_rewrites = rewrites() - r0
+        report(
+            capsys,
+            f"flapping mirror (1 s down / 1 s up for 12 s, hold {hold:g} s): {flap_rewrites:g} hosts.toml "
+            "rewrites",
+        )
+        assert flap_rewrites <= 12 / hold + 1
     finally:
         stop.set()
         t.join(5)
     assert bad == []
     assert seen <= {original, render_hosts_toml(registry.host, ()).encode()}
     assert (foreign.read_bytes(), foreign.stat().st_mtime_ns) == foreign_before
+    assert any(x.get("msg") == "hosts.toml not owned by nodeagent: left alone" for x in agent.log_lines())
