@@ -193,6 +193,9 @@ def remove_file(path: Path, report: ApplyReport, faults: _Faults) -> None:
 # --- containerd restart ----------------------------------------------------------------------
 
 Restarter = Callable[[Config], str | None]  # returns None when containerd is healthy, else why not
+# (config, paths) -> (config without the mirrors that do not answer, one warning per mirror left out);
+# commands/apply.py passes nodeagent.mirrorhealth.applycheck.leave_out_dead_mirrors
+MirrorCheck = Callable[[Config, Paths], tuple[Config, tuple[str, ...]]]
 
 
 def cri_healthy(endpoint: str, timeout: float = HEALTH_TIMEOUT) -> str | None:
@@ -268,6 +271,7 @@ def run_apply(
     out: TextIO | None = None,
     err: TextIO | None = None,
     restarter: Restarter | None = None,
+    mirror_check: MirrorCheck | None = None,
 ) -> ApplyReport:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -279,6 +283,9 @@ def run_apply(
     for c in resolve(config, facts).choices():
         report.tuning.append({"key": c.key, "value": c.value, "auto": c.auto, "reason": c.reason})
     report.warnings.extend(config_warnings(config))
+    if mirror_check is not None:  # mirror health (issue 8): a mirror dead right now is not written
+        config, left_out = mirror_check(config, facts.paths)
+        report.warnings.extend(left_out)
 
     plans, errors = render_all(config, facts, flavor)
     for p in plans:

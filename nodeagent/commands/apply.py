@@ -26,7 +26,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INVALID_CONFIG
     config = loaded.config
     facts = gather(paths, config.containerd.hosts_dir)
-    report = run_apply(config, facts, flavor=args.flavor, dry_run=args.dry_run)
+    from nodeagent.mirrorhealth.applycheck import leave_out_dead_mirrors
+
+    report = run_apply(
+        config, facts, flavor=args.flavor, dry_run=args.dry_run, mirror_check=leave_out_dead_mirrors
+    )
     # bad user-data: the baked config has been applied above; exit 1 and keep the error for `status`
     report.warnings.extend(loaded.warnings)
     if loaded.userdata_error:

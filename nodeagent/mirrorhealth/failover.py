@@ -10,14 +10,15 @@ or another tool wrote is left alone), and every write goes through ``atomicio.wr
 
 from __future__ import annotations
 
-import importlib
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 from nodeagent.atomicio import read_bytes_or_none, write_atomic
 from nodeagent.config.model import ContainerdConfig, Mirror
-from nodeagent.paths import Paths, child
+from nodeagent.paths import Paths, UnsafePathError
+from nodeagent.targets import TargetError
+from nodeagent.targets import mirrors as mirrors_target
 
 Render = Callable[[str, tuple[Mirror, ...]], str]
 
@@ -46,30 +47,26 @@ class HostsFileWriter:
         self._is_owned = is_owned
         self._file_of = file_of
 
-    # The defaults come from the apply target (nodeagent.targets.mirrors), imported when first used.
+    # The defaults are the apply target's own (one renderer, one marker, one path rule).
     def _renderer(self) -> Render:
-        if self._render is None:
-            target = importlib.import_module("nodeagent.targets.mirrors")
-
-            def render(registry: str, active: tuple[Mirror, ...]) -> str:
-                return str(target.render_hosts_toml(registry, active))
-
-            self._render = render
-        return self._render
+        return self._render or mirrors_target.render_hosts_toml
 
     def owned(self, text: str) -> bool:
-        if self._is_owned is None:
-            target = importlib.import_module("nodeagent.targets.mirrors")
-            self._is_owned = target.is_owned
-        return bool(self._is_owned(text))
+        return (self._is_owned or mirrors_target.is_owned)(text)
 
     def path(self, registry: str) -> Path:
         if self._file_of is not None:
             return self._file_of(registry)
-        return child(self.paths.hosts_dir(self.containerd.hosts_dir), registry) / "hosts.toml"
+        try:
+            return mirrors_target.hosts_toml_path(self.paths, self.containerd.hosts_dir, registry)
+        except TargetError as e:
+            raise UnsafePathError(str(e)) from None
 
     def _owned_text(self, registry: str) -> tuple[Path, str]:
-        path = self.path(registry)
+        try:
+            path = self.path(registry)
+        except UnsafePathError as e:
+            raise NotOwnedError(str(e)) from None
         data = read_bytes_or_none(path)
         if data is None:
             raise NotOwnedError(f"{path}: missing (nodeagent apply did not write it)")

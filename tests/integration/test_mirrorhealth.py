@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import threading
 import time
 import tomllib
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from nodeagent import proc
 from nodeagent.config.model import Mirror
 from nodeagent.cri.client import CriClient
 from nodeagent.targets.mirrors import render_hosts_toml
@@ -305,3 +307,42 @@ def test_mirror_that_comes_back_is_restored_flapping_is_bounded_and_rewrites_are
     assert seen <= {original, render_hosts_toml(registry.host, ()).encode()}
     assert (foreign.read_bytes(), foreign.stat().st_mtime_ns) == foreign_before
     assert any(x.get("msg") == "hosts.toml not owned by nodeagent: left alone" for x in agent.log_lines())
+
+
+def test_apply_leaves_out_a_mirror_that_is_dead_at_boot_and_says_so(
+    sandbox: Sandbox, registry: Registry, tmp_path: Path
+) -> None:
+    hung = sandbox.hung_server()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\ncontainerd:\n  restartCommand: []\n"
+        f"  mirrors:\n    docker.io:\n      - endpoint: {hung.url}\n      - endpoint: {registry.url}\n"
+    )
+    root = tmp_path / "root"
+    root.mkdir()
+    t0 = time.monotonic()
+    res = proc.run(
+        [
+            sys.executable,
+            "-m",
+            "nodeagent",
+            "apply",
+            "-c",
+            str(cfg),
+            "--root",
+            str(root),
+            "--flavor",
+            "generic",
+        ],
+        timeout=60,
+        check=False,
+    )
+    took = time.monotonic() - t0
+    err = res.stderr.decode()
+    assert res.returncode == 0, err
+    hosts = tomllib.loads((root / "etc/containerd/certs.d/docker.io/hosts.toml").read_text())
+    assert list(hosts["host"]) == [registry.url]  # the live one stays, the hung one is not written
+    assert (
+        f"containerd.mirrors.docker.io[0]: {hung.url} not answering at apply time (timeout after 1s)" in err
+    )
+    assert took < 10  # one probe round, bounded by mirrorHealth.timeout

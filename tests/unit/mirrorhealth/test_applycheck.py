@@ -60,3 +60,37 @@ def test_disabled_probes_nothing(tmp_path: Path) -> None:
     cfg = config(enabled=False)
     out, warnings = leave_out_dead_mirrors(cfg, Paths(tmp_path), probe_all=fake({A.endpoint}, calls))
     assert out is cfg and warnings == () and calls == []
+
+
+def test_apply_does_not_write_a_mirror_that_is_dead_and_says_so(tmp_path: Path) -> None:
+    """run_apply with the check (as commands/apply.py passes it), probes stood in for."""
+    import functools
+    import io
+
+    from nodeagent.apply import run_apply
+    from nodeagent.facts import gather
+
+    cfg = Config(
+        containerd=ContainerdConfig(
+            restart_command=(),
+            mirrors=(("docker.io", (A, C)),),
+            mirror_health=MirrorHealthConfig(timeout=0.5),
+        )
+    )
+    check = functools.partial(leave_out_dead_mirrors, probe_all=fake({A.endpoint}))
+    report = run_apply(
+        cfg,
+        gather(Paths(tmp_path), cfg.containerd.hosts_dir),
+        flavor="generic",
+        out=io.StringIO(),
+        err=io.StringIO(),
+        restarter=lambda c: None,
+        mirror_check=check,
+    )
+    assert report.ok, report.errors
+    text = (tmp_path / "etc/containerd/certs.d/docker.io/hosts.toml").read_text()
+    assert '[host."http://c:5000"]' in text and "mirror-a" not in text and "http://a:5000" not in text
+    assert 'server = "https://registry-1.docker.io"' in text
+    assert any(
+        w.startswith("containerd.mirrors.docker.io[0]: http://a:5000 not answering") for w in report.warnings
+    )
