@@ -1,0 +1,94 @@
+"""Bake step: pinning through a FAKE containerd images API (records and calls in memory, same methods
+as nodeagent.cri.containerd_images.ContainerdImages), the manifest, the snapshotter warnings."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from nodeagent.bake import pin_and_record, snapshotter_warnings
+from nodeagent.config.model import Config
+from nodeagent.eviction import baked
+from nodeagent.paths import Paths
+from nodeagent.prefetch import ImageOutcome
+
+
+def digest(n: int) -> str:
+    return f"sha256:{n:064x}"
+
+
+@dataclass
+class FakeImagesApi:
+    records: list[Any]
+    pinned: list[str] = field(default_factory=list)
+
+    async def list(self, filters: list[str] | None = None) -> list[Any]:
+        return self.records
+
+    async def pin(self, name: str) -> Any:
+        self.pinned.append(name)
+        return None
+
+
+def record(name: str, target: str) -> Any:
+    return SimpleNamespace(name=name, target=SimpleNamespace(digest=target))
+
+
+def test_pins_every_record_of_pinned_images_and_writes_the_manifest(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    api = FakeImagesApi(
+        [
+            record("r.io/a:1", digest(1)),
+            record("r.io/a@" + digest(1), digest(1)),
+            record("sha256:" + "c" * 64, digest(1)),
+            record("r.io/b:1", digest(2)),
+        ]
+    )
+    outcomes = [
+        ImageOutcome("r.io/a:1", pin=True, result="pulled", digest=digest(1), size=10),
+        ImageOutcome("r.io/b:1", pin=False, result="present", digest=digest(2), size=20),
+        ImageOutcome("r.io/c:1", pin=True, result="not_found"),
+    ]
+    result = asyncio.run(pin_and_record(outcomes, api, paths))
+    assert result.ok and result.changed
+    assert sorted(api.pinned) == sorted(["r.io/a:1", "r.io/a@" + digest(1), "sha256:" + "c" * 64])
+    assert baked.load(paths.baked_manifest) == (
+        baked.BakedImage("r.io/a:1", digest(1), 10, True),
+        baked.BakedImage("r.io/b:1", digest(2), 20, False),
+    )
+    again = asyncio.run(pin_and_record(outcomes, api, paths))
+    assert not again.changed  # same content: the file is not rewritten
+
+
+def test_an_image_without_a_record_is_an_error_not_a_silent_success(tmp_path: Path) -> None:
+    api = FakeImagesApi([])
+    outcomes = [ImageOutcome("r.io/a:1", pin=True, result="pulled", digest=digest(1), size=1)]
+    result = asyncio.run(pin_and_record(outcomes, api, Paths(tmp_path)))
+    assert not result.ok
+    assert result.images == [baked.BakedImage("r.io/a:1", digest(1), 1, False)]
+
+
+def test_warns_when_soci_is_present_but_cri_unpacks_with_overlayfs(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    assert snapshotter_warnings(Config(), paths) == []
+    unit = paths.host("/etc/systemd/system/soci-snapshotter.service")
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Service]\n")
+    (w,) = snapshotter_warnings(Config(), paths)
+    assert "snapshotter 'overlayfs'" in w and "soci-snapshotter.service" in w
+    paths.containerd_config.parent.mkdir(parents=True)
+    paths.containerd_config.write_text(
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "soci"\n'
+    )
+    assert snapshotter_warnings(Config(), paths) == []
+
+
+def test_unreadable_containerd_config_is_a_warning(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    paths.containerd_config.parent.mkdir(parents=True)
+    paths.containerd_config.write_text("version = [\n")
+    (w,) = snapshotter_warnings(Config(), paths)
+    assert w.startswith(f"{paths.containerd_config}: cannot read containerd's config")
