@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import glob
 import json
 import os
 import re
@@ -159,7 +160,19 @@ def _mode_for(f: DesiredFile, current_mode: int | None) -> int:
     return f.mode
 
 
+def remove_stale_temp_files(path: Path) -> None:
+    """Temp files ``write_atomic`` left next to ``path`` when a run was killed mid-write."""
+    try:
+        stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    except OSError:
+        return
+    for t in stale:
+        with contextlib.suppress(OSError):
+            t.unlink()
+
+
 def write_file(f: DesiredFile, report: ApplyReport, faults: _Faults) -> bool:
+    remove_stale_temp_files(f.path)
     data = f.content.encode()
     current = read_bytes_or_none(f.path)
     current_mode = (f.path.stat().st_mode & 0o7777) if current is not None else None

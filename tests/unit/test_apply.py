@@ -211,3 +211,13 @@ def test_render_error_reported_per_target(tmp_path: Path, flavor: str) -> None:
     else:
         assert report.ok  # nodeadm assumes version 2 with a warning
         assert any("assumed version 2" in w for w in report.warnings)
+
+
+def test_temp_files_left_by_a_killed_run_are_cleaned(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    leftover = tmp_path / "etc/containerd/.config.toml.abc123.tmp"
+    leftover.write_text("half")
+    unrelated = tmp_path / "etc/containerd/.other.tmp"
+    unrelated.write_text("x")
+    _apply(config(), tmp_path, flavor="generic")
+    assert not leftover.exists() and unrelated.exists()
