@@ -200,12 +200,47 @@ def cri_round_trip(ctx: Context) -> None:
     ctx.say(f"registry served {len(blobs)} blob request(s) for the pull (from its access log)")
 
 
+def eks_user_data(ctx: Context) -> None:
+    """EKS: a node group's settings in launch-template user-data, read back through IMDSv2 by apply."""
+    from tests.fakes.imds import FakeImds  # a FAKE IMDSv2 on loopback (EC2 is not here)
+
+    registry, _ = ctx.need_node()
+    assert ctx.config_path is not None
+    group = ctx.sb.dir / "nodegroup.yaml"
+    group.write_text(
+        "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\n"
+        "kubelet:\n  registryPullQPS: 25\n"
+        f"containerd:\n  mirrors:\n    docker.io:\n      - endpoint: {registry.url}\n"
+    )
+    ctx.say("the node group's settings (registryPullQPS, a docker.io mirror) rendered as user-data:")
+    user_data = ctx.nodeagent("userdata", "-c", str(group), "--format", "al2023").stdout
+    root = ctx.sb.dir / "eks-node"  # an EKS AL2023 node's tree: baked config + nodeadm present
+    (root / "etc/nodeagent").mkdir(parents=True)
+    (root / "etc/nodeagent/config.yaml").write_text(ctx.config_path.read_text())
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/nodeadm").write_text("")  # stand-in: apply detects the eks-al2023 flavor by it
+    with FakeImds(user_data) as imds:
+        ctx.say(f"fake IMDSv2 at {imds.endpoint} serves it; apply merges it over the baked config:")
+        ctx.nodeagent("apply", "--root", str(root), "--imds-endpoint", imds.endpoint)
+        ctx.say("IMDS requests: " + ", ".join(f"{m} {p} -> {code}" for m, p, code in imds.requests))
+    dropin = (root / "etc/eks/nodeadm.d/90-nodeagent.yaml").read_text()
+    qps = [line.strip() for line in dropin.splitlines() if "registryPullQPS" in line]
+    ctx.say(f"nodeadm drop-in: {', '.join(qps)} (baked default 10, user-data 25)")
+    if qps != ["registryPullQPS: 25"]:
+        raise RuntimeError("the user-data setting did not reach the nodeadm drop-in")
+    hosts = next(root.rglob("docker.io/hosts.toml"))
+    ctx.say(f"mirror: {hosts.relative_to(root)} lists {registry.url}")
+    if registry.url not in hosts.read_text():
+        raise RuntimeError("the user-data mirror is not in hosts.toml")
+
+
 Step = Callable[[Context], None]
 STEPS: list[tuple[str, Step]] = [
     ("Start a sandbox node: containerd + local registry", start_sandbox_node),
     ("Push test images to the local registry", push_images),
     ("Write nodeagent's config for this node", write_config),
     ("nodeagent validate", validate_config),
+    ("EKS: node-group settings from user-data through (fake) IMDSv2, nodeagent apply", eks_user_data),
     ("Pull, list, inspect and remove an image through nodeagent's CRI client", cri_round_trip),
 ]
 
