@@ -34,6 +34,7 @@ STOCK_DEADLINE = 30.0  # seconds the stock baseline may hang before we call it
 FIRST_PULL_GOAL = 10.0  # hung mirror, default settings: the first pull completes within this
 AFTER_FAILOVER_RATIO = 1.5  # pulls after failover: within this factor of a pull with no mirror
 IMAGE = {"layers": 2, "layer_size": 2 << 20}
+ROUNDS = 5  # interleaved pairs of pulls: no mirror / after failover
 
 
 def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
@@ -131,15 +132,9 @@ def test_hung_mirror_first_pull_within_goal_and_later_pulls_like_no_mirror(
 ) -> None:
     hung = sandbox.hung_server()
     mirror = Mirror(hung.url)
-    imgs = images(image_factory, 8)
-
-    # no mirror configured: the reference pull time (median of 3 fresh pulls through the proxy)
-    plain = sandbox.containerd([])
-    write_owned_hosts(plain, registry, [])
-    plain_agent = start_agent(sandbox, plain, {})
-    no_mirror = statistics.median(asyncio.run(proxied_pull(plain_agent, i.reference)) for i in imgs[:3])
-    plain_agent.stop()
-    plain.stop()
+    imgs = images(image_factory, 3 + 2 * ROUNDS)
+    stock_img, first_img, warm_img = imgs[:3]
+    pairs = list(zip(imgs[3::2], imgs[4::2], strict=True))
 
     # stock: containerd alone with the hung mirror first, bounded by a deadline
     stock = sandbox.containerd([])
@@ -147,7 +142,7 @@ def test_hung_mirror_first_pull_within_goal_and_later_pulls_like_no_mirror(
 
     async def stock_pull() -> float | None:
         try:
-            return await asyncio.wait_for(plain_pull(stock, imgs[3].reference), STOCK_DEADLINE)
+            return await asyncio.wait_for(plain_pull(stock, stock_img.reference), STOCK_DEADLINE)
         except TimeoutError:
             return None
 
@@ -159,10 +154,21 @@ def test_hung_mirror_first_pull_within_goal_and_later_pulls_like_no_mirror(
     node = sandbox.containerd([])
     path = write_owned_hosts(node, registry, [mirror])
     agent = start_agent(sandbox, node, {registry.host: [mirror]})
-    first = asyncio.run(proxied_pull(agent, imgs[4].reference))
-    after = [asyncio.run(proxied_pull(agent, i.reference)) for i in imgs[5:8]]
-    after_median = statistics.median(after)
-    line = pull_log(agent, imgs[4].reference)
+    first = asyncio.run(proxied_pull(agent, first_img.reference))
+    line = pull_log(agent, first_img.reference)
+
+    # after the failover vs no mirror configured at all (also through a proxy), interleaved so that
+    # load from elsewhere on the machine hits both alike
+    plain = sandbox.containerd([])
+    write_owned_hosts(plain, registry, [])
+    plain_agent = start_agent(sandbox, plain, {})
+    asyncio.run(proxied_pull(plain_agent, warm_img.reference))
+    no_mirror_times, after_times = [], []
+    for a_img, b_img in pairs:
+        no_mirror_times.append(asyncio.run(proxied_pull(plain_agent, a_img.reference)))
+        after_times.append(asyncio.run(proxied_pull(agent, b_img.reference)))
+    no_mirror = statistics.median(no_mirror_times)
+    after_median = statistics.median(after_times)
     stock_text = f">{STOCK_DEADLINE:g} s (cancelled)" if stock_time is None else f"{stock_time:.2f} s"
     report(
         capsys,
@@ -174,7 +180,7 @@ def test_hung_mirror_first_pull_within_goal_and_later_pulls_like_no_mirror(
     assert stock_time is None or stock_time > FIRST_PULL_GOAL  # the problem is real here
     assert first < FIRST_PULL_GOAL
     assert line["result"] == "success" and line["retried"] is True and line["retry_reason"] == "mirror_down"
-    assert after_median <= AFTER_FAILOVER_RATIO * no_mirror + 0.05  # + 50 ms: timer noise on tiny pulls
+    assert after_median <= AFTER_FAILOVER_RATIO * no_mirror
     assert hosts_in(path) == []
     st = health_status(agent, lambda st: bool(st["degraded"]))
     assert st["degraded"] is True and st["mirrors"][0]["state"] == "down"
