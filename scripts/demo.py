@@ -234,6 +234,19 @@ def eks_user_data(ctx: Context) -> None:
         raise RuntimeError("the user-data mirror is not in hosts.toml")
 
 
+def prefetch_images(ctx: Context) -> None:
+    assert ctx.config_path is not None
+    root = str(ctx.config_path.parent.parent.parent)  # the config sits at <root>/etc/nodeagent/config.yaml
+    ctx.say(
+        "before the kubelet starts: pull images.prefetch through CRI (not a terminal: one line per event)"
+    )
+    ctx.nodeagent("prefetch", "--root", root)
+    ctx.say("again, as on the next boot: every image is already there and skipped")
+    r = ctx.nodeagent("prefetch", "--root", root)
+    if b" pulled" in r.stdout.split(b"IMAGE", 1)[-1]:
+        raise RuntimeError("second prefetch pulled again")
+
+
 Step = Callable[[Context], None]
 STEPS: list[tuple[str, Step]] = [
     ("Start a sandbox node: containerd + local registry", start_sandbox_node),
@@ -241,6 +254,7 @@ STEPS: list[tuple[str, Step]] = [
     ("Write nodeagent's config for this node", write_config),
     ("nodeagent validate", validate_config),
     ("EKS: node-group settings from user-data through (fake) IMDSv2, nodeagent apply", eks_user_data),
+    ("nodeagent prefetch: images on disk before the first pod", prefetch_images),
     ("Pull, list, inspect and remove an image through nodeagent's CRI client", cri_round_trip),
 ]
 
