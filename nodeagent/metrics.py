@@ -106,6 +106,18 @@ class Metrics:
         self.evicted_bytes = Counter(
             "nodeagent_image_evicted_bytes", "Bytes of images removed by nodeagent", registry=r
         )
+        self.eviction_errors = Counter(
+            "nodeagent_image_eviction_errors",
+            "Eviction cycles that failed, by stage (usage, list, manifest, remove, state)",
+            ["stage"],
+            registry=r,
+        )
+        self.eviction_low_unreachable = Gauge(
+            "nodeagent_image_eviction_low_unreachable",
+            "1 while the image filesystem is above the eviction low threshold and every image left is "
+            "in use, pinned, baked, protected or too recent",
+            registry=r,
+        )
 
         # --- CRI proxy and daemon (nodeagent/proxy, nodeagent/daemon.py) ---
         self.proxy_requests = Counter(

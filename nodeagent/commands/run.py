@@ -35,6 +35,15 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
         daemon.add_worker("mirrorhealth", mirrors.run)
         daemon.set_pull_wrapper(mirrors.run_with_failover)
         daemon.add_status_hook("mirrorHealth", mirrors.status)
+    if config.eviction.enabled:  # disk-aware image eviction (issue 5)
+        from nodeagent.eviction.loop import EvictionLoop
+
+        evictor = EvictionLoop(
+            config, paths, daemon.metrics, daemon.last_used, report_cache=daemon.update_cache_stats
+        )
+        daemon.add_worker("eviction", evictor.run)
+        daemon.add_pull_listener(evictor.on_pull)
+        daemon.add_status_hook("eviction", evictor.status)
     return daemon
 
 

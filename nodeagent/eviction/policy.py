@@ -217,6 +217,26 @@ def _in_use_keys(containers: Iterable[Container], extra: Iterable[str]) -> dict[
     return keys
 
 
+class InUse:
+    """The images containers and sandboxes use, indexed once; ``user(image)`` says who uses it."""
+
+    def __init__(self, containers: Iterable[Container], in_use_refs: Iterable[str] = ()) -> None:
+        self.keys = _in_use_keys(containers, in_use_refs)
+
+    def user(self, image: Image) -> str | None:
+        keys = self.keys
+        for k in (image.id, *image.repo_tags, *image.repo_digests):
+            user = keys.get(k)
+            if user is not None:
+                return user
+        return None
+
+
+def in_use_by(image: Image, containers: Iterable[Container], in_use_refs: Iterable[str] = ()) -> str | None:
+    """Who uses ``image`` now (a short description), or None: the check right before a removal."""
+    return InUse(containers, in_use_refs).user(image)
+
+
 def _baked_keys(baked: Iterable[BakedImage]) -> dict[str, str]:
     keys: dict[str, str] = {}
     for b in baked:
@@ -250,10 +270,13 @@ def plan(
     protect: ProtectMatcher | Iterable[str] = (),
     baked: Iterable[BakedImage] = (),
     in_use_refs: Iterable[str] = (),
+    continuing: bool = False,
 ) -> Plan:
     """Decide, for every image, whether to remove it now (and in which order) or keep it, and why.
 
     ``in_use_refs``: images in use that no container lists, e.g. the runtime's sandbox image.
+    ``continuing``: an eviction that started at or above high is still under way, so go on down to
+    low even though usage is now below high (hysteresis within one eviction cycle).
     """
     # This runs over every image on the node on every pull; it is written for speed (10,000 images
     # well under 50 ms, bench/bench_eviction.py): local names, no per-image function calls.
@@ -330,7 +353,9 @@ def plan(
     total = usage.total_bytes
     high_bytes = total * thresholds.high_percent // 100
     low_bytes = total * thresholds.low_percent // 100
-    triggered = total > 0 and usage.used_bytes >= high_bytes
+    triggered = total > 0 and (
+        usage.used_bytes >= high_bytes or (continuing and usage.used_bytes > low_bytes)
+    )
     projected = usage.used_bytes
     removals: list[Decision] = []
     n = 0

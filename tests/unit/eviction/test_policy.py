@@ -307,3 +307,26 @@ def test_protect_pattern_naming_a_repository_does_not_match_a_longer_name() -> N
     assert m.match(img(1)) == "reg.example:5000/app1"  # by tag, and by digest reference
     assert m.match(img(12)) is None  # app12 is another repository
     assert ProtectMatcher(["reg.example:5000"]).match(img(1)) is None
+
+
+def test_in_use_by_for_the_recheck_before_removal() -> None:
+    from nodeagent.eviction.policy import in_use_by
+
+    a = img(1)
+    assert in_use_by(a, []) is None
+    assert in_use_by(a, [Container("x" * 20, image=a.repo_digests[0])]) == "container xxxxxxxxxxxxx"
+    assert (
+        in_use_by(a, [Container("s", image_ref=a.id, running=True, kind="sandbox")]) == "sandbox s (running)"
+    )
+    assert in_use_by(a, [], in_use_refs=[a.repo_tags[0]]) == "sandbox image of the runtime"
+
+
+def test_continuing_goes_on_to_low_below_high() -> None:
+    images = [img(i) for i in range(5)]
+    last_used = {sha(i): float(i) for i in range(5)}
+    fresh = plan(images, [], usage=usage(100), thresholds=T, now=NOW, last_used=last_used)
+    assert not fresh.triggered and fresh.removals == ()
+    going = plan(images, [], usage=usage(100), thresholds=T, now=NOW, last_used=last_used, continuing=True)
+    assert going.triggered and ids(going.removals) == [sha(0), sha(1)]
+    done = plan(images, [], usage=usage(80), thresholds=T, now=NOW, last_used=last_used, continuing=True)
+    assert not done.triggered

@@ -1,0 +1,433 @@
+"""The eviction loop against a FAKE runtime (a Python object answering CriClient's methods with real
+runtime.v1 messages) and a fake filesystem whose usage follows the images on it. Real containerd:
+tests/integration/test_eviction.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.config.model import Config, EvictionConfig, ImagesConfig
+from nodeagent.cri.gen import cri_api_pb2 as pb
+from nodeagent.eviction.baked import BakedImage
+from nodeagent.eviction.baked import write as write_baked
+from nodeagent.eviction.loop import EvictionLoop, PeriodicLog, TokenBucket
+from nodeagent.eviction.policy import FsUsage
+from nodeagent.lastused import LastUsed
+from nodeagent.metrics import Metrics
+from nodeagent.paths import Paths
+
+MB = 1_000_000
+T0 = 1_800_000_000.0
+
+
+def sha(n: int) -> str:
+    return f"sha256:{n:064x}"
+
+
+@dataclass
+class FakeRuntime:
+    """Images with a CRI size and what they take on disk; containers; scripted failures."""
+
+    disk: dict[str, int] = field(default_factory=dict)  # image id -> bytes on disk
+    images: dict[str, pb.Image] = field(default_factory=dict)
+    containers: list[pb.Container] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    fail: dict[str, Exception] = field(default_factory=dict)
+    on_list_containers: Callable[[int], None] | None = None
+    list_containers_calls: int = 0
+    base: int = 0  # bytes used by other things on the filesystem
+    total: int = 200 * MB
+
+    def add(self, n: int, size_mb: float, disk_mb: float | None = None, pinned: bool = False) -> str:
+        i = sha(n)
+        self.images[i] = pb.Image(
+            id=i,
+            repo_tags=[f"reg.example/app{n}:v1"],
+            repo_digests=[f"reg.example/app{n}@{sha(10_000 + n)}"],
+            size=int(size_mb * MB),
+            pinned=pinned,
+        )
+        self.disk[i] = int((disk_mb if disk_mb is not None else 2 * size_mb) * MB)
+        return i
+
+    def usage(self, path: Path) -> FsUsage:
+        return FsUsage(self.base + sum(self.disk.values()), self.total)
+
+    def _maybe_fail(self, name: str) -> None:
+        if name in self.fail:
+            raise self.fail[name]
+
+    async def image_fs_info(self) -> Any:
+        self._maybe_fail("ImageFsInfo")
+        fs = pb.FilesystemUsage(fs_id=pb.FilesystemIdentifier(mountpoint="/imagefs"))
+        return pb.ImageFsInfoResponse(image_filesystems=[fs])
+
+    async def list_images(self) -> list[Any]:
+        self._maybe_fail("ListImages")
+        return list(self.images.values())
+
+    async def list_containers(self) -> list[Any]:
+        self._maybe_fail("ListContainers")
+        self.list_containers_calls += 1
+        if self.on_list_containers is not None:
+            self.on_list_containers(self.list_containers_calls)
+        return list(self.containers)
+
+    async def list_pod_sandboxes(self) -> list[Any]:
+        return []
+
+    async def remove_image(self, image: str) -> None:
+        self._maybe_fail("RemoveImage")
+        self.removed.append(image)
+        self.images.pop(image, None)
+        self.disk.pop(image, None)
+
+    async def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    async def sleep(self, s: float) -> None:
+        self.t += s
+
+
+def make_loop(
+    rt: FakeRuntime,
+    tmp_path: Path,
+    *,
+    high: int = 60,
+    low: int = 40,
+    min_age: float = 0.0,
+    protect: tuple[str, ...] = (),
+    clock: Clock | None = None,
+    last_used: LastUsed | None = None,
+    rate: float = 1000.0,
+) -> tuple[EvictionLoop, Metrics, Clock]:
+    clock = clock or Clock()
+    cfg = Config(
+        eviction=EvictionConfig(
+            high_threshold_percent=high, low_threshold_percent=low, min_unused_age=min_age, interval=30
+        ),
+        images=ImagesConfig(protect=protect),
+    )
+    metrics = Metrics()
+    lu = last_used or LastUsed(Paths(tmp_path).last_used_file, clock=clock)
+    loop = EvictionLoop(
+        cfg,
+        Paths(tmp_path),
+        metrics,
+        lu,
+        cri_factory=lambda: rt,
+        clock=clock,
+        monotonic=clock,
+        sleep=clock.sleep,
+        measure=rt.usage,
+        removals_per_second=rate,
+    )
+    return loop, metrics, clock
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    v = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (r.getMessage(), getattr(r, "fields", {})) for r in caplog.records if r.name.startswith("nodeagent")
+    ]
+
+
+def test_below_high_removes_nothing_and_records_first_seen(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    for n in range(3):
+        rt.add(n, 10)  # 60 MB of 200: 30%
+    loop, metrics, _ = make_loop(rt, tmp_path)
+    r = asyncio.run(loop.cycle())
+    assert not r.triggered and r.removed == [] and rt.removed == []
+    assert value(metrics, "nodeagent_imagefs_used_ratio") == pytest.approx(0.3)
+    assert value(metrics, "nodeagent_image_cache_images") == 3
+    assert value(metrics, "nodeagent_image_cache_bytes") == 30 * MB
+    saved = LastUsed(Paths(tmp_path).last_used_file)
+    saved.load()
+    assert saved.items() == {sha(n): T0 for n in range(3)}  # first seen, persisted
+
+
+def test_removes_lru_one_at_a_time_until_measured_usage_is_under_low(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    rt = FakeRuntime()
+    for n in range(7):
+        rt.add(n, 10)  # 20 MB on disk each (CRI says 10): 140 MB of 200 = 70% >= 60%
+    lu = LastUsed(Paths(tmp_path).last_used_file)
+    for n in range(7):
+        lu.touch(f"reg.example/app{n}:v1", T0 - 1000 + (6 - n) * 10)  # app6 least recently used
+    loop, metrics, _ = make_loop(rt, tmp_path, last_used=lu)
+    r = asyncio.run(loop.cycle())
+    # low = 80 MB: 140 -> 120 -> 100 -> 80: three removals, although the plan (10 MB each) wanted six
+    assert rt.removed == [sha(6), sha(5), sha(4)]
+    assert [d.image.id for d in r.removed] == rt.removed
+    assert r.usage_after == FsUsage(80 * MB, 200 * MB)
+    assert value(metrics, "nodeagent_image_evictions_total", reason="lru") == 3
+    assert value(metrics, "nodeagent_image_evicted_bytes_total") == 30 * MB
+    assert value(metrics, "nodeagent_image_eviction_low_unreachable") == 0
+    evicted = [f for m, f in messages(caplog) if m == "image evicted"]
+    assert [f["image"] for f in evicted] == [
+        "reg.example/app6:v1",
+        "reg.example/app5:v1",
+        "reg.example/app4:v1",
+    ]
+    assert evicted[0]["freed_bytes"] == 20 * MB and evicted[0]["reason"] == "lru"
+    msgs = [m for m, _ in messages(caplog)]
+    assert msgs.count("imagefs above the high threshold") == 1
+    assert msgs.count("imagefs under the low threshold") == 1
+    st = loop.status()
+    assert [e["image"] for e in st["recentEvictions"]] == [f["image"] for f in evicted]
+    assert st["usedRatio"] == 0.4 and st["degraded"] is False
+    assert st["lastReliefSeconds"] is not None
+
+
+def test_plans_again_when_removals_free_less_than_their_size(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    for n in range(8):
+        rt.add(n, 10, disk_mb=4)  # shared layers: a removal frees only 4 MB
+    rt.base = 100 * MB  # 132 MB used: 66%
+    lu = LastUsed(None)
+    for n in range(8):
+        lu.touch(sha(n), T0 - 1000 + n)
+    loop, _, _ = make_loop(rt, tmp_path, last_used=lu)
+    r = asyncio.run(loop.cycle())
+    # the first plan stops after 6 (132 - 60 <= 80); measured 108 -> second round goes on
+    assert len(rt.removed) == 8
+    assert rt.removed == [sha(n) for n in range(8)]
+    assert r.low_unreachable  # 100 MB of other data stays above low
+
+
+def test_a_container_created_after_the_plan_keeps_its_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    rt = FakeRuntime()
+    for n in range(7):
+        rt.add(n, 10)
+    lu = LastUsed(None)
+    for n in range(7):
+        lu.touch(sha(n), T0 - 1000 + n)  # app0 is first in line
+
+    def container_appears(call: int) -> None:
+        if call == 2:  # call 1: planning; call 2: the re-check right before removing app0
+            rt.containers.append(
+                pb.Container(id="new" + "0" * 61, image=pb.ImageSpec(image="reg.example/app0:v1"))
+            )
+
+    rt.on_list_containers = container_appears
+    loop, _, _ = make_loop(rt, tmp_path, last_used=lu)
+    r = asyncio.run(loop.cycle())
+    assert sha(0) not in rt.removed
+    assert rt.removed == [sha(1), sha(2), sha(3)]
+    assert [d.image.id for d in r.kept_now_in_use] == [sha(0)]
+    kept = [f for m, f in messages(caplog) if m == "image kept: in use since the plan was made"]
+    assert kept == [{"image": "reg.example/app0:v1", "image_id": sha(0), "user": "container new0000000000"}]
+
+
+def test_everything_protected_says_so_once_per_period(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    rt = FakeRuntime()
+    rt.add(0, 30, pinned=True)
+    rt.add(1, 20)
+    rt.add(2, 10)
+    rt.containers.append(pb.Container(id="c1", image_ref=sha(1), state=1))
+    loop, metrics, clock = make_loop(rt, tmp_path, protect=("reg.example/app2",))
+    r = asyncio.run(loop.cycle())
+    assert r.low_unreachable and rt.removed == []
+    assert value(metrics, "nodeagent_image_eviction_low_unreachable") == 1
+    assert loop.status()["degraded"] is True
+    assert loop.status()["lastPlan"]["kept"] == {"in_use": 1, "pinned": 1, "protected": 1}
+    warn = (
+        "cannot reach the low threshold: every image left is in use, pinned, baked, protected or too recent"
+    )
+    assert [m for m, _ in messages(caplog)].count(warn) == 1
+    clock.t += 60
+    asyncio.run(loop.cycle())
+    assert [m for m, _ in messages(caplog)].count(warn) == 1  # not again within the period
+    clock.t += 600
+    asyncio.run(loop.cycle())
+    repeats = [f for m, f in messages(caplog) if m == warn]
+    assert len(repeats) == 2 and repeats[1]["persisting_seconds"] == 660 and repeats[1]["occurrences"] == 3
+    # the container goes away: its image becomes a candidate and low is reachable again
+    rt.containers.clear()
+    asyncio.run(loop.cycle())
+    assert rt.removed == [sha(1)]
+    assert value(metrics, "nodeagent_image_eviction_low_unreachable") == 0
+    assert "low threshold reachable again" in [m for m, _ in messages(caplog)]
+
+
+def test_too_recent_images_are_kept(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    for n in range(7):
+        rt.add(n, 10)
+    loop, _, clock = make_loop(rt, tmp_path, min_age=600)
+    r = asyncio.run(loop.cycle())  # every image is first seen now
+    assert rt.removed == [] and r.low_unreachable
+    clock.t += 601
+    r = asyncio.run(loop.cycle())
+    assert len(rt.removed) == 3 and not r.low_unreachable
+
+
+def test_errors_are_counted_logged_once_per_period_and_cleared(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    rt = FakeRuntime()
+    rt.add(0, 80)
+    rt.fail["ListImages"] = RuntimeError("unix:///run/containerd/containerd.sock: ListImages: UNAVAILABLE")
+    loop, metrics, clock = make_loop(rt, tmp_path)
+    for _ in range(3):
+        r = asyncio.run(loop.cycle())
+        assert r.error.startswith("list: ")
+        clock.t += 30
+    assert value(metrics, "nodeagent_image_eviction_errors_total", stage="list") == 3
+    errors = [f for m, f in messages(caplog) if m == "eviction error"]
+    assert len(errors) == 1 and errors[0]["stage"] == "list" and "UNAVAILABLE" in errors[0]["error"]
+    clock.t += 600
+    asyncio.run(loop.cycle())
+    errors = [f for m, f in messages(caplog) if m == "eviction error"]
+    assert len(errors) == 2 and errors[1]["persisting_seconds"] == 690 and errors[1]["occurrences"] == 4
+    assert loop.status()["degraded"] is True  # persisting for more than 5 minutes
+    del rt.fail["ListImages"]
+    asyncio.run(loop.cycle())
+    cleared = [f for m, f in messages(caplog) if m == "eviction error cleared"]
+    assert cleared == [{"stage": "list", "lasted_seconds": 690.0, "occurrences": 4}]
+    assert loop.status()["problems"] == {}
+
+
+def test_remove_failure_stops_the_cycle_and_is_counted(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    for n in range(7):
+        rt.add(n, 10)
+    rt.fail["RemoveImage"] = RuntimeError("RemoveImage: UNKNOWN: boom")
+    loop, metrics, _ = make_loop(rt, tmp_path)
+    r = asyncio.run(loop.cycle())
+    assert r.error.startswith("remove: reg.example/app")
+    assert value(metrics, "nodeagent_image_eviction_errors_total", stage="remove") == 1
+    assert value(metrics, "nodeagent_image_evictions_total", reason="lru") == 0
+
+
+def test_broken_baked_manifest_stops_eviction(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    for n in range(7):
+        rt.add(n, 10)
+    Paths(tmp_path).baked_manifest.parent.mkdir(parents=True)
+    Paths(tmp_path).baked_manifest.write_text("[{]")
+    loop, metrics, _ = make_loop(rt, tmp_path)
+    r = asyncio.run(loop.cycle())
+    assert rt.removed == [] and r.error.startswith(
+        f"manifest: {Paths(tmp_path).baked_manifest}: not valid JSON"
+    )
+    assert value(metrics, "nodeagent_image_eviction_errors_total", stage="manifest") == 1
+
+
+def test_baked_images_are_kept(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    for n in range(7):
+        rt.add(n, 10)
+    write_baked(
+        Paths(tmp_path).baked_manifest, [BakedImage(f"reg.example/app{n}:v1", sha(9), 1) for n in range(6)]
+    )
+    loop, _, _ = make_loop(rt, tmp_path)
+    r = asyncio.run(loop.cycle())
+    assert rt.removed == [sha(6)] and r.low_unreachable
+
+
+def test_removals_are_rate_limited(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    for n in range(7):
+        rt.add(n, 10)
+    loop, _, clock = make_loop(rt, tmp_path, rate=2.0)
+    loop.bucket = TokenBucket(2.0, 1, clock, clock.sleep)
+    start = clock.t
+    asyncio.run(loop.cycle())
+    assert len(rt.removed) == 3
+    assert clock.t - start == pytest.approx(1.0)  # 1 token at once, then 2 more at 0.5 s each
+
+
+def test_token_bucket() -> None:
+    clock = Clock(0.0)
+    b = TokenBucket(1.0, 2, clock, clock.sleep)
+    waits = [asyncio.run(b.acquire()) for _ in range(4)]
+    assert waits == [0.0, 0.0, 1.0, 1.0]
+    clock.t += 10
+    assert [asyncio.run(b.acquire()) for _ in range(3)] == [0.0, 0.0, 1.0]  # burst capped at 2
+    with pytest.raises(ValueError):
+        TokenBucket(0, 1)
+
+
+def test_periodic_log_clear_without_problem_is_silent(caplog: pytest.LogCaptureFixture) -> None:
+    p = PeriodicLog(10, Clock(0.0))
+    assert p.clear("x", "cleared") is False
+    assert caplog.records == []
+
+
+def test_restart_keeps_lru_order(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    for n in range(4):
+        rt.add(n, 10)
+    clock = Clock()
+    loop, _, _ = make_loop(rt, tmp_path, clock=clock)
+    for n in (2, 0, 3, 1):  # uses in this order: 2 is now least recently used
+        clock.t += 10
+        loop.last_used.touch(f"reg.example/app{n}:v1")
+    asyncio.run(loop.cycle())
+    asyncio.run(loop.close())
+    # "restart": a new loop with the state file read back
+    for n in range(4, 7):
+        rt.add(n, 10)
+    clock.t += 10
+    lu = LastUsed(Paths(tmp_path).last_used_file, clock=clock)
+    lu.load()
+    loop2, _, _ = make_loop(rt, tmp_path, clock=clock, last_used=lu)
+    asyncio.run(loop2.cycle())
+    assert rt.removed == [sha(2), sha(0), sha(3)]
+
+
+def test_run_cycles_on_the_interval_and_right_after_a_pull(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    rt.add(0, 10)
+    loop, _, _ = make_loop(rt, tmp_path)
+    loop.interval = 3600
+
+    async def body() -> int:
+        task = asyncio.ensure_future(loop.run())
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if loop.cycles == 1:
+                break
+        await asyncio.sleep(0.05)
+        assert loop.cycles == 1  # waits for the interval...
+        loop.on_pull(object())  # ...or a pull
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if loop.cycles == 2:
+                break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return loop.cycles
+
+    assert asyncio.run(body()) == 2
