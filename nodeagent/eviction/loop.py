@@ -264,12 +264,16 @@ class EvictionLoop:
         return self._inventory
 
     # --- one cycle ----------------------------------------------------------------------------
-    async def cycle(self) -> CycleResult:
-        """Measure; at or above high, remove LRU images until at or below low. Never raises."""
+    async def cycle(self, plan: Plan | None = None) -> CycleResult:
+        """Measure; at or above high, remove LRU images until at or below low. Never raises.
+
+        ``plan``: act on this plan (from ``make_plan()``) instead of making one now.
+        """
         self.cycles += 1
         result = CycleResult()
         try:
-            await self._cycle(result)
+            p = plan if plan is not None else await self.make_plan()
+            await self._act(p, result)
         except StageError as e:
             result.error = f"{e.stage}: {e}"
             self.metrics.eviction_errors.labels(stage=e.stage).inc()
@@ -283,13 +287,18 @@ class EvictionLoop:
                     self.problems.clear(f"error:{stage}", "eviction error cleared", stage=stage)
         return result
 
-    async def _cycle(self, result: CycleResult) -> None:
+    async def make_plan(self, continuing: bool = False) -> Plan:
+        """Measure the image filesystem, read images and their users, record first-seen and in-use
+        times, and plan. Raises ``StageError``."""
         fs = await self.measure()
-        result.usage_before = result.usage_after = fs
         images = await self._list_images(fs)
         users = await self._users()
         self._record_first_seen_and_in_use(images, users)
-        p = self._plan(images, users, fs)
+        return self._plan(images, users, fs, continuing)
+
+    async def _act(self, p: Plan, result: CycleResult) -> None:
+        fs = p.usage
+        result.usage_before = result.usage_after = fs
         result.triggered = p.triggered
         if not p.triggered:
             self._pressure_over(fs)
@@ -316,9 +325,8 @@ class EvictionLoop:
             if len(result.removed) >= MAX_REMOVALS_PER_CYCLE:
                 break
             # The plan ran out (sizes are compressed sizes, layers are shared): plan again.
-            images = await self._list_images(fs)
-            users = await self._users()
-            p = self._plan(images, users, fs, continuing=True)
+            p = await self.make_plan(continuing=True)
+            fs = p.usage
             if not p.removals:
                 break
         if fs.used_bytes <= p.low_bytes:
