@@ -105,3 +105,29 @@ def test_evict_dry_run_on_a_real_node(
             return ids
 
     assert asyncio.run(after()) == before  # a dry run removes nothing
+
+
+# --- churn: a small image filesystem, 30 distinct 20 MiB images pulled one after the other --------
+def test_churn_pulls_succeed_with_the_agent_and_fail_with_enospc_without(
+    sandbox: Sandbox, registry: Registry
+) -> None:
+    from tests.integration.eviction_churn import push_churn_images, run_with_agent, run_without_agent
+
+    images = push_churn_images(sandbox, registry, count=30)
+    without = run_without_agent(sandbox, registry, images)
+    print("\n" + without.report())
+    with_agent, agent = run_with_agent(sandbox, registry, images)
+    print(with_agent.report())
+
+    # without the agent the disk fills up and pulls fail for space
+    assert without.failures, "expected ENOSPC failures without the agent"
+    assert all("no space left on device" in p.error for p in without.failures)
+    # with it every pull succeeds, and it got there by evicting
+    assert with_agent.failures == []
+    assert with_agent.evictions > 0 and with_agent.reliefs
+    metrics = agent.scrape()
+    assert f'nodeagent_image_evictions_total{{reason="lru"}} {float(with_agent.evictions)}' in metrics
+    assert "nodeagent_image_eviction_low_unreachable 0.0" in metrics
+    status = agent.status()["sections"]["eviction"]
+    assert status["recentEvictions"] and status["degraded"] is False
+    assert agent.stop() == 0
