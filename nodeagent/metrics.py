@@ -17,6 +17,11 @@ from nodeagent import __version__
 RESULTS = ("success", "not_found", "unauthorized", "rate_limited", "network", "no_space", "canceled", "other")
 
 # Image pulls take from ~100 ms (cached layers) to tens of minutes (multi-GB images on slow links).
+# Eviction label values (closed sets; nodeagent/eviction/loop.py). The one removal reason today is
+# least-recently-used; kept images are not counted here (see `nodeagent evict --dry-run`).
+EVICTION_REASONS = ("lru",)
+EVICTION_ERROR_STAGES = ("usage", "list", "manifest", "remove", "state")
+
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 
 # CRI proxy: method label values (anything else is "other") and gRPC status code names.
@@ -112,6 +117,10 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(reason=reason)
+        for stage in EVICTION_ERROR_STAGES:
+            self.eviction_errors.labels(stage=stage)
         self.eviction_low_unreachable = Gauge(
             "nodeagent_image_eviction_low_unreachable",
             "1 while the image filesystem is above the eviction low threshold and every image left is "

@@ -52,6 +52,7 @@ from nodeagent.eviction.policy import (
 )
 from nodeagent.lastused import LastUsed
 from nodeagent.log import event, get_logger
+from nodeagent.metrics import EVICTION_ERROR_STAGES as ERROR_STAGES
 from nodeagent.metrics import Metrics
 from nodeagent.paths import Paths
 
@@ -65,7 +66,6 @@ MAX_REMOVALS_PER_CYCLE = 500
 REMOVALS_PER_SECOND = 5.0
 REMOVAL_BURST = 10
 IN_USE_REFRESH = 60.0  # re-touch an in-use image's last-used time at most this often
-ERROR_STAGES = ("usage", "list", "manifest", "remove", "state")
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -130,4 +131,85 @@ def test_churn_pulls_succeed_with_the_agent_and_fail_with_enospc_without(
     assert "nodeagent_image_eviction_low_unreachable 0.0" in metrics
     status = agent.status()["sections"]["eviction"]
     assert status["recentEvictions"] and status["degraded"] is False
+    assert agent.stop() == 0
+
+
+# --- protected images stay, even when that keeps the disk above the low threshold --------------
+def test_in_use_baked_and_protected_images_are_never_removed(sandbox: Sandbox, registry: Registry) -> None:
+    from tests.integration.eviction_churn import push_churn_images, total_bytes, used_bytes
+
+    fs = sandbox.loopfs(200)
+    pause = sandbox.pause_image(registry)
+    node = sandbox.containerd(
+        [registry], pods=True, sandbox_image=pause.reference, root_dir=fs.mountpoint / "root"
+    )
+    # ~31 MiB on disk each: together (with pause) above the low threshold (40%), below high (60%)
+    mib15 = 15 << 20
+    in_use = sandbox.image(registry, "keep/in-use", layers=1, layer_size=mib15, busybox=True)
+    baked_img = sandbox.image(registry, "keep/baked", layers=1, layer_size=mib15)
+    protected = sandbox.image(registry, "keep/protected", layers=1, layer_size=mib15)
+    churn = push_churn_images(sandbox, registry, count=4)
+    agent = sandbox.nodeagent(
+        node,
+        start=False,
+        config={
+            "eviction": {
+                "highThresholdPercent": 60,
+                "lowThresholdPercent": 40,
+                "minUnusedAge": "0s",
+                "interval": "5s",
+            },
+            "images": {"protect": [f"{registry.host}/keep/prot*"]},
+        },
+    )
+    write_baked(
+        Paths(agent.root).baked_manifest,
+        [BakedImage(baked_img.reference, baked_img.manifest_digest, 0, True)],
+    )
+    agent.start()
+
+    async def body() -> tuple[list[str], list[str], object]:
+        async with CriClient(agent.proxy_endpoint) as via_agent, CriClient(node.endpoint) as direct:
+            await via_agent.pull_image(baked_img.reference)
+            await via_agent.pull_image(protected.reference)
+            await via_agent.pull_image(in_use.reference)
+            pod = await run_pod(direct, "keep", log_dir=sandbox.dir / "logs")
+            cid = await run_container(
+                direct, pod, in_use.reference, "app", ["/bin/busybox", "sleep", "600"], pull=False
+            )
+            used = used_bytes(fs.mountpoint) / total_bytes(fs.mountpoint)
+            print(f"\nprotected set in place: {used:.1%} used (low 40%, high 60%)")
+            for img in churn:
+                await via_agent.pull_image(img.reference)
+                await asyncio.sleep(0.3)
+                ratio = used_bytes(fs.mountpoint) / total_bytes(fs.mountpoint)
+                print(f"pulled {img.repository}; after eviction: {ratio:.1%} used")
+            await asyncio.sleep(0.5)
+            tags = sorted(t for i in await direct.list_images() for t in i.repo_tags)
+            running = [c.id for c in await direct.list_containers() if c.state == 1]
+            return tags, running, (pod, cid)
+
+    tags, running, (pod, cid) = asyncio.run(body())
+    for img in (in_use, baked_img, protected, pause):
+        assert img.reference in tags, img.reference
+    assert cid in running
+    metrics = agent.scrape()
+    print("\n".join(line for line in metrics.splitlines() if "evict" in line or "imagefs" in line))
+    assert "nodeagent_image_eviction_low_unreachable 1.0" in metrics
+    lines = agent.log_lines()
+    warn = [e for e in lines if e.get("msg", "").startswith("cannot reach the low threshold")]
+    assert warn and warn[0]["level"] == "warning"
+    print("log:", json.dumps(warn[0]))
+    evicted = {e["image"] for e in lines if e.get("msg") == "image evicted"}
+    assert evicted and all(e.startswith(f"{registry.host}/churn/") for e in evicted)
+    status = agent.status()["sections"]["eviction"]
+    assert status["lowUnreachable"] is True and status["degraded"] is True
+    assert status["lastPlan"]["kept"]["in_use"] >= 2 and status["lastPlan"]["kept"]["baked"] == 1
+    assert status["lastPlan"]["kept"]["protected"] == 1
+
+    async def cleanup() -> None:
+        async with CriClient(node.endpoint) as cri:
+            await remove_pod(cri, pod)  # type: ignore[arg-type]
+
+    asyncio.run(cleanup())
     assert agent.stop() == 0
