@@ -213,3 +213,116 @@ def test_in_use_baked_and_protected_images_are_never_removed(sandbox: Sandbox, r
 
     asyncio.run(cleanup())
     assert agent.stop() == 0
+
+
+# --- race: a container created between the plan and the removal keeps its image -----------------
+def test_container_created_between_plan_and_removal_keeps_its_image(
+    sandbox: Sandbox, registry: Registry, pod_node: Containerd, pause_image: PushedImage
+) -> None:
+    from nodeagent.config.model import Config, CriConfig, EvictionConfig
+    from nodeagent.eviction.loop import EvictionLoop
+    from nodeagent.metrics import Metrics
+
+    root = sandbox.dir / "agent-root"
+    imgs = [
+        sandbox.image(registry, f"race/img{i}", layers=1, layer_size=256 << 10, busybox=True)
+        for i in range(3)
+    ]
+    # thresholds 1%/0% on the (much fuller) /tmp filesystem: the plan wants every unused image gone
+    cfg = Config(
+        cri=CriConfig(endpoint=pod_node.endpoint),
+        eviction=EvictionConfig(
+            high_threshold_percent=1, low_threshold_percent=0, min_unused_age=0, imagefs_path="/"
+        ),
+    )
+    (root).mkdir()
+    last_used = LastUsed(Paths(root).last_used_file)
+    now = time.time()
+    for i, img in enumerate(imgs):
+        last_used.touch(img.reference, now - 100 + i)  # img0 is first in line
+
+    async def body() -> tuple[list[str], list[str], list[str], list[str]]:
+        loop = EvictionLoop(cfg, Paths(root), Metrics(), last_used)
+        async with CriClient(pod_node.endpoint) as cri:
+            for img in imgs:
+                await cri.pull_image(img.reference)
+            pod = await run_pod(cri, "race", log_dir=sandbox.dir / "logs")
+            plan = await loop.make_plan()
+            planned = [d.image.repo_tags[0] for d in plan.removals]
+            # between plan and removal: a pod starts a container from the first image in line
+            await run_container(
+                cri, pod, imgs[0].reference, "late", ["/bin/busybox", "sleep", "300"], pull=False
+            )
+            result = await loop.cycle(plan)
+            await loop.close()
+            kept = [d.image.repo_tags[0] for d in result.kept_now_in_use]
+            left = sorted(t for i in await cri.list_images() for t in i.repo_tags)
+            await remove_pod(cri, pod)
+            return planned, kept, [d.image.repo_tags[0] for d in result.removed], left
+
+    planned, kept, removed, left = asyncio.run(body())
+    print(f"\nplanned: {planned}\nkept (in use since the plan): {kept}\nremoved: {removed}\nleft: {left}")
+    assert planned == [img.reference for img in imgs]
+    assert kept == [imgs[0].reference]
+    assert removed == [imgs[1].reference, imgs[2].reference]
+    assert left == sorted([imgs[0].reference, pause_image.reference])
+
+
+# --- restart: the LRU order survives an agent restart --------------------------------------------
+def test_lru_order_survives_an_agent_restart(
+    sandbox: Sandbox, registry: Registry, containerd: Containerd
+) -> None:
+    # sizes a > b > c > d: without the state, the tie-break (larger first) would give a, b, c, d
+    imgs = {
+        name: sandbox.image(registry, f"lru/{name}", layers=1, layer_size=(4 - i) * (128 << 10))
+        for i, name in enumerate("abcd")
+    }
+    # first run: eviction measures an empty 16 MB filesystem, so it never triggers
+    empty = sandbox.loopfs(16)
+    agent = sandbox.nodeagent(
+        containerd,
+        start=False,
+        config={
+            "eviction": {
+                "highThresholdPercent": 60,
+                "lowThresholdPercent": 40,
+                "minUnusedAge": "0s",
+                "imagefsPath": "/imagefs",
+            }
+        },
+    )
+    agent.root.mkdir(parents=True)
+    (agent.root / "imagefs").symlink_to(empty.mountpoint)
+    agent.start()
+
+    async def use(order: str) -> None:
+        async with CriClient(agent.proxy_endpoint) as cri:
+            for name in order:
+                await cri.pull_image(imgs[name].reference)
+                await asyncio.sleep(0.05)
+            for name in "ca":  # the kubelet asking for images marks them used (ImageStatus)
+                await cri.image_status(imgs[name].reference)
+                await asyncio.sleep(0.05)
+
+    asyncio.run(use("abcd"))  # least recently used now: b, d, c, a
+    assert agent.stop() == 0
+    state = json.loads((Paths(agent.root).last_used_file).read_text())
+    assert state["version"] == 1 and state["lastUsed"]
+
+    # restart with thresholds that make it evict everything unused on the /tmp filesystem
+    agent.config["eviction"] = {
+        "highThresholdPercent": 1,
+        "lowThresholdPercent": 0,
+        "minUnusedAge": "0s",
+        "imagefsPath": "/",
+    }
+    agent.start()
+    assert agent.status()["sections"]["eviction"]["imagefsPath"] in ("", str(agent.root))
+    deadline = time.time() + 20
+    evicted: list[str] = []
+    while time.time() < deadline and len(evicted) < 4:
+        time.sleep(0.1)
+        evicted = [e["image"] for e in agent.log_lines() if e.get("msg") == "image evicted"]
+    print("\neviction order after the restart:", evicted)
+    assert evicted == [imgs[n].reference for n in "bdca"]
+    assert agent.stop() == 0
