@@ -247,6 +247,78 @@ def prefetch_images(ctx: Context) -> None:
         raise RuntimeError("second prefetch pulled again")
 
 
+def mirror_health(ctx: Context) -> None:
+    """A hung mirror (accepts TCP, never answers) first in hosts.toml: stock containerd vs nodeagent."""
+    from nodeagent.config.model import Mirror
+    from nodeagent.cri.client import CriClient
+    from nodeagent.targets.mirrors import render_hosts_toml
+
+    registry, _ = ctx.need_node()
+    hung = ctx.sb.hung_server()
+    img = ctx.images["sidecar"]
+
+    def node_with_hung_mirror() -> tuple[Containerd, Path]:
+        node = ctx.sb.containerd([])
+        path = node.hosts_dir / registry.host / "hosts.toml"
+        path.parent.mkdir(parents=True)
+        path.write_text(render_hosts_toml(registry.host, [Mirror(hung.url)]))
+        return node, path
+
+    async def pull(endpoint: str, deadline: float) -> float | None:
+        async with CriClient(endpoint) as cri:
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(cri.pull_image(img.reference), deadline)
+            except TimeoutError:
+                return None
+            return time.monotonic() - t0
+
+    stock, _ = node_with_hung_mirror()
+    ctx.say(f"hung mirror {hung.url} listed first in {registry.host}/hosts.toml")
+    took = asyncio.run(pull(stock.endpoint, 10))
+    ctx.say(
+        "stock containerd: "
+        + ("still hanging after 10 s, cancelled" if took is None else f"pulled in {took:.2f} s")
+    )
+    stock.stop()
+
+    node, path = node_with_hung_mirror()
+    agent = ctx.sb.nodeagent(
+        node,
+        start=False,
+        config={
+            "containerd": {
+                "hostsDir": "/etc/containerd/certs.d",
+                "mirrors": {registry.host: [{"endpoint": hung.url}]},
+            }
+        },
+    )
+    link = agent.root / "etc/containerd/certs.d"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(node.hosts_dir)  # the daemon's hosts dir (under its --root) is the node's
+    agent.start()
+    took = asyncio.run(pull(agent.proxy_endpoint, 60))
+    if took is None:
+        raise RuntimeError("the pull through nodeagent did not finish")
+    line: dict[str, Any] = {}
+    for _ in range(100):  # the per-pull log line is written just after the pull returns
+        line = next((x for x in agent.log_lines() if x.get("image") == img.reference), {})
+        if line:
+            break
+        time.sleep(0.05)
+    ctx.say(
+        f"with nodeagent run (default mirrorHealth settings): pulled in {took:.2f} s through the proxy, "
+        f"retried once ({line.get('retry_reason', 'no retry logged')})"
+    )
+    hosts = [x for x in path.read_text().splitlines() if x.startswith("[host.")]
+    ctx.say(f"{registry.host}/hosts.toml now lists {hosts or 'no mirror: containerd goes to the registry'}")
+    for m in agent.scrape().splitlines():
+        if m.startswith(("nodeagent_mirror_up{", "nodeagent_mirror_failovers_total{")):
+            ctx.say(m)
+    agent.stop()
+    node.stop()
+
+
 Step = Callable[[Context], None]
 STEPS: list[tuple[str, Step]] = [
     ("Start a sandbox node: containerd + local registry", start_sandbox_node),
@@ -256,6 +328,7 @@ STEPS: list[tuple[str, Step]] = [
     ("EKS: node-group settings from user-data through (fake) IMDSv2, nodeagent apply", eks_user_data),
     ("nodeagent prefetch: images on disk before the first pod", prefetch_images),
     ("Pull, list, inspect and remove an image through nodeagent's CRI client", cri_round_trip),
+    ("Mirror health: a hung mirror costs seconds, not minutes", mirror_health),
 ]
 
 
