@@ -139,3 +139,9 @@ def test_prefetch_is_bounded_by_its_budget() -> None:
     timeout = int(svc["TimeoutStartSec"])
     budget = ImagesConfig().prefetch_budget
     assert budget < timeout <= budget + 120, "the unit's backstop must sit just above the default budget"
+
+
+def test_apply_is_not_ordered_before_containerd() -> None:
+    """apply may run `systemctl restart containerd` (generic flavor): that job must not wait for apply."""
+    apply = _unit(REPO / "systemd/nodeagent-apply.service")["Unit"]
+    assert "containerd.service" not in apply["Before"].split()
