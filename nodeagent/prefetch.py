@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -418,12 +419,24 @@ class TtyProgress:
         return f"{mark} {o.image}  {what}"
 
     def _draw(self) -> None:
+        cols, rows = shutil.get_terminal_size((120, 40))
+        width = max(20, cols - 1)  # a wrapped line would break the redraw
+        outcomes = self._outcomes
+        budget = max(3, rows - 2)
+        lines: list[str]
+        if len(outcomes) <= budget:
+            lines = [self._text(o) for o in outcomes]
+        else:  # more images than rows: the ones still in progress, then a count of the rest
+            busy = [o for o in outcomes if o.result == PENDING]
+            done = len(outcomes) - len(busy)
+            shown = busy[: budget - 1]
+            lines = [self._text(o) for o in shown]
+            lines.append(f"  ... {done} done, {len(busy) - len(shown)} more in progress or waiting")
         out = []
         if self._drawn:
             out.append(f"\x1b[{self._drawn}F")  # back to the first line of the view
-        width = 200
-        for o in self._outcomes:
-            out.append("\x1b[2K" + self._text(o)[:width] + "\n")
-        self._drawn = len(self._outcomes)
+        out.extend("\x1b[2K" + line[:width] + "\n" for line in lines)
+        out.append("\x1b[J")  # clear anything left below from a taller view
+        self._drawn = len(lines)
         self.stream.write("".join(out))
         self.stream.flush()

@@ -189,3 +189,43 @@ def test_prefetch_without_credentials_fails_unauthorized(
     r = run_prefetch(root)
     assert r.returncode == 1
     assert "FAILED unauthorized (required)" in r.stdout, r.stdout
+
+
+def test_prefetch_on_a_terminal_draws_a_live_view(
+    sandbox: Sandbox, registry: Registry, image_factory: Callable[..., PushedImage], tmp_path: Path
+) -> None:
+    import pty
+
+    imgs = [image_factory(layers=1, layer_size=64 << 10) for _ in range(2)]
+    node = sandbox.containerd([registry])
+    root = tmp_path / "root"
+    write_node_root(root, node, [{"image": i.reference} for i in imgs])
+    leader, follower = pty.openpty()
+    try:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "nodeagent", "prefetch", "--root", str(root)],
+            stdout=follower,
+            stderr=follower,
+            env=dict(os.environ, NODEAGENT_IMDS="off"),
+        )
+        os.close(follower)
+        follower = -1
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert p.wait(timeout=120) == 0
+    finally:
+        os.close(leader)
+        if follower != -1:
+            os.close(follower)
+    out = b"".join(chunks).decode()
+    assert "\x1b[2F" in out  # redrawn in place over the 2-line view
+    for i in imgs:
+        assert f"✓ {i.reference}  pulled sha256:" in out
+    assert "prefetch: 2 image(s): 2 pulled in " in out

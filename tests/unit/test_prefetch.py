@@ -238,3 +238,19 @@ def test_tty_progress_redraws_one_line_per_image() -> None:
 )
 def test_pick_digest(image: str, repo_digests: list[str], want: str) -> None:
     assert pick_digest(image, repo_digests) == want
+
+
+def test_tty_progress_fits_many_images_into_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=(0, 0): os.terminal_size((80, 10)))
+    out = io.StringIO()
+    p = TtyProgress(out)
+    outcomes = [ImageOutcome(f"r.io/img{i}:1") for i in range(30)]
+    for o in outcomes[:25]:
+        o.result = "pulled"
+    p.start(outcomes)
+    frame = out.getvalue()
+    assert frame.count("\n") == 6  # 5 still pending + the count line, within 10 rows
+    assert "... 25 done, 0 more in progress or waiting" in frame
+    assert all(len(line) <= 79 + len("\x1b[2K") for line in frame.split("\n"))
