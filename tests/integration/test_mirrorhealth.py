@@ -228,6 +228,14 @@ def test_slow_but_alive_mirror_stays_in_use(
     assert path.read_bytes() == before
     st = health_status(agent)["mirrors"][0]
     assert st["state"] == "up" and st["transitions"] == 0 and st["lastProbe"]["alive"] is True
+    scrape = agent.scrape()
+    assert f'nodeagent_mirror_up{{mirror="{slow.url}",registry="{registry.host}"}} 1.0' in scrape
+    assert (
+        f'nodeagent_mirror_probe_duration_seconds_count{{mirror="{slow.url}",registry="{registry.host}"}}'
+        in scrape
+    )
+    lint = proc.run(["promtool", "check", "metrics"], stdin=scrape.encode(), timeout=30, check=False)
+    assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
 
 
 def failovers(agent: NodeAgent, registry: str, mirror: str, direction: str) -> float:
