@@ -145,8 +145,8 @@ class Metrics:
         # --- mirror health (nodeagent/mirrorhealth); mirror label values come from operator config ---
         self.mirror_up = Gauge(
             "nodeagent_mirror_up",
-            "1 while the mirror passes its health probes and is in its registry's hosts.toml, 0 while "
-            "nodeagent keeps it out",
+            "1 while the mirror passes its health probes, 0 while it is down (and kept out of its "
+            "registry's hosts.toml when nodeagent owns that file)",
             ["registry", "mirror"],
             registry=r,
         )

@@ -169,13 +169,18 @@ class MirrorHealth:
             )
         new = e.state.observe(result.alive, now)
         if new is None:
-            if e.registry in self._write_failed:
-                self._rewrite(e.registry)  # retry a write that failed earlier
+            # retry a write that failed earlier; pulls waiting on this registry go again once it lands
+            if (
+                e.registry in self._write_failed
+                and self._rewrite(e.registry)
+                and any(x.state.health is Health.DOWN for x in self._registries[e.registry])
+            ):
+                self._wake(e.registry)
             return None
         e.last_change_wall = self._wall()
         changed = self._rewrite(e.registry)
         self._set_up_metric(e)
-        if self.metrics is not None:
+        if self.metrics is not None and changed:
             self.metrics.mirror_failovers.labels(e.registry, e.label, new.value).inc()
         event(
             log,

@@ -167,7 +167,8 @@ def test_hosts_toml_not_owned_is_never_written_and_pulls_are_not_disturbed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     w = FakeWriter({"docker.io": (A.endpoint,)}, owned=False)
-    mh, net, _ = make(writer=w)
+    metrics = Metrics()
+    mh, net, _ = make(writer=w, metrics=metrics)
     net.alive[A.endpoint] = False
 
     async def go() -> bool:
@@ -182,6 +183,11 @@ def test_hosts_toml_not_owned_is_never_written_and_pulls_are_not_disturbed(
         fired = asyncio.run(go())
     assert w.writes == [] and not fired
     assert mh.status()["mirrors"][0]["state"] == "down"
+    assert sample(metrics, "nodeagent_mirror_up", registry="docker.io", mirror=A.endpoint) == 0
+    # no rewrite happened, so no fail-over is counted
+    assert not sample(
+        metrics, "nodeagent_mirror_failovers_total", registry="docker.io", mirror=A.endpoint, direction="down"
+    )
     assert any("not owned" in r.getMessage() for r in caplog.records)
 
 
@@ -205,10 +211,20 @@ def test_write_failure_is_retried_on_the_next_probe() -> None:
     w = Flaky({"docker.io": (A.endpoint, B.endpoint)})
     mh, net, _ = make(writer=w)
     net.alive[A.endpoint] = False
-    rounds(mh, net, 3)
-    assert w.writes == []
-    w.fail = False
-    rounds(mh, net, 1)
+
+    async def go() -> bool:
+        with mh.watch("docker.io") as ev:
+            assert ev is not None
+            for _ in range(3):
+                for e in mh._mirrors:
+                    await mh.probe_once(e)
+            assert w.writes == [] and not ev.is_set()  # nothing changed on disk: a retry would not help
+            w.fail = False
+            for e in mh._mirrors:
+                await mh.probe_once(e)
+            return ev.is_set()
+
+    assert asyncio.run(go()) is True  # the write landed: waiting pulls go again
     assert w.writes == [("docker.io", (B.endpoint,))]
 
 
