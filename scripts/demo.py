@@ -162,6 +162,36 @@ def validate_config(ctx: Context) -> None:
         raise RuntimeError(f"validate on a broken config exited {r.returncode}, expected 2")
 
 
+def apply_generic(ctx: Context) -> None:
+    """nodeagent apply on a generic node's tree: dry-run diff, write, then a second run changes nothing."""
+    registry, _ = ctx.need_node()
+    assert ctx.config_path is not None
+    root = ctx.sb.dir / "generic-node"  # a plain (non-EKS) node's tree with a stock containerd config
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_text(
+        (REPO / "tests/data/containerd-1.6-config-default.toml").read_text()
+    )
+    (root / "etc/nodeagent").mkdir(parents=True)
+    (root / "etc/nodeagent/config.yaml").write_text(
+        "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\n"
+        "containerd:\n  restartCommand: []   # the demo's containerd is not this tree's\n"
+        f"  mirrors:\n    docker.io:\n      - endpoint: {registry.url}\n        dialTimeout: 500ms\n"
+    )
+    ctx.say(
+        "stock `containerd config default` (1.6) + a docker.io mirror; first a dry run (diff, no writes):"
+    )
+    ctx.nodeagent("apply", "--root", str(root), "--flavor", "generic", "--dry-run")
+    if (root / "etc/kubernetes").exists():
+        raise RuntimeError("--dry-run wrote files")
+    ctx.nodeagent("apply", "--root", str(root), "--flavor", "generic", check=False)
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "nodeagent" not in p.parts):
+        ctx.say(f"  {f.relative_to(root)}")
+    ctx.say("again, same input:")
+    again = ctx.nodeagent("apply", "--root", str(root), "--flavor", "generic")
+    if b"nothing to change" not in again.stdout:
+        raise RuntimeError("the second apply changed files")
+
+
 def cri_round_trip(ctx: Context) -> None:
     from nodeagent.cri.client import CriClient
 
@@ -325,6 +355,7 @@ STEPS: list[tuple[str, Step]] = [
     ("Push test images to the local registry", push_images),
     ("Write nodeagent's config for this node", write_config),
     ("nodeagent validate", validate_config),
+    ("nodeagent apply (generic): kubelet drop-in, containerd config patch, hosts.toml", apply_generic),
     ("EKS: node-group settings from user-data through (fake) IMDSv2, nodeagent apply", eks_user_data),
     ("nodeagent prefetch: images on disk before the first pod", prefetch_images),
     ("Pull, list, inspect and remove an image through nodeagent's CRI client", cri_round_trip),
