@@ -161,7 +161,7 @@ class Prefetcher:
         for o in outcomes:
             if o.result == PENDING:
                 o.result, o.error = "canceled", BUDGET_SPENT
-            if o.error == BUDGET_SPENT:
+            if o.error.endswith(BUDGET_SPENT):
                 budget_spent = True
         report = PrefetchReport(outcomes, self._clock() - start, budget_spent)
         self.progress.finish(report)
@@ -208,7 +208,7 @@ class Prefetcher:
         for attempt in range(1, self.retry.attempts + 1):
             remaining = self.remaining()
             if remaining <= 0:
-                o.result, o.error = "canceled", BUDGET_SPENT
+                self._out_of_budget(o)
                 return
             o.attempts = attempt
             self.progress.update(o, "pulling", f"attempt {attempt}" if attempt > 1 else "")
@@ -233,7 +233,7 @@ class Prefetcher:
                     return
                 delay = min(self.retry.delay(result, attempt - 1, self._rng), self.remaining())
                 if delay <= 0:
-                    o.result, o.error = "canceled", BUDGET_SPENT
+                    self._out_of_budget(o)
                     return
                 self.progress.update(o, "retrying", f"{result}: retry in {delay:.1f}s")
                 await self._sleep(delay)
@@ -247,6 +247,14 @@ class Prefetcher:
                 self._fill(o, status.image)
             o.result = PULLED
             return
+
+    @staticmethod
+    def _out_of_budget(o: ImageOutcome) -> None:
+        """No time left for (another) attempt: keep the last failure's class, say why it stopped."""
+        if o.result == PENDING:
+            o.result, o.error = "canceled", BUDGET_SPENT
+        else:
+            o.error = f"{o.error}; {BUDGET_SPENT}" if o.error else BUDGET_SPENT
 
     async def _auth(self, o: ImageOutcome) -> Auth | None:
         if self.credentials is None:

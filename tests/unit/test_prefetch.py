@@ -254,3 +254,23 @@ def test_tty_progress_fits_many_images_into_the_terminal(monkeypatch: pytest.Mon
     assert frame.count("\n") == 6  # 5 still pending + the count line, within 10 rows
     assert "... 25 done, 0 more in progress or waiting" in frame
     assert all(len(line) <= 79 + len("\x1b[2K") for line in frame.split("\n"))
+
+
+def test_running_out_of_budget_while_retrying_keeps_the_failure_class() -> None:
+    clock = FakeClock()
+    cri = FakeCri(fail={"r.io/net:1": [(grpc.StatusCode.UNKNOWN, "connection refused")] * 10})
+    pf = Prefetcher(
+        cri,
+        images("r.io/net:1"),
+        budget=3.0,
+        retry=PullRetry(attempts=10, base=1.0),
+        clock=clock,
+        sleep=clock.sleep,
+        rng=lambda: 1.0,
+    )
+    report = run(pf)
+    (o,) = report.outcomes
+    assert o.result == "network"
+    assert o.error == f"connection refused; {BUDGET_SPENT}"
+    assert report.budget_spent
+    assert sum(clock.sleeps) <= 3.0  # never slept past the budget
