@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(containerd docker-registry skopeo crun busybox-static packer prometheus shellcheck
-              apache2-utils iproute2 util-linux mount e2fsprogs procps systemd python3 python3-venv python3-pip)
+              apache2-utils iproute2 util-linux mount e2fsprogs procps systemd python3 python3-venv python3-pip
+              openssl)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
