@@ -345,3 +345,17 @@ def test_from_config_is_none_without_mirrors_or_when_disabled(tmp_path) -> None:
     on = Config(containerd=ContainerdConfig(mirrors=(("docker.io", (A,)),)))
     mh = from_config(on, Paths(tmp_path))
     assert mh is not None and mh.status()["mirrors"][0]["mirror"] == A.endpoint
+
+
+def test_nodeagent_run_wires_mirror_health_into_the_daemon(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nodeagent.commands.run import build_daemon
+    from nodeagent.config.model import Config, ContainerdConfig
+    from nodeagent.paths import Paths
+
+    with_mirrors = Config(containerd=ContainerdConfig(mirrors=(("docker.io", (A,)),)))
+    d = build_daemon(with_mirrors, Paths(tmp_path))
+    assert "mirrorhealth" in d._workers and "mirrorHealth" in d._status_hooks
+    assert d._pull_wrapper is not None
+    assert d.status()["sections"]["mirrorHealth"]["mirrors"][0]["mirror"] == A.endpoint
+    plain = build_daemon(Config(), Paths(tmp_path))
+    assert "mirrorhealth" not in plain._workers and plain._pull_wrapper is None
