@@ -349,6 +349,31 @@ def mirror_health(ctx: Context) -> None:
     node.stop()
 
 
+def eviction(ctx: Context) -> None:
+    """A 200 MB image filesystem and 20 MiB images pulled one after the other through nodeagent run:
+    the eviction loop removes the least recently used ones so that no pull fails for space."""
+    from tests.integration.eviction_churn import push_churn_images, run_with_agent
+
+    registry, _ = ctx.need_node()
+    images = push_churn_images(ctx.sb, registry, count=8)
+    ctx.say("8 distinct 20 MiB images; containerd's image store on a loop-mounted 200 MB ext4;")
+    ctx.say("nodeagent run with eviction thresholds 60% / 40%, minUnusedAge 0s:")
+    run, agent = run_with_agent(ctx.sb, registry, images)
+    ctx.say(run.report())
+    for e in run.log:
+        if e.get("msg") == "image evicted":
+            ctx.say(f"log: image evicted {e['image']} (freed {human_bytes(e['freed_bytes'])})")
+            break
+    for m in agent.scrape().splitlines():
+        if m.startswith(("nodeagent_image_evict", "nodeagent_imagefs_used_ratio")) and "_created" not in m:
+            ctx.say(m)
+    ctx.say("what the policy would do now, and why, for every image:")
+    ctx.nodeagent("evict", "--dry-run", "-c", str(agent.config_path), "--root", str(agent.root))
+    agent.stop()
+    if run.failures or not run.evictions:
+        raise RuntimeError(f"{len(run.failures)} pull(s) failed, {run.evictions} eviction(s)")
+
+
 Step = Callable[[Context], None]
 STEPS: list[tuple[str, Step]] = [
     ("Start a sandbox node: containerd + local registry", start_sandbox_node),
@@ -360,6 +385,7 @@ STEPS: list[tuple[str, Step]] = [
     ("nodeagent prefetch: images on disk before the first pod", prefetch_images),
     ("Pull, list, inspect and remove an image through nodeagent's CRI client", cri_round_trip),
     ("Mirror health: a hung mirror costs seconds, not minutes", mirror_health),
+    ("Eviction: pulls into a nearly full image filesystem keep succeeding", eviction),
 ]
 
 
