@@ -70,11 +70,22 @@ class Inventory:
             sid = str(sb.id)
             image = self._sandbox_images.get(sid)
             if image is None:
-                image = sandbox_image_from_status(await self.cri.pod_sandbox_status(sid, verbose=True))
+                try:
+                    resp = await self.cri.pod_sandbox_status(sid, verbose=True)
+                except Exception as e:
+                    if _is_not_found(e):
+                        continue  # removed since ListPodSandbox: it uses nothing any more
+                    raise  # unknown sandbox image: better no eviction than losing it
+                image = sandbox_image_from_status(resp)
             seen[sid] = image
             if image:
                 containers.append(
                     Container(sid, image=image, running=sb.state == SANDBOX_READY, kind="sandbox")
                 )
-        self._sandbox_images = {k: v for k, v in seen.items() if v}  # forget removed sandboxes
+        self._sandbox_images = seen  # forget removed sandboxes
         return containers
+
+
+def _is_not_found(e: BaseException) -> bool:
+    code = getattr(e, "code", None)
+    return getattr(code, "name", None) == "NOT_FOUND"
