@@ -20,7 +20,7 @@ RESULTS = ("success", "not_found", "unauthorized", "rate_limited", "network", "n
 # Eviction label values (closed sets; nodeagent/eviction/loop.py). The one removal reason today is
 # least-recently-used; kept images are not counted here (see `nodeagent evict --dry-run`).
 EVICTION_REASONS = ("lru",)
-EVICTION_ERROR_STAGES = ("usage", "list", "manifest", "remove", "state")
+EVICTION_ERROR_STAGES = ("usage", "list", "manifest", "remove", "state", "internal")
 
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 
@@ -113,7 +113,7 @@ class Metrics:
         )
         self.eviction_errors = Counter(
             "nodeagent_image_eviction_errors",
-            "Eviction cycles that failed, by stage (usage, list, manifest, remove, state)",
+            "Eviction cycles that failed, by stage (usage, list, manifest, remove, state, internal)",
             ["stage"],
             registry=r,
         )

@@ -278,6 +278,11 @@ class EvictionLoop:
             result.error = f"{e.stage}: {e}"
             self.metrics.eviction_errors.labels(stage=e.stage).inc()
             self.problems.problem(f"error:{e.stage}", "eviction error", str(e), stage=e.stage)
+        except Exception as e:  # a bug must not kill the loop either; it is counted and logged
+            result.error = f"internal: {type(e).__name__}: {e}"
+            self.metrics.eviction_errors.labels(stage="internal").inc()
+            if self.problems.problem("error:internal", "eviction error", result.error, stage="internal"):
+                log.exception("eviction cycle failed")
         finally:
             self.last_cycle_at = self._clock()
             self._save_last_used()

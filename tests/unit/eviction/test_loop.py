@@ -431,3 +431,21 @@ def test_run_cycles_on_the_interval_and_right_after_a_pull(tmp_path: Path) -> No
         return loop.cycles
 
     assert asyncio.run(body()) == 2
+
+
+def test_an_unexpected_error_is_counted_and_the_loop_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = FakeRuntime()
+    rt.add(0, 80)
+    loop, metrics, _ = make_loop(rt, tmp_path)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(loop, "_plan", broken)
+    r = asyncio.run(loop.cycle())
+    assert r.error == "internal: KeyError: 'surprise'"
+    assert value(metrics, "nodeagent_image_eviction_errors_total", stage="internal") == 1
+    monkeypatch.undo()
+    assert asyncio.run(loop.cycle()).error == ""
