@@ -181,7 +181,10 @@ def test_in_use_baked_and_protected_images_are_never_removed(sandbox: Sandbox, r
             print(f"\nprotected set in place: {used:.1%} used (low 40%, high 60%)")
             for img in churn:
                 await via_agent.pull_image(img.reference)
-                await asyncio.sleep(0.3)
+                for _ in range(100):  # the eviction the pull triggered (well under a second)
+                    if used_bytes(fs.mountpoint) < 0.6 * total_bytes(fs.mountpoint):
+                        break
+                    await asyncio.sleep(0.1)
                 ratio = used_bytes(fs.mountpoint) / total_bytes(fs.mountpoint)
                 print(f"pulled {img.repository}; after eviction: {ratio:.1%} used")
             await asyncio.sleep(0.5)
