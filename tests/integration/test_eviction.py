@@ -129,6 +129,8 @@ def test_churn_pulls_succeed_with_the_agent_and_fail_with_enospc_without(
     metrics = agent.scrape()
     assert f'nodeagent_image_evictions_total{{reason="lru"}} {float(with_agent.evictions)}' in metrics
     assert "nodeagent_image_eviction_low_unreachable 0.0" in metrics
+    lint = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
     status = agent.status()["sections"]["eviction"]
     assert status["recentEvictions"] and status["degraded"] is False
     assert agent.stop() == 0
