@@ -66,6 +66,7 @@ MAX_REMOVALS_PER_CYCLE = 500
 REMOVALS_PER_SECOND = 5.0
 REMOVAL_BURST = 10
 IN_USE_REFRESH = 60.0  # re-touch an in-use image's last-used time at most this often
+DEGRADED_AFTER = 300.0  # a problem (error, low unreachable) lasting this long makes the status degraded
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -550,10 +551,10 @@ class EvictionLoop:
         """The ``eviction`` section of the daemon status file."""
         fs = self.last_usage
         problems = self.problems.snapshot()
-        persistent_error = any(
-            k.startswith("error:") and v["persistingSeconds"] >= max(300.0, 3 * self.interval)
-            for k, v in problems.items()
-        )
+        # Degraded (``nodeagent status`` exits 1) only when it lasts: a pull burst of new images
+        # makes low unreachable for up to minUnusedAge, and one failed cycle is not an outage.
+        lasting = max(DEGRADED_AFTER, 3 * self.interval)
+        degraded = any(v["persistingSeconds"] >= lasting for v in problems.values())
         return {
             "imagefsPath": str(self._imagefs or ""),
             "usedBytes": None if fs is None else fs.used_bytes,
@@ -568,5 +569,5 @@ class EvictionLoop:
             "lastReliefSeconds": self.last_relief_seconds,
             "recentEvictions": list(self.recent),
             "problems": problems,
-            "degraded": self.low_unreachable or persistent_error,
+            "degraded": degraded,
         }

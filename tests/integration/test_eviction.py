@@ -208,7 +208,8 @@ def test_in_use_baked_and_protected_images_are_never_removed(sandbox: Sandbox, r
     evicted = {e["image"] for e in lines if e.get("msg") == "image evicted"}
     assert evicted and all(e.startswith(f"{registry.host}/churn/") for e in evicted)
     status = agent.status()["sections"]["eviction"]
-    assert status["lowUnreachable"] is True and status["degraded"] is True
+    assert status["lowUnreachable"] is True
+    assert status["degraded"] is False  # becomes true when it lasts 5 minutes (unit-tested)
     assert status["lastPlan"]["kept"]["in_use"] >= 2 and status["lastPlan"]["kept"]["baked"] == 1
     assert status["lastPlan"]["kept"]["protected"] == 1
 

@@ -257,7 +257,8 @@ def test_everything_protected_says_so_once_per_period(
     r = asyncio.run(loop.cycle())
     assert r.low_unreachable and rt.removed == []
     assert value(metrics, "nodeagent_image_eviction_low_unreachable") == 1
-    assert loop.status()["degraded"] is True
+    assert loop.status()["lowUnreachable"] is True
+    assert loop.status()["degraded"] is False  # not for long enough yet
     assert loop.status()["lastPlan"]["kept"] == {"in_use": 1, "pinned": 1, "protected": 1}
     warn = (
         "cannot reach the low threshold: every image left is in use, pinned, baked, protected or too recent"
@@ -266,7 +267,9 @@ def test_everything_protected_says_so_once_per_period(
     clock.t += 60
     asyncio.run(loop.cycle())
     assert [m for m, _ in messages(caplog)].count(warn) == 1  # not again within the period
-    clock.t += 600
+    clock.t += 240
+    assert loop.status()["degraded"] is True  # 5 minutes above low with nothing removable
+    clock.t += 360
     asyncio.run(loop.cycle())
     repeats = [f for m, f in messages(caplog) if m == warn]
     assert len(repeats) == 2 and repeats[1]["persisting_seconds"] == 660 and repeats[1]["occurrences"] == 3
@@ -274,6 +277,7 @@ def test_everything_protected_says_so_once_per_period(
     rt.containers.clear()
     asyncio.run(loop.cycle())
     assert rt.removed == [sha(1)]
+    assert loop.status()["degraded"] is False
     assert value(metrics, "nodeagent_image_eviction_low_unreachable") == 0
     assert "low threshold reachable again" in [m for m, _ in messages(caplog)]
 
