@@ -229,3 +229,26 @@ def test_prefetch_on_a_terminal_draws_a_live_view(
     for i in imgs:
         assert f"✓ {i.reference}  pulled sha256:" in out
     assert "prefetch: 2 image(s): 2 pulled in " in out
+
+
+def test_prefetch_uses_docker_config_auths(
+    sandbox: Sandbox,
+    registry_factory: Callable[..., Registry],
+    image_factory: Callable[..., PushedImage],
+    tmp_path: Path,
+) -> None:
+    import base64
+
+    auth_reg = registry_factory(auth=(USER, PASSWORD))
+    private = image_factory(layers=1, layer_size=64 << 10, to=auth_reg)
+    node = sandbox.containerd([auth_reg])
+    root = tmp_path / "root"
+    write_node_root(root, node, [{"image": private.reference, "required": True}])
+    docker_cfg = root / "var/lib/kubelet/config.json"  # images.dockerConfig default, under --root
+    docker_cfg.parent.mkdir(parents=True)
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    docker_cfg.write_text(json.dumps({"auths": {auth_reg.host: {"auth": token}}}))
+    r = run_prefetch(root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert summary_rows(r.stdout)[private.reference][-1] == "pulled"
+    assert PASSWORD not in r.stdout + r.stderr and token not in r.stdout + r.stderr
