@@ -17,7 +17,9 @@ session-scoped (shared; do not mutate, push images under your own repository nam
 function-scoped (private to one test):
     sandbox           Sandbox: ``.registry(**kw)``, ``.image(reg, **build)``, ``.containerd(regs, **kw)``,
                       ``.pod_node(reg)``, ``.loopfs(size_mb)``, ``.hung_server()``, ``.refused_port()``,
-                      ``.throttle_proxy(upstream, rate)``, ``.callback(fn)``, ``.dir``
+                      ``.throttle_proxy(upstream, rate)``, ``.nodeagent(node, config=...)`` (``nodeagent
+                      run`` as a real process: ``.proxy_endpoint``, ``.scrape()``, ``.status()``),
+                      ``.callback(fn)``, ``.dir``
     containerd        a started Containerd knowing ``registry`` (``.endpoint``, ``.root``, ``.hosts_dir``,
                       ``.config_path``, ``.log_path``, ``.stop()``, ``.kill()``, ``.start()``,
                       ``.write_hosts_toml(host, server, mirrors)``)
