@@ -17,12 +17,9 @@ version 2 config, which containerd 1.6+ and 2.x both read.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from typing import Any
-
-import tomlkit
-from tomlkit.exceptions import TOMLKitError
-from tomlkit.items import AoT, Item, Table
 
 from nodeagent.config.model import Config
 from nodeagent.facts import NodeFacts
@@ -52,6 +49,8 @@ def values(config: Config, facts: NodeFacts) -> Values:
 
 
 def _indent_of(table: Any) -> str | None:
+    from tomlkit.items import AoT, Item, Table
+
     for k, item in table.value.body:
         if k is not None and isinstance(item, Item) and not isinstance(item, Table | AoT):
             indent: str = item.trivia.indent
@@ -61,6 +60,8 @@ def _indent_of(table: Any) -> str | None:
 
 def _set(table: Any, key: str, value: Any) -> bool:
     """Set ``table[key] = value`` keeping the rest byte-for-byte; False if it already held it."""
+    from tomlkit.items import Item
+
     if key in table:
         cur = table[key]
         if type(cur.unwrap() if isinstance(cur, Item) else cur) is type(value) and cur == value:
@@ -79,6 +80,8 @@ def _table(container: Any, *keys: str) -> Any:
     t = container
     for i, k in enumerate(keys):
         if k not in t:
+            import tomlkit
+
             t.add(k, tomlkit.table(is_super_table=i < len(keys) - 1))
         t = t[k]
         if not isinstance(t, dict):
@@ -143,18 +146,44 @@ class Patched:
     warnings: list[str]
 
 
+def _wanted(doc: Any, version: int, v: Values, legacy: list[str]) -> list[tuple[tuple[str, ...], Any]]:
+    """(key path, value) of every setting we own, given what the document holds now."""
+    keys = image_table_keys(version)
+    out: list[tuple[tuple[str, ...], Any]] = [
+        ((*keys, "max_concurrent_downloads"), v.max_concurrent_downloads),
+        ((*keys, "image_pull_progress_timeout"), v.image_pull_progress_timeout),
+    ]
+    if version >= 3:
+        out.append((("plugins", V3_TRANSFER, "max_concurrent_downloads"), v.max_concurrent_downloads))
+    if not legacy:
+        current = _get(doc, *keys, "registry", "config_path")
+        out.append(((*keys, "registry", "config_path"), merged_config_path(str(current or ""), v.hosts_dir)))
+    return out
+
+
+def _holds(doc: Any, path: tuple[str, ...], value: Any) -> bool:
+    cur = _get(doc, *path)  # a tomllib document: plain Python values
+    return type(cur) is type(value) and bool(cur == value)
+
+
 def patch(text: str | None, v: Values, *, spegel: list[str] | None = None) -> Patched:
-    """Patch containerd config text (None: no file yet) with our values; pure."""
-    warnings: list[str] = []
+    """Patch containerd config text (None: no file yet) with our values; pure.
+
+    The file is read with tomllib first; when it already holds every value (each boot after the
+    first), it is returned as it is without loading tomlkit at all.
+    """
     if text is None or not text.strip():
-        doc = tomlkit.document()
+        import tomlkit
+
+        doc: Any = tomlkit.document()
         doc.add(tomlkit.comment(owned_header("containerd config").strip()[2:]))
         doc.add("version", 2)
         version = 2
+        text = None
     else:
         try:
-            doc = tomlkit.parse(text)
-        except TOMLKitError as e:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
             raise TargetError(f"not valid TOML: {e}") from None
         version = detect_version(doc)
         if version not in (2, 3):
@@ -162,25 +191,26 @@ def patch(text: str | None, v: Values, *, spegel: list[str] | None = None) -> Pa
                 f"version = {version}: only containerd config versions 2 and 3 are supported "
                 "(run `containerd config migrate` first)"
             )
-    where = ".".join(image_table_keys(version)[1:])
-    images = _table(doc, *image_table_keys(version))
-    _set(images, "max_concurrent_downloads", v.max_concurrent_downloads)
-    _set(images, "image_pull_progress_timeout", v.image_pull_progress_timeout)
-    if version >= 3:
-        _set(_table(doc, "plugins", V3_TRANSFER), "max_concurrent_downloads", v.max_concurrent_downloads)
+    keys = image_table_keys(version)
+    where = ".".join(keys[1:])
     legacy = legacy_registry_settings(doc, version)
-    reg = _get(doc, *image_table_keys(version), "registry")
-    current_path = str(reg.get("config_path", "")) if isinstance(reg, dict) else ""
+    wanted = _wanted(doc, version, v, legacy)
+    if text is None or not all(_holds(doc, path, value) for path, value in wanted):
+        import tomlkit
+
+        if text is not None:
+            doc = tomlkit.parse(text)
+        for path, value in wanted:
+            _set(_table(doc, *path[:-1]), path[-1], value)
+        text = tomlkit.dumps(doc)
+    warnings: list[str] = []
     if legacy:
         warnings.append(
             f"containerd config sets deprecated {' and '.join(legacy)} under plugins.{where}; containerd "
             "refuses config_path together with them, so config_path was not set: move those mirrors "
             "to containerd.mirrors in the nodeagent config"
         )
-        config_path = current_path
-    else:
-        config_path = merged_config_path(current_path, v.hosts_dir)
-        _set(_table(doc, *image_table_keys(version), "registry"), "config_path", config_path)
+    config_path = str(_get(doc, *keys, "registry", "config_path") or "")
     if not config_path:
         warnings.append(
             f"containerd config has no plugins.{where}.registry.config_path: "
@@ -191,11 +221,13 @@ def patch(text: str | None, v: Values, *, spegel: list[str] | None = None) -> Pa
             "containerd discard_unpacked_layers = true together with a Spegel mirror "
             f"({spegel[0]}): layers are dropped after unpacking, so Spegel has nothing to serve"
         )
-    return Patched(tomlkit.dumps(doc), version, config_path, warnings)
+    return Patched(text, version, config_path, warnings)
 
 
 def fragment(version: int, v: Values, config_path: str | None = None) -> str:
     """A TOML fragment carrying only our settings (for nodeadm's ``spec.containerd.config``)."""
+    import tomlkit
+
     doc = tomlkit.document()
     keys = image_table_keys(version)
     images = _table(doc, *keys)

@@ -14,9 +14,9 @@ one, version 2 is assumed and a warning says so.
 
 from __future__ import annotations
 
+import tomllib
 from typing import Any
 
-import tomlkit
 import yaml
 
 from nodeagent.config.model import Config
@@ -51,10 +51,10 @@ def containerd_version(facts: NodeFacts) -> tuple[int, str | None]:
     text = facts.containerd_config
     if text:
         try:
-            v = tomlkit.parse(text).get("version", 1)
+            v = tomllib.loads(text).get("version", 1)
             if v in (2, 3):
                 return int(v), None
-        except Exception:  # noqa: S110 - an unreadable file falls through to the assumption below
+        except tomllib.TOMLDecodeError:
             pass
     return 2, (
         f"{facts.paths.containerd_config}: no containerd config version 2 or 3 found; assumed version 2 "
