@@ -47,6 +47,7 @@ HEALTH_TIMEOUT = 2.0
 CACHE_STATS_INTERVAL = 60.0
 LAST_USED_SAVE_INTERVAL = 60.0
 RECENT_PULLS = 20
+WORKER_BACKOFF = 1.0  # first restart delay of a crashed worker; doubles up to WORKER_MAX_BACKOFF
 WORKER_MAX_BACKOFF = 60.0
 HTTP_HEADER_LIMIT = 16 * 1024
 HTTP_READ_TIMEOUT = 5.0
@@ -68,10 +69,13 @@ def sd_notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            # Never block the event loop: if the receiver's queue is full, drop this message.
+            s.setblocking(False)
             s.connect(addr)
-            s.sendall(state.encode())
+            s.send(state.encode())
     except OSError as e:
-        event(log, "sd_notify failed", level=30, state=state.split("=")[0], error=str(e))
+        if not state.startswith("WATCHDOG"):  # pings are frequent; a dropped one is not news
+            event(log, "sd_notify failed", level=30, state=state.split("=")[0], error=str(e))
         return False
     return True
 
@@ -269,7 +273,7 @@ class Daemon:
 
     # --- workers -------------------------------------------------------------------------------
     async def _supervise(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-        backoff = 1.0
+        backoff = WORKER_BACKOFF
         st = self._worker_state.setdefault(name, {"state": "running", "restarts": 0, "lastError": None})
         while True:
             st["state"] = "running"

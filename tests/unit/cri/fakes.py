@@ -49,6 +49,9 @@ class Plan:
 class FakeRuntime:
     plans: dict[str, Plan] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    active: int = 0
+    max_active: int = 0
 
     def calls(self, method: str) -> list[Seen]:
         return [s for s in self.seen if s.method == method]
@@ -60,8 +63,16 @@ class FakeRuntime:
         if plan.fail_times > 0:
             plan.fail_times -= 1
             await context.abort(plan.fail_code, plan.fail_details)
-        if plan.delay:
-            await asyncio.sleep(plan.delay)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if plan.delay:
+                await asyncio.sleep(plan.delay)
+        except asyncio.CancelledError:
+            self.cancelled.append(method)
+            raise
+        finally:
+            self.active -= 1
         return plan.response if plan.response is not None else default
 
 
@@ -124,16 +135,37 @@ def _containerd_images(rt: FakeRuntime) -> Any:
     return Images()
 
 
+ECHO_METHOD = "/nodeagent.test.Echo/Echo"
+
+
+class _Echo(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A method no CRI version has: proves the proxy forwards names it does not know."""
+
+    def __init__(self, rt: FakeRuntime) -> None:
+        self.rt = rt
+
+    def service(self, details: Any) -> Any:
+        if details.method != ECHO_METHOD:
+            return None
+
+        async def echo(request: bytes, context: Any) -> bytes:
+            self.rt.seen.append(Seen("Echo", request, context.time_remaining(), {}))
+            return b"echo:" + request
+
+        return grpc.unary_unary_rpc_method_handler(echo)
+
+
 @asynccontextmanager
-async def fake_runtime() -> AsyncIterator[tuple[FakeRuntime, str]]:
-    """Start the fake on a fresh unix socket; yields (runtime, endpoint)."""
+async def fake_runtime(sock: str | None = None) -> AsyncIterator[tuple[FakeRuntime, str]]:
+    """Start the fake on a fresh unix socket (or ``sock``); yields (runtime, endpoint)."""
     d = tempfile.mkdtemp(prefix="na-cri-")  # short path: unix socket paths are limited to 107 bytes
-    sock = os.path.join(d, "cri.sock")
+    sock = sock or os.path.join(d, "cri.sock")
     rt = FakeRuntime()
     server = grpc.aio.server()
     pb_grpc.add_ImageServiceServicer_to_server(_image_service(rt), server)
     pb_grpc.add_RuntimeServiceServicer_to_server(_runtime_service(rt), server)
     cpb_grpc.add_ImagesServicer_to_server(_containerd_images(rt), server)
+    server.add_generic_rpc_handlers((_Echo(rt),))
     server.add_insecure_port("unix://" + sock)
     await server.start()
     try:

@@ -1,0 +1,241 @@
+"""Daemon in-process against the FAKE runtime (tests/unit/cri/fakes.py): HTTP endpoints, status
+file, workers, listeners, sd_notify over a real datagram socket, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from nodeagent.config.model import Config, CriConfig, MetricsConfig
+from nodeagent.cri.client import CriClient
+from nodeagent.daemon import Daemon, parse_listen, sd_notify, watchdog_interval
+from nodeagent.paths import Paths
+from nodeagent.proxy.records import PullRecord
+from tests.unit.cri.fakes import fake_runtime
+from tests.unit.proxy.helpers import rm, short_tmp
+
+
+def make_config(endpoint: str, proxy_socket: str = "/run/nodeagent/cri.sock") -> Config:
+    return Config(
+        cri=CriConfig(endpoint=endpoint, proxy_socket=proxy_socket),
+        metrics=MetricsConfig(listen="127.0.0.1:0"),
+    )
+
+
+async def http_get(url: str) -> tuple[int, str]:
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return int(r.status), r.read().decode()
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read().decode()
+
+    return await asyncio.to_thread(get)
+
+
+@asynccontextmanager
+async def running(daemon: Daemon) -> AsyncIterator[asyncio.Task[int]]:
+    task = asyncio.ensure_future(daemon.run())
+    await asyncio.wait_for(daemon.ready.wait(), 10)
+    try:
+        yield task
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 20)
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET (a FAKE systemd)."""
+
+    def __init__(self, d: str) -> None:
+        self.path = os.path.join(d, "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+
+    def messages(self) -> list[str]:
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return out
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("0.0.0.0:9847") == ("0.0.0.0", 9847)
+    assert parse_listen(":9847") == ("0.0.0.0", 9847)
+    assert parse_listen("[::1]:9") == ("::1", 9)
+    with pytest.raises(ValueError, match=r"metrics\.listen"):
+        parse_listen("nohost")
+
+
+def test_sd_notify_and_watchdog_env() -> None:
+    d = short_tmp()
+    n = NotifySocket(d)
+    assert sd_notify("READY=1", {"NOTIFY_SOCKET": n.path})
+    assert n.messages() == ["READY=1"]
+    assert not sd_notify("READY=1", {})
+    assert not sd_notify("READY=1", {"NOTIFY_SOCKET": os.path.join(d, "gone.sock")})
+    assert watchdog_interval({"WATCHDOG_USEC": "4000000"}) == 2.0
+    assert watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None or os.getpid() == 1
+    assert watchdog_interval({"WATCHDOG_USEC": str(2_000_000), "WATCHDOG_PID": str(os.getpid())}) == 1.0
+    assert watchdog_interval({}) is None
+    n.sock.close()
+    rm(d)
+
+
+def test_sd_notify_never_blocks_when_systemd_does_not_read() -> None:
+    d = short_tmp()
+    n = NotifySocket(d)
+    results = [sd_notify("WATCHDOG=1", {"NOTIFY_SOCKET": n.path}) for _ in range(5000)]
+    assert results[0] is True
+    assert results[-1] is False  # the queue filled up; the message was dropped, not waited on
+    n.sock.close()
+    rm(d)
+
+
+def test_abstract_notify_socket() -> None:
+    name = f"nodeagent-test-{os.getpid()}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + name)
+    try:
+        assert sd_notify("READY=1", {"NOTIFY_SOCKET": "@" + name})
+        assert s.recv(100) == b"READY=1"
+    finally:
+        s.close()
+
+
+def test_daemon_serves_proxy_metrics_health_and_status_then_stops_cleanly() -> None:
+    d = short_tmp()
+    root = Path(d) / "root"
+    notify = NotifySocket(d)
+
+    async def main() -> None:
+        async with fake_runtime() as (_rt, up):
+            env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"}
+            daemon = Daemon(make_config(up), Paths(root), environ=env)
+            seen: list[PullRecord] = []
+            async_seen: list[str] = []
+
+            async def async_listener(rec: PullRecord) -> None:
+                async_seen.append(rec.image)
+
+            daemon.add_pull_listener(seen.append)
+            daemon.add_pull_listener(async_listener)
+            daemon.add_status_hook("feature", lambda: {"hello": 1})
+            daemon.add_status_hook("broken", lambda: 1 / 0)  # type: ignore[arg-type,return-value]
+            async with running(daemon) as task:
+                assert "READY=1" in notify.messages()[0]
+                sock = root / "run" / "nodeagent" / "cri.sock"
+                assert sock.exists()
+                base = f"http://{daemon.metrics_address}"
+                code, text = await http_get(base + "/metrics")
+                assert code == 200
+                assert 'nodeagent_build_info{version="' in text
+                assert "process_resident_memory_bytes" in text
+                code, text = await http_get(base + "/healthz")
+                assert (code, text.startswith("ok")) == (200, True)
+                code, _ = await http_get(base + "/nope")
+                assert code == 404
+                async with CriClient("unix://" + str(sock)) as c:
+                    await c.pull_image("reg.local/app:1")
+                await daemon._proxy.drain_records()
+                for _ in range(100):
+                    if async_seen:
+                        break
+                    await asyncio.sleep(0.01)
+                assert [r.image for r in seen] == ["reg.local/app:1"] and async_seen == ["reg.local/app:1"]
+                await asyncio.sleep(1.2)  # the status writer runs every second when something changed
+                st = json.loads(daemon.paths.daemon_status_file.read_text())
+                assert st["state"] == "running" and st["pid"] == os.getpid()
+                assert st["proxy"]["upstreamOk"] is True
+                assert st["pulls"]["totals"] == {"success": 1}
+                assert st["pulls"]["recent"][0]["image"] == "reg.local/app:1"
+                assert st["sections"]["feature"] == {"hello": 1}
+                assert "ZeroDivisionError" in st["sections"]["broken"]["error"]
+                assert st["metrics"]["listen"] == daemon.metrics_address
+                assert "WATCHDOG=1" in notify.messages()
+            assert task.result() == 0
+            assert not sock.exists()
+            st = json.loads(daemon.paths.daemon_status_file.read_text())
+            assert st["state"] == "stopped"
+            assert "STOPPING=1" in notify.messages()
+
+    asyncio.run(main())
+    notify.sock.close()
+    rm(d)
+
+
+def test_upstream_down_keeps_metrics_and_reports_unhealthy() -> None:
+    d = short_tmp()
+
+    async def main() -> None:
+        daemon = Daemon(make_config("unix://" + os.path.join(d, "absent.sock")), Paths(Path(d) / "root"))
+        async with running(daemon):
+            base = f"http://{daemon.metrics_address}"
+            code, text = await http_get(base + "/healthz")
+            assert code == 503 and "not answering" in text
+            code, text = await http_get(base + "/metrics")
+            assert code == 200 and "nodeagent_cri_upstream_up 0.0" in text
+
+    asyncio.run(main())
+    rm(d)
+
+
+def test_sigterm_drains_and_exits_zero() -> None:
+    d = short_tmp()
+
+    async def main() -> None:
+        async with fake_runtime() as (_rt, up):
+            daemon = Daemon(make_config(up), Paths(Path(d) / "root"), drain_seconds=2.0)
+            task = asyncio.ensure_future(daemon.run())
+            await asyncio.wait_for(daemon.ready.wait(), 10)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
+    rm(d)
+
+
+def test_crashing_worker_is_restarted_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nodeagent.daemon as dm
+
+    monkeypatch.setattr(dm, "WORKER_BACKOFF", 0.01)
+    d = short_tmp()
+    runs: list[int] = []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("boom")
+        await asyncio.sleep(3600)
+
+    async def main() -> None:
+        daemon = Daemon(make_config("unix:///nonexistent/x.sock", proxy_socket=""), Paths(Path(d) / "root"))
+        daemon.add_worker("flaky", flaky)
+        with pytest.raises(ValueError, match="already"):
+            daemon.add_worker("flaky", flaky)
+        async with running(daemon):
+            for _ in range(300):
+                if len(runs) >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(runs) == 3
+            st = daemon.status()
+            assert st["workers"]["flaky"]["restarts"] == 2
+            assert st["workers"]["flaky"]["state"] == "running"
+            assert "boom" in st["workers"]["flaky"]["lastError"]
+            assert st["proxy"]["socket"] == ""
+
+    asyncio.run(main())
+    rm(d)
