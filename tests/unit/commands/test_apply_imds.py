@@ -156,3 +156,9 @@ def test_bad_user_data_exit_1_baked_config_applied_error_kept_for_status(
     assert apply(baked_only, "--imds", "off") == 0
     assert written(bad) == written(baked_only)  # the node still gets its baked settings, all of them
     assert not [p for p in written(bad) if p.endswith(".tmp")]  # nothing half-written
+
+    # later, `nodeagent status` shows it (and is degraded: exit 1)
+    capsys.readouterr()
+    assert main(["status", "--json", "--root", str(bad)]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert any(p.startswith("apply: ") and message in p for p in problems)
