@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TextIO
 
 from nodeagent.atomicio import read_bytes_or_none, remove_durably, write_atomic
-from nodeagent.config.model import Config
+from nodeagent.config.model import Config, ContainerdConfig
 from nodeagent.facts import NodeFacts
 from nodeagent.paths import Paths
 from nodeagent.targets import DesiredFile, TargetError, TargetPlan, is_owned
@@ -42,6 +42,7 @@ from nodeagent.targets import nodeadm as nodeadm_target
 from nodeagent.tuning import resolve
 
 FLAVORS = ("eks-al2023", "generic")
+DEFAULT_RESTART_COMMAND = ContainerdConfig().restart_command
 BACKUP_SUFFIX = ".nodeagent.bak"
 RESTART_TIMEOUT = 120.0  # the restart command itself
 HEALTH_TIMEOUT = 30.0  # CRI Version must answer within this after a restart
@@ -332,22 +333,29 @@ def run_apply(
                     restart_needed = True
             for path in p.remove:
                 remove_file(path, report, faults)
-            if (
-                restart_needed
-                and flavor == "generic"
-                and restarter is None
-                and not config.containerd.restart_command
-            ):
-                report.warnings.append(
-                    "containerd config changed but containerd.restartCommand is empty: "
-                    "restart containerd to use it"
-                )
+            skip = restart_skip_reason(config, facts) if restarter is None else None
+            if restart_needed and flavor == "generic" and skip:
+                report.warnings.append(f"containerd config changed but {skip}: restart containerd to use it")
             elif restart_needed and flavor == "generic":
                 for path, (prev, mode) in snapshots.items():
                     _restart_with_rollback(config, path, prev, mode, restarter or restart_containerd, report)
         except OSError as e:
             report.errors.append(f"{p.target}: {e.strerror or e}: {e.filename or ''}".rstrip(": "))
     return report
+
+
+def restart_skip_reason(config: Config, facts: NodeFacts) -> str | None:
+    """Why the configured restart must not run, or None. The default command restarts the host's
+    containerd, which is not the one reading a ``--root`` tree's files (image builds, tests)."""
+    argv = config.containerd.restart_command
+    if not argv:
+        return "containerd.restartCommand is empty"
+    if argv == DEFAULT_RESTART_COMMAND and facts.paths.root != Path("/"):
+        return (
+            f"--root is {facts.paths.root} and the default restartCommand would restart "
+            "this host's containerd"
+        )
+    return None
 
 
 def config_warnings(config: Config) -> list[str]:

@@ -221,3 +221,13 @@ def test_temp_files_left_by_a_killed_run_are_cleaned(tmp_path: Path) -> None:
     unrelated.write_text("x")
     _apply(config(), tmp_path, flavor="generic")
     assert not leftover.exists() and unrelated.exists()
+
+
+def test_default_restart_command_never_restarts_the_hosts_containerd_for_a_root_tree(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    # run_apply without a restarter: the real restart path decides, and must not run systemctl here
+    report = run_apply(
+        config(), gather(Paths(tmp_path)), flavor="generic", out=io.StringIO(), err=io.StringIO()
+    )
+    assert report.ok and not report.containerd_restarted
+    assert any("would restart this host's containerd" in w for w in report.warnings)
