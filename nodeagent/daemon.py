@@ -215,7 +215,7 @@ class Daemon:
                 )
                 await self._proxy.start()
         except Exception:
-            await self._shutdown()
+            await self._shutdown(write_status=False)  # the file may belong to a live instance
             raise
         self._write_status()
         sd_notify("READY=1\nSTATUS=serving", self.environ)
@@ -251,7 +251,7 @@ class Daemon:
         event(log, "signal", signal=signal.Signals(sig).name)
         self.stop()
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, write_status: bool = True) -> None:
         if self._proxy is not None:
             await self._proxy.stop(self.drain_seconds)
         for t in self._tasks:
@@ -265,6 +265,8 @@ class Daemon:
                 await asyncio.wait_for(self._http.wait_closed(), 2.0)
         if self._cri is not None:
             await self._cri.close()
+        if not write_status:
+            return
         try:
             self.last_used.save()
         except OSError as e:

@@ -60,7 +60,8 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         "unauthorized",
         re.compile(
             r"\b401\b|\b403\b|unauthorized|forbidden|authentication required|insufficient_scope"
-            r"|access denied|access to the resource is denied|denied: ",
+            r"|access denied|access to the resource is denied|denied: "
+            r"|illegal base64 data",  # a malformed auth field (bad credentials from the kubelet)
             re.I,
         ),
     ),

@@ -91,6 +91,7 @@ class ImageProxy:
         self._cri: CriClient | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.in_flight = 0
+        self._bound = False  # only a socket we bound is ever removed
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -109,6 +110,7 @@ class ImageProxy:
             await server.start()
         sockets.finish_socket(self.socket_path)
         self._server = server
+        self._bound = True
 
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, let in-flight ones finish for up to ``grace`` seconds, then cancel
@@ -121,7 +123,9 @@ class ImageProxy:
             await self._cri.close()
         if self._channel is not None:
             await self._channel.close()
-        sockets.remove_socket(self.socket_path)
+        if self._bound:
+            sockets.remove_socket(self.socket_path)
+            self._bound = False
 
     async def drain_records(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait for pending pull records (they finish after the response was sent)."""

@@ -85,6 +85,11 @@ def test_image_label_never_carries_a_digest(ref: str, label: str) -> None:
             "pull access denied, repository does not exist or may require authorization",
             "unauthorized",
         ),
+        (
+            "UNKNOWN",
+            'failed to resolve reference "r/x:1": illegal base64 data at input byte 4',
+            "unauthorized",
+        ),
         ("NOT_FOUND", 'failed to resolve reference "r/x:1": r/x:1: not found', "not_found"),
         ("UNKNOWN", "manifest unknown: manifest unknown", "not_found"),
         ("UNKNOWN", "no match for platform in manifest: not found", "not_found"),
