@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nodeagent.apply import run_apply
+from nodeagent.apply import MirrorCheck, run_apply
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
 from nodeagent.config import ConfigError
 from nodeagent.config.sources import load_for_command
@@ -26,11 +26,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INVALID_CONFIG
     config = loaded.config
     facts = gather(paths, config.containerd.hosts_dir)
-    from nodeagent.mirrorhealth.applycheck import leave_out_dead_mirrors
+    mirror_check: MirrorCheck | None = None
+    if config.containerd.mirrors and config.containerd.mirror_health.enabled:
+        # imported only when there is something to probe (asyncio, ssl): apply is on the boot path
+        from nodeagent.mirrorhealth.applycheck import leave_out_dead_mirrors
 
-    report = run_apply(
-        config, facts, flavor=args.flavor, dry_run=args.dry_run, mirror_check=leave_out_dead_mirrors
-    )
+        mirror_check = leave_out_dead_mirrors
+
+    report = run_apply(config, facts, flavor=args.flavor, dry_run=args.dry_run, mirror_check=mirror_check)
     # bad user-data: the baked config has been applied above; exit 1 and keep the error for `status`
     report.warnings.extend(loaded.warnings)
     if loaded.userdata_error:
