@@ -1,8 +1,10 @@
 """Node facts that ``apply`` renders from: CPUs, memory, NIC speed, image filesystem size, and the
 current text of the files it patches. Gathered once, read-only, every host path through ``Paths``.
 
-CPU count and memory come from psutil (the running kernel); NIC speed and the image filesystem are
-read under ``--root`` (``/sys/class/net/*/speed``, statvfs of the containerd root), so tests can
+CPU count and memory come from the running kernel (``sched_getaffinity``: the CPUs this process may
+use, so a cpuset is respected; ``sysconf`` physical pages), read with the stdlib rather than psutil
+to keep apply's start-up short on the boot path; NIC speed and the image filesystem are read under
+``--root`` (``/sys/class/net/*/speed``, statvfs of the containerd root), so tests can
 hand in a fixture tree.
 """
 
@@ -104,13 +106,22 @@ def owned_hosts_files(paths: Paths, hosts_dir: str) -> tuple[Path, ...]:
     return tuple(found)
 
 
-def gather(paths: Paths, hosts_dir: str = "/etc/containerd/certs.d") -> NodeFacts:
-    import psutil
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
+
+def memory_bytes() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+
+
+def gather(paths: Paths, hosts_dir: str = "/etc/containerd/certs.d") -> NodeFacts:
     return NodeFacts(
         paths=paths,
-        cpus=psutil.cpu_count(logical=True) or 1,
-        memory_bytes=psutil.virtual_memory().total,
+        cpus=cpu_count(),
+        memory_bytes=memory_bytes(),
         nic_speed_mbps=nic_speed_mbps(paths),
         imagefs_bytes=imagefs_bytes(paths),
         containerd_config=_read_text(paths.containerd_config),

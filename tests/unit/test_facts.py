@@ -34,6 +34,13 @@ def test_imagefs_size_from_nearest_existing_parent(tmp_path: Path) -> None:
     assert facts.imagefs_bytes(Paths(tmp_path)) == st.f_blocks * st.f_frsize
 
 
+def test_cpus_and_memory_match_psutil() -> None:
+    import psutil
+
+    assert facts.memory_bytes() == psutil.virtual_memory().total
+    assert 1 <= facts.cpu_count() <= (psutil.cpu_count() or 1)
+
+
 def test_gather_reads_under_root(tmp_path: Path) -> None:
     (tmp_path / "etc/containerd/certs.d/ours.io").mkdir(parents=True)
     (tmp_path / "etc/containerd/certs.d/ours.io/hosts.toml").write_text(owned_header("x"))
