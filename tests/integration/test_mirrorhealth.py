@@ -186,6 +186,14 @@ def test_hung_mirror_first_pull_within_goal_and_later_pulls_like_no_mirror(
     assert st["degraded"] is True and st["mirrors"][0]["state"] == "down"
     up = f'nodeagent_mirror_up{{mirror="{hung.url}",registry="{registry.host}"}} 0.0'
     assert up in agent.scrape()
+    # the operator's view: nodeagent status shows the mirror down and reports the node degraded
+    res = proc.run(
+        [sys.executable, "-m", "nodeagent", "status", "--root", str(agent.root)], timeout=30, check=False
+    )
+    text = res.stdout.decode()
+    report(capsys, "nodeagent status:\n" + text)
+    assert res.returncode == 1, text
+    assert "mirrorHealth: degraded" in text and hung.url in text and '"state": "down"' in text
 
 
 def test_refused_mirror_pulls_succeed_and_mirror_is_taken_out(
