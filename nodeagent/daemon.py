@@ -41,8 +41,9 @@ from nodeagent.proxy.records import PullRecord
 log = get_logger(__name__)
 
 DRAIN_SECONDS = 10.0
-STATUS_INTERVAL = 5.0  # heartbeat of the status file; `nodeagent status` calls it stale after 6x
-HEALTH_INTERVAL = 5.0
+STATUS_INTERVAL = 15.0  # heartbeat of the status file; `nodeagent status` calls it stale after 6x
+STATUS_DEBOUNCE = 1.0  # a change is written within this long (pull bursts make one write)
+HEALTH_INTERVAL = 15.0  # idle-time upstream probe; proxied calls update the state as they happen
 HEALTH_TIMEOUT = 2.0
 CACHE_STATS_INTERVAL = 60.0
 LAST_USED_SAVE_INTERVAL = 60.0
@@ -134,6 +135,8 @@ class Daemon:
         self._pull_wrapper: Any = None
         self._stop: asyncio.Event | None = None
         self._status_dirty = True
+        self._dirty_event: asyncio.Event | None = None
+        self._last_upstream_ok = 0.0
         self._proxy: Any = None
         self._http: asyncio.Server | None = None
         self._cri: Any = None
@@ -166,6 +169,8 @@ class Daemon:
 
     def mark_status_dirty(self) -> None:
         self._status_dirty = True
+        if self._dirty_event is not None:
+            self._dirty_event.set()
 
     def update_cache_stats(
         self, images: int, size_bytes: int, imagefs_used_ratio: float | None, imagefs_path: str = ""
@@ -183,7 +188,7 @@ class Daemon:
             "imagefsPath": imagefs_path,
             "at": time.time(),
         }
-        self._status_dirty = True
+        self.mark_status_dirty()
 
     # --- run -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -196,6 +201,7 @@ class Daemon:
 
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._dirty_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
@@ -291,14 +297,15 @@ class Daemon:
                 st["restarts"] += 1
                 st["lastError"] = f"{type(e).__name__}: {e}"[:500]
                 st["state"] = "restarting"
-                self._status_dirty = True
+                self.mark_status_dirty()
                 log.exception("worker %s failed; restarting in %.0fs", name, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, WORKER_MAX_BACKOFF)
 
     async def _health_loop(self) -> None:
         while True:
-            await self.check_upstream()
+            if time.monotonic() - self._last_upstream_ok >= HEALTH_INTERVAL:
+                await self.check_upstream()  # only when the proxy saw no answer lately
             await asyncio.sleep(HEALTH_INTERVAL)
 
     async def check_upstream(self) -> bool:
@@ -329,9 +336,11 @@ class Daemon:
                     upstream=self.config.cri.endpoint,
                     error=error,
                 )
-            self._status_dirty = True
+            self.mark_status_dirty()
         self.upstream_ok = ok
         self.upstream_error = error
+        if ok:
+            self._last_upstream_ok = time.monotonic()
         self.metrics.upstream_up.set(1 if ok else 0)
 
     async def _cache_stats_loop(self) -> None:
@@ -370,7 +379,7 @@ class Daemon:
     def _on_pull(self, rec: PullRecord) -> None:
         self.recent_pulls.append(rec.to_json())
         self.pull_totals[rec.result] += 1
-        self._status_dirty = True
+        self.mark_status_dirty()
         for cb in self._pull_listeners:
             try:
                 res = cb(rec)
@@ -390,12 +399,13 @@ class Daemon:
 
     # --- status file -----------------------------------------------------------------------------
     async def _status_loop(self) -> None:
-        last = time.monotonic()
+        assert self._dirty_event is not None
         while True:
-            await asyncio.sleep(1.0)
-            if self._status_dirty or time.monotonic() - last >= STATUS_INTERVAL:
-                self._write_status()
-                last = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty_event.wait(), STATUS_INTERVAL)
+                await asyncio.sleep(STATUS_DEBOUNCE)
+            self._dirty_event.clear()
+            self._write_status()
 
     def status(self, state: str = "running") -> dict[str, Any]:
         sections: dict[str, Any] = {}

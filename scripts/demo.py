@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import json
 import os
 import shlex
 import signal
@@ -230,6 +231,59 @@ def cri_round_trip(ctx: Context) -> None:
     ctx.say(f"registry served {len(blobs)} blob request(s) for the pull (from its access log)")
 
 
+def proxy_and_metrics(ctx: Context) -> None:
+    """nodeagent run in front of the sandbox containerd: pulls through its CRI socket, one JSON log
+    line per pull, /metrics, nodeagent status."""
+    registry, node = ctx.need_node()
+    img = ctx.images["app"]
+    agent = ctx.sb.nodeagent(node)
+    ready = next((e for e in agent.log_lines() if e.get("msg") == "ready"), {})
+    ctx.say(f"nodeagent run: proxy on {agent.proxy_socket}, metrics on {agent.status()['metrics']['listen']}")
+    ctx.say(f"  (daemon start to READY: {ready.get('startup_seconds', 0) * 1000:.0f} ms)")
+
+    async def body() -> None:
+        from nodeagent.cri.client import CriClient, CriError
+
+        async with CriClient(agent.proxy_endpoint) as cri:
+            for ref in (img.reference, img.reference, f"{registry.host}/demo/missing:1"):
+                try:
+                    await cri.pull_image(ref)
+                    ctx.say(f"PullImage {ref} via nodeagent: ok")
+                except CriError as e:
+                    ctx.say(f"PullImage {ref} via nodeagent: {e.code.name if e.code else e}")
+            st = await cri.image_status(img.reference)
+            ctx.say(f"ImageStatus {img.reference}: {'present' if st.HasField('image') else 'absent'}")
+
+    asyncio.run(body())
+    deadline = time.monotonic() + 10
+    pulls: list[dict[str, Any]] = []
+    while len(pulls) < 3 and time.monotonic() < deadline:
+        pulls = [e for e in agent.log_lines() if e.get("msg") == "pull"]
+        time.sleep(0.1)
+    ctx.say("per-pull log lines (JSON on stdout / journald):")
+    for e in pulls:
+        ctx.say("  " + json.dumps(e, separators=(",", ":")))
+    ctx.say("/metrics (pull series):")
+    for line in agent.scrape().splitlines():
+        if line.startswith(
+            (
+                "nodeagent_image_pulls_total",
+                "nodeagent_image_pull_bytes_total",
+                "nodeagent_image_cache_requests",
+            )
+        ) or (line.startswith("nodeagent_image_pull_duration_seconds_count")):
+            if "_created" in line:
+                continue
+            ctx.say("  " + line)
+    time.sleep(1.2)  # the status file is rewritten within a second of a change
+    ctx.nodeagent("status", "--root", str(agent.root), check=False)
+    if agent.stop() != 0:
+        raise RuntimeError("nodeagent run did not exit 0 on SIGTERM")
+    ctx.say("SIGTERM: drained and exited 0")
+    if len(pulls) < 3 or [e["result"] for e in pulls] != ["success", "success", "not_found"]:
+        raise RuntimeError(f"unexpected pull records: {[e.get('result') for e in pulls]}")
+
+
 def eks_user_data(ctx: Context) -> None:
     """EKS: a node group's settings in launch-template user-data, read back through IMDSv2 by apply."""
     from tests.fakes.imds import FakeImds  # a FAKE IMDSv2 on loopback (EC2 is not here)
@@ -384,6 +438,7 @@ STEPS: list[tuple[str, Step]] = [
     ("EKS: node-group settings from user-data through (fake) IMDSv2, nodeagent apply", eks_user_data),
     ("nodeagent prefetch: images on disk before the first pod", prefetch_images),
     ("Pull, list, inspect and remove an image through nodeagent's CRI client", cri_round_trip),
+    ("nodeagent run: the kubelet's CRI image proxy, per-pull log lines and /metrics", proxy_and_metrics),
     ("Mirror health: a hung mirror costs seconds, not minutes", mirror_health),
     ("Eviction: pulls into a nearly full image filesystem keep succeeding", eviction),
 ]
