@@ -1,10 +1,12 @@
 """``nodeagent status``: the operator's first look at a node, from files only.
 
 Reads the daemon's status file (``Paths.daemon_status_file``, rewritten by ``nodeagent run`` at
-least every few seconds) and the last apply report (``Paths.apply_report_file``); never the
+least every 15 seconds) and the last apply report (``Paths.apply_report_file``); never the
 metrics text and never the CRI socket, so it answers instantly even when containerd is wedged.
-Degraded (exit 1) when the daemon is not running or its file is stale, the upstream CRI does not
-answer, the last apply had errors, or a feature section reports ``degraded: true``.
+A section may carry ``summary`` (a list of lines) to be shown instead of a generic dump.
+Degraded (exit 1) when the daemon is not running (its process is gone) or its file is stale, the
+upstream CRI does not answer, the last apply had errors, or a feature section reports
+``degraded: true``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,23 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None, float | N
     return data, None, mtime
 
 
+def _process_gone(pid: Any, started_at: Any) -> str | None:
+    """Why the daemon that wrote the file is not running (killed, crashed), or None if it is."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    import psutil
+
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return f"process {pid} is gone"
+    except psutil.Error:
+        return None
+    if isinstance(started_at, int | float) and created > started_at + 5:
+        return f"process {pid} is gone (the pid now belongs to a newer process)"
+    return None
+
+
 def collect(paths: Paths, now: float | None = None) -> Report:
     now = time.time() if now is None else now
     daemon, daemon_err, _ = _read_json(paths.daemon_status_file)
@@ -74,8 +93,11 @@ def collect(paths: Paths, now: float | None = None) -> Report:
         state = daemon.get("state")
         updated = daemon.get("updatedAt")
         beat = float(daemon.get("heartbeatSeconds") or 5.0)
+        gone = _process_gone(daemon.get("pid"), daemon.get("startedAt"))
         if state != "running":
             r.problems.append(f"daemon: {state or 'unknown state'}")
+        elif gone:
+            r.problems.append(f"daemon: {gone}; the status file is from a process that no longer runs")
         elif not isinstance(updated, int | float) or now - updated > STALE_AFTER_HEARTBEATS * beat:
             age = f"{now - updated:.0f}s old" if isinstance(updated, int | float) else "no timestamp"
             r.problems.append(f"daemon: status file is stale ({age}); the daemon is not running or hung")
@@ -162,6 +184,11 @@ def render(r: Report) -> str:
         for name, section in sorted((d.get("sections") or {}).items()):
             add(f"{name}")
             if not isinstance(section, dict):
+                continue
+            lines = section.get("summary")
+            if isinstance(lines, list) and all(isinstance(x, str) for x in lines):
+                for text in lines:  # the feature's own lines (the JSON keeps every field)
+                    add(f"  {text}")
                 continue
             for key, value in section.items():
                 if isinstance(value, list):

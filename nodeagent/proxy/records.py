@@ -10,6 +10,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nodeagent.imageref import split_domain
+
 DOCKER_HUB = "docker.io"
 _DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 _DIGEST = re.compile(r"@[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
@@ -21,17 +23,18 @@ def is_image_id(ref: str) -> bool:
 
 
 def split_reference(ref: str) -> tuple[str, str]:
-    """``(registry, rest)`` of an image reference, the way containerd/docker resolve it: the first
-    path component is a registry host if it has a ``.`` or ``:`` or is ``localhost``; otherwise the
-    image is on Docker Hub. Hub aliases are folded into ``docker.io``; hosts are lower-cased."""
+    """``(registry, rest)`` of an image reference. Which first component is a registry host is
+    decided by ``nodeagent.imageref.split_domain`` (the one rule, as containerd/docker resolve
+    references); here hosts are also lower-cased and Docker Hub aliases folded into ``docker.io``,
+    and ``rest`` is left as written (no ``library/`` added)."""
     ref = ref.strip()
-    first, sep, rest = ref.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        host = first.lower()
-        if host in _DOCKER_HUB_ALIASES:
-            host = DOCKER_HUB
-        return host, rest
-    return DOCKER_HUB, ref
+    host, _ = split_domain(ref)
+    if host == DOCKER_HUB and not ref.lower().startswith(tuple(a + "/" for a in _DOCKER_HUB_ALIASES)):
+        return DOCKER_HUB, ref  # no registry in the reference: Docker Hub
+    host = host.lower()
+    if host in _DOCKER_HUB_ALIASES:
+        host = DOCKER_HUB
+    return host, ref.partition("/")[2]
 
 
 def registry_of(ref: str) -> str:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -279,6 +281,13 @@ def test_kill_9_during_a_pull_then_restart_and_retry(sandbox: Sandbox, registry:
 
     asyncio.run(first_attempt())
     assert agent.proxy_socket.exists()  # the stale socket of the killed process
+    down = subprocess.run(
+        [sys.executable, "-m", "nodeagent", "status", "--root", str(agent.root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert down.returncode == 1 and "is gone" in down.stdout, down.stdout
     agent.start()  # replaces it
 
     async def retry() -> str:
@@ -317,3 +326,31 @@ def test_stale_socket_of_a_live_agent_is_not_stolen(sandbox: Sandbox, containerd
     assert out.returncode == 1
     assert "another process is serving" in out.stderr
     assert agent.running and agent.proxy_socket.exists()
+
+
+def test_systemd_notifications_and_sigterm(sandbox: Sandbox, containerd: Containerd) -> None:
+    """A FAKE systemd: a datagram socket as NOTIFY_SOCKET, as systemd passes it to Type=notify units."""
+    path = str(sandbox.dir / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    try:
+        agent = sandbox.nodeagent(containerd, start=False)
+        t0 = time.monotonic()
+        agent.start(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+        first = sock.recv(256).decode()
+        ready_after = time.monotonic() - t0
+        assert first.startswith("READY=1"), first
+        assert sock.recv(256) == b"WATCHDOG=1"
+        assert agent.stop() == 0
+        rest = []
+        sock.settimeout(2)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                rest.append(sock.recv(256).decode())
+        assert "STOPPING=1" in rest
+        ready = next(e for e in agent.log_lines() if e.get("msg") == "ready")
+        in_daemon = ready["startup_seconds"]
+        print(f"READY {ready_after * 1000:.0f} ms after process start ({in_daemon} s in the daemon)")
+    finally:
+        sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,21 @@ from nodeagent.status import collect, render
 NOW = 1_800_000_000.0
 
 
+def unused_pid() -> int:
+    import psutil
+
+    pid = max(psutil.pids()) + 1000
+    while psutil.pid_exists(pid):
+        pid += 1000
+    return pid
+
+
 def daemon_doc(**over: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "version": 1,
         "nodeagentVersion": "0.1.0",
         "state": "running",
-        "pid": 4242,
+        "pid": os.getpid(),
         "startedAt": NOW - 600,
         "updatedAt": NOW - 2,
         "heartbeatSeconds": 5.0,
@@ -84,7 +94,7 @@ def test_healthy_node(tmp_path: Path) -> None:
     r = collect(paths, now=NOW)
     assert not r.degraded, r.problems
     text = render(r)
-    assert "running (pid 4242" in text
+    assert f"running (pid {os.getpid()}" in text
     assert "answering" in text
     assert "12 images, 5.0 GiB; imagefs 61% used" in text
     assert "reg.local/app:1" in text and "success" in text and "3.0 MiB" in text
@@ -114,6 +124,8 @@ def test_healthy_node(tmp_path: Path) -> None:
             "apply: kubelet",
         ),
         (daemon_doc(sections={"mirrors": {"degraded": True}}), APPLY_OK, "mirrors: degraded"),
+        (daemon_doc(pid=unused_pid()), APPLY_OK, "is gone"),
+        (daemon_doc(startedAt=0.0), APPLY_OK, "newer process"),
     ],
 )
 def test_degraded(tmp_path: Path, daemon: Any, apply: dict[str, Any], problem: str) -> None:
@@ -131,7 +143,7 @@ def test_command_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixtu
     args = argparse.Namespace(root=str(tmp_path), json=True, config=None)
     assert status_cmd.run(args) == 1
     out = json.loads(capsys.readouterr().out)
-    assert out["healthy"] is False and out["daemon"]["pid"] == 4242
+    assert out["healthy"] is False and out["daemon"]["pid"] == os.getpid()
     assert out["apply"]["flavor"] == "generic"
 
 
@@ -146,3 +158,14 @@ def test_command_healthy_exit_zero(
     args = argparse.Namespace(root=str(tmp_path), json=False, config=None)
     assert status_cmd.run(args) == 0
     assert "last apply     none" in capsys.readouterr().out
+
+
+def test_section_summary_lines_replace_the_generic_dump(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    sections = {
+        "mirrorHealth": {"degraded": False, "summary": ["docker.io  http://m:5000  UP"], "mirrors": [1]}
+    }
+    write(paths, daemon_doc(sections=sections), APPLY_OK)
+    text = render(collect(paths, now=NOW))
+    assert "  docker.io  http://m:5000  UP" in text
+    assert "mirrors: 1" not in text
