@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from nodeagent import config
-from nodeagent.userdata import nodeagent_parts
+from nodeagent.userdata import DEFAULT_AMI_TAG, nodeagent_parts
 from tests.unit.test_userdata import karpenter_schema, nodeconfig_schema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,3 +68,13 @@ def test_karpenter_example_valid() -> None:
     jsonschema.validate(node_pool, karpenter_schema("NodePool"))
     ((_, ours),) = nodeagent_parts(node_class["spec"]["userData"].encode())
     assert ours == config_file(rel).read_text()
+
+
+def test_packer_tags_the_ami_the_nodeclass_selects() -> None:
+    import json
+
+    (builder,) = json.loads((REPO / "packer.json").read_text())["builders"]
+    key, value = DEFAULT_AMI_TAG
+    assert builder["tags"][key] == value
+    node_class, _ = yaml.safe_load_all((REPO / "bootstrap/karpenter/nodeclass.yaml").read_text())
+    assert {"tags": {key: value}} in node_class["spec"]["amiSelectorTerms"]
