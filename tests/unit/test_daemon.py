@@ -239,3 +239,62 @@ def test_crashing_worker_is_restarted_and_reported(monkeypatch: pytest.MonkeyPat
 
     asyncio.run(main())
     rm(d)
+
+
+def test_sigterm_lets_in_flight_pulls_finish_within_the_drain_bound() -> None:
+    from nodeagent.cri.client import RetryPolicy
+    from tests.unit.cri.fakes import Plan
+
+    d = short_tmp()
+
+    async def main() -> None:
+        async with fake_runtime() as (rt, up):
+            daemon = Daemon(make_config(up), Paths(Path(d) / "root"), drain_seconds=3.0)
+            sock = "unix://" + str(Path(d) / "root/run/nodeagent/cri.sock")
+            async with running(daemon) as task:
+                rt.plans["PullImage"] = Plan(delay=0.5)
+                async with CriClient(sock, retry=RetryPolicy(attempts=1)) as c:
+                    pull = asyncio.ensure_future(c.pull_image("reg.local/short:1"))
+                    for _ in range(500):
+                        if rt.calls("PullImage"):
+                            break
+                        await asyncio.sleep(0.01)
+                    daemon.stop()
+                    assert await pull == "sha256:" + "a" * 64  # finished, not cut off
+                    assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
+    rm(d)
+
+
+def test_sigterm_drain_is_bounded() -> None:
+    from nodeagent.cri.client import CriError, RetryPolicy
+    from tests.unit.cri.fakes import Plan
+
+    d = short_tmp()
+
+    async def main() -> None:
+        async with fake_runtime() as (rt, up):
+            daemon = Daemon(make_config(up), Paths(Path(d) / "root"), drain_seconds=0.3)
+            sock = "unix://" + str(Path(d) / "root/run/nodeagent/cri.sock")
+            task = asyncio.ensure_future(daemon.run())
+            await asyncio.wait_for(daemon.ready.wait(), 10)
+            rt.plans["PullImage"] = Plan(delay=60.0)
+            async with CriClient(sock, retry=RetryPolicy(attempts=1)) as c:
+                pull = asyncio.ensure_future(c.pull_image("reg.local/endless:1"))
+                for _ in range(500):
+                    if rt.calls("PullImage"):
+                        break
+                    await asyncio.sleep(0.01)
+                daemon.stop()
+                assert await asyncio.wait_for(task, 10) == 0  # did not wait for the 60 s pull
+                with pytest.raises(CriError):
+                    await pull
+            for _ in range(100):
+                if rt.cancelled:
+                    break
+                await asyncio.sleep(0.02)
+            assert rt.cancelled == ["PullImage"]  # and the upstream pull was cancelled, not orphaned
+
+    asyncio.run(main())
+    rm(d)
