@@ -339,7 +339,33 @@ class MirrorHealth:
                     "durationSeconds": round(e.last.duration, 4),
                 }
             out.append(item)
-        return {"mirrors": out, "degraded": any(e.state.health is Health.DOWN for e in self._mirrors)}
+        return {
+            "mirrors": out,
+            "degraded": any(e.state.health is Health.DOWN for e in self._mirrors),
+            "summary": [self._summary_line(e) for e in self._mirrors],
+        }
+
+    def _summary_line(self, e: _Mirror) -> str:
+        """One line per mirror for ``nodeagent status`` (absolute times: the file is read later)."""
+        state = e.state.health.value.upper()
+        since = (
+            time.strftime(" since %H:%M:%SZ", time.gmtime(e.last_change_wall))
+            if e.last_change_wall is not None
+            else ""
+        )
+        if e.last is None:
+            probe = "not probed yet"
+        elif e.last.alive:
+            probe = f"last probe HTTP {e.last.status} in {e.last.duration * 1000:.0f} ms"
+        else:
+            probe = f"last probe failed: {e.last.error}"
+        streak = (
+            f"{e.state.failures} failures in a row"
+            if e.state.failures
+            else f"{e.state.successes} good in a row"
+        )
+        where = "in hosts.toml" if e.in_file else "out of hosts.toml"
+        return f"{e.registry}  {e.label}  {state}{since}; {probe}; {streak}; {where}"
 
 
 def ca_resolver(paths: Paths, hosts_dir: str) -> Callable[[str, str], Path]:

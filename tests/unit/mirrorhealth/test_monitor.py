@@ -124,6 +124,13 @@ def test_dead_mirror_is_taken_out_after_n_failures_server_and_order_of_others_ke
         False,
         "timeout after 1s",
     )
+    assert st["summary"][0] == (
+        "docker.io  http://mirror-a:5000  DOWN since 00:16:44Z; last probe failed: timeout after 1s; "
+        "3 failures in a row; out of hosts.toml"
+    )
+    assert st["summary"][1] == (
+        "docker.io  http://mirror-b:5000  UP; last probe HTTP 200 in 10 ms; 3 good in a row; in hosts.toml"
+    )
 
 
 def test_mirror_that_comes_back_is_restored_after_m_successes_once_held_long_enough() -> None:
