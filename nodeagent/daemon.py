@@ -51,6 +51,7 @@ RECENT_PULLS = 20
 WORKER_BACKOFF = 1.0  # first restart delay of a crashed worker; doubles up to WORKER_MAX_BACKOFF
 WORKER_MAX_BACKOFF = 60.0
 HTTP_HEADER_LIMIT = 16 * 1024
+HEALTHZ_CACHE_SECONDS = 1.0
 HTTP_READ_TIMEOUT = 5.0
 
 PullListener = Callable[[PullRecord], Awaitable[None] | None]
@@ -137,6 +138,7 @@ class Daemon:
         self._status_dirty = True
         self._dirty_event: asyncio.Event | None = None
         self._last_upstream_ok = 0.0
+        self._checked_mono = 0.0
         self._proxy: Any = None
         self._http: asyncio.Server | None = None
         self._cri: Any = None
@@ -308,12 +310,15 @@ class Daemon:
                 await self.check_upstream()  # only when the proxy saw no answer lately
             await asyncio.sleep(HEALTH_INTERVAL)
 
-    async def check_upstream(self) -> bool:
-        """Does the upstream image service answer? (ImageFsInfo: every image service has it.)"""
+    async def check_upstream(self, max_age: float = 0.0) -> bool:
+        """Does the upstream image service answer? (ImageFsInfo: every image service has it.)
+        A result younger than ``max_age`` seconds is reused (a /healthz flood is not a CRI flood)."""
         import grpc
 
         from nodeagent.cri.client import CriError
 
+        if max_age and self._checked_mono and time.monotonic() - self._checked_mono < max_age:
+            return bool(self.upstream_ok)
         try:
             await self._cri.image_fs_info()
         except CriError as e:
@@ -322,6 +327,7 @@ class Daemon:
         else:
             self._on_upstream(True, "")
         self.upstream_checked_at = time.time()
+        self._checked_mono = time.monotonic()
         return bool(self.upstream_ok)
 
     def _on_upstream(self, ok: bool, error: str) -> None:
@@ -474,7 +480,7 @@ class Daemon:
                 body = generate_latest(self.metrics.registry)
                 await self._respond(writer, 200, body, CONTENT_TYPE_LATEST, head_only=method == "HEAD")
             elif path == "/healthz":
-                ok = await self.check_upstream()
+                ok = await self.check_upstream(max_age=HEALTHZ_CACHE_SECONDS)
                 msg = (
                     "ok: upstream CRI answers\n"
                     if ok

@@ -59,6 +59,7 @@ SERVER_STREAMING = frozenset(
 _HOP_METADATA = frozenset({"user-agent", "content-type", "te", "host", ":authority"})
 # Image size lookup after a pull: short; a slow answer only loses the byte count of one record.
 SIZE_LOOKUP_TIMEOUT = 5.0
+MAX_ERROR_CHARS = 2000
 
 
 def _forward_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
@@ -223,7 +224,7 @@ class ImageProxy:
             return response
         except grpc.aio.AioRpcError as e:
             code, details = e.code().name, redact(e.details() or "", secrets)
-            await context.abort(e.code(), details)
+            await context.abort(e.code(), details)  # the caller gets the whole message
             raise  # unreachable
         except asyncio.CancelledError:
             code, details = "CANCELLED", "the caller cancelled the pull"
@@ -249,10 +250,13 @@ class ImageProxy:
         response: bytes,
         retry_reason: str | None,
     ) -> None:
+        result = "success" if code == "OK" else classify(code, details)
+        if len(details) > MAX_ERROR_CHARS:  # bounded log lines and status file
+            details = details[: MAX_ERROR_CHARS - 15] + "... (truncated)"
         rec = PullRecord(
             image=image,
             registry=registry,
-            result="success" if code == "OK" else classify(code, details),
+            result=result,
             duration=duration,
             started_at=started_at,
             code=code,

@@ -347,3 +347,18 @@ def test_proxy_socket_mode_and_removal() -> None:
         assert not sock.exists()
 
     run(main())
+
+
+def test_long_upstream_errors_are_bounded_in_records_but_whole_for_the_caller() -> None:
+    async def main() -> None:
+        async with fake_runtime() as (rt, up), proxy_for(up) as p:
+            msg = "failed to pull: " + "x" * 10_000
+            rt.plans["PullImage"] = Plan(fail_times=1, fail_code=grpc.StatusCode.UNKNOWN, fail_details=msg)
+            async with CriClient(p.endpoint, retry=NO_RETRY) as c:
+                with pytest.raises(CriError) as ei:
+                    await c.pull_image("reg.local/a:1")
+            assert ei.value.details == msg
+            await p.proxy.drain_records()
+            assert len(p.records[0].error) <= 2000 and p.records[0].error.endswith("(truncated)")
+
+    run(main())
