@@ -48,12 +48,22 @@ fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 fi
+# pip's chatter (index warnings, build back-end notices) goes to a log; shown only when pip fails.
+pip_quiet() {
+  local log=.venv/pip.log
+  if ! .venv/bin/python -m pip install -q "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup: pip install $* failed (log above, also in $log)" >&2
+    return 1
+  fi
+}
 # Reinstall only when the package definition changed (the install is editable: code changes need none).
 stamp=.venv/.nodeagent-setup
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  echo "setup: installing nodeagent and its dev dependencies into .venv"
+  pip_quiet --upgrade pip
+  pip_quiet -e '.[dev]'
   echo "$want" >"$stamp"
 fi

@@ -570,4 +570,35 @@ class EvictionLoop:
             "recentEvictions": list(self.recent),
             "problems": problems,
             "degraded": degraded,
+            "summary": self._summary_lines(problems),
         }
+
+    def _summary_lines(self, problems: dict[str, dict[str, Any]]) -> list[str]:
+        """What ``nodeagent status`` prints for eviction (the JSON keeps every field)."""
+        t = self.thresholds
+        fs = self.last_usage
+        usage = (
+            "imagefs not measured yet"
+            if fs is None
+            else f"imagefs {fs.ratio:.1%} used ({_mib(fs.used_bytes)} of {_mib(fs.total_bytes)})"
+        )
+        lines = [
+            f"{usage}; removes unused images above {t.high_percent}%, down to {t.low_percent}%, "
+            f"keeps images used in the last {t.min_unused_age:g}s"
+        ]
+        if self.low_unreachable:
+            lines.append(
+                f"cannot reach {t.low_percent}%: every image left is in use, pinned, baked, protected "
+                "or too recent"
+            )
+        lines.append("recent evictions:" if self.recent else "no evictions since the daemon started")
+        for rec in list(self.recent)[-5:]:
+            when = time.strftime("%H:%M:%SZ", time.gmtime(rec["at"]))
+            lines.append(f"  {when}  {_mib(rec['size']):>10}  {rec['image']}  ({rec['reason']})")
+        for key, p in sorted(problems.items()):
+            lines.append(f"problem {key}: {p['message']} (for {p['persistingSeconds']:g}s)")
+        return lines
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"

@@ -199,6 +199,11 @@ def test_removes_lru_one_at_a_time_until_measured_usage_is_under_low(
     assert [e["image"] for e in st["recentEvictions"]] == [f["image"] for f in evicted]
     assert st["usedRatio"] == 0.4 and st["degraded"] is False
     assert st["lastReliefSeconds"] is not None
+    # what `nodeagent status` prints for this section
+    assert st["summary"][0].startswith("imagefs 40.0% used (")
+    assert "above 60%, down to 40%" in st["summary"][0]
+    assert st["summary"][1] == "recent evictions:"
+    assert [line.split()[-2] for line in st["summary"][2:5]] == [f["image"] for f in evicted]
 
 
 def test_plans_again_when_removals_free_less_than_their_size(tmp_path: Path) -> None:
@@ -260,6 +265,7 @@ def test_everything_protected_says_so_once_per_period(
     assert loop.status()["lowUnreachable"] is True
     assert loop.status()["degraded"] is False  # not for long enough yet
     assert loop.status()["lastPlan"]["kept"] == {"in_use": 1, "pinned": 1, "protected": 1}
+    assert any(line.startswith("cannot reach ") for line in loop.status()["summary"])
     warn = (
         "cannot reach the low threshold: every image left is in use, pinned, baked, protected or too recent"
     )
