@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
+from nodeagent import humanize
 from nodeagent.config.model import PrefetchImage
 from nodeagent.credentials import Auth, CredentialError, Credentials
 from nodeagent.proxy.records import classify
@@ -296,14 +297,7 @@ def _short(text: str) -> str:
 
 # --- output ----------------------------------------------------------------------------------------
 def human_size(n: int) -> str:
-    if n <= 0:
-        return "-"
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
+    return humanize.size(n) if n > 0 else "-"
 
 
 def short_digest(d: str) -> str:

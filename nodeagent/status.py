@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodeagent import humanize
 from nodeagent.paths import Paths
 
 STALE_AFTER_HEARTBEATS = 6
@@ -120,25 +121,11 @@ def collect(paths: Paths, now: float | None = None) -> Report:
 
 
 def _size(n: float | int | None) -> str:
-    if n is None:
-        return "-"
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if v < 1024 or unit == "TiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{v:.1f} TiB"  # pragma: no cover
+    return "-" if n is None else humanize.size(n, binary=True)
 
 
 def _ago(now: float, t: Any) -> str:
-    if not isinstance(t, int | float):
-        return "-"
-    s = max(0.0, now - t)
-    if s < 120:
-        return f"{s:.0f}s ago"
-    if s < 7200:
-        return f"{s / 60:.0f}m ago"
-    return f"{s / 3600:.1f}h ago"
+    return humanize.ago(now - t) if isinstance(t, int | float) else "-"
 
 
 def render(r: Report) -> str:

@@ -31,16 +31,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.sandbox (the sandbox node) lives beside the package
 
-from nodeagent import proc  # noqa: E402
+from nodeagent import humanize, proc  # noqa: E402
 from tests.sandbox import Containerd, PushedImage, Registry, Sandbox  # noqa: E402
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    return humanize.size(n, binary=True)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
 from nodeagent.config.sources import load_for_command, print_notes
 from nodeagent.eviction import baked, usage
 from nodeagent.eviction.policy import REMOVE, Plan
+from nodeagent.humanize import ago, size
 from nodeagent.paths import Paths
 
 
@@ -30,43 +31,22 @@ class DryRun:
     now: float
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def human_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s ago"
-    if s < 3600:
-        return f"{s // 60}m ago"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m ago"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h ago"
-
-
 def render(result: DryRun, *, max_name: int = 60) -> str:
     """The plan as a text table with a summary (pure; tested on its own)."""
     p, now = result.plan, result.now
     th = p.thresholds
     lines = [
-        f"imagefs {result.imagefs}: {human_bytes(p.usage.used_bytes)} of {human_bytes(p.usage.total_bytes)} "
+        f"imagefs {result.imagefs}: {size(p.usage.used_bytes)} of {size(p.usage.total_bytes)} "
         f"used ({p.usage.ratio:.1%}); high {th.high_percent}%, low {th.low_percent}%, "
         f"minUnusedAge {th.min_unused_age:g}s",
     ]
     if not p.triggered:
-        lines.append(f"below the high threshold ({human_bytes(p.high_bytes)}): nothing to remove")
+        lines.append(f"below the high threshold ({size(p.high_bytes)}): nothing to remove")
     else:
         ratio = p.projected_used_bytes / max(1, p.usage.total_bytes)
         lines.append(
-            f"would remove {len(p.removals)} image(s), {human_bytes(p.removal_bytes)}; "
-            f"projected usage {human_bytes(p.projected_used_bytes)} ({ratio:.1%})"
+            f"would remove {len(p.removals)} image(s), {size(p.removal_bytes)}; "
+            f"projected usage {size(p.projected_used_bytes)} ({ratio:.1%})"
         )
     if p.low_unreachable:
         lines.append(
@@ -83,8 +63,8 @@ def render(result: DryRun, *, max_name: int = 60) -> str:
             (
                 str(i) if d.verdict == REMOVE else "",
                 name,
-                human_bytes(d.image.size),
-                human_age(None if d.last_used is None else now - d.last_used),
+                size(d.image.size),
+                ago(None if d.last_used is None else now - d.last_used),
                 d.verdict,
                 d.reason,
                 d.detail,

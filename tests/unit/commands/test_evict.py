@@ -172,14 +172,6 @@ def test_below_high_nothing_to_remove() -> None:
     assert "not_needed" in text
 
 
-@pytest.mark.parametrize(
-    ("seconds", "want"),
-    [(None, "never"), (5, "5s ago"), (125, "2m ago"), (3 * 3600 + 60, "3h01m ago"), (90000, "1d01h ago")],
-)
-def test_human_age(seconds: float | None, want: str) -> None:
-    assert evict.human_age(seconds) == want
-
-
 def args(root: Path) -> argparse.Namespace:
     return argparse.Namespace(root=str(root), config=None, dry_run=True)
 
