@@ -324,28 +324,6 @@ IMAGE_REFERENCE = Format(
 )
 
 
-def normalize_image(ref: str) -> str:
-    """The fully qualified form used to spot duplicates (``nginx`` -> ``docker.io/library/nginx:latest``)."""
-    name, at, digest = ref.partition("@")
-    first, slash, rest = name.partition("/")
-    if not slash or (
-        "." not in first and ":" not in first and first != "localhost" and first == first.lower()
-    ):
-        domain, path = "docker.io", name
-    else:
-        domain, path = first, rest
-    if domain == "index.docker.io":
-        domain = "docker.io"
-    tag = ""
-    if ":" in path:
-        path, _, tag = path.rpartition(":")
-    if domain == "docker.io" and "/" not in path:
-        path = "library/" + path
-    if not tag and not at:
-        tag = "latest"
-    return f"{domain}/{path}" + (f":{tag}" if tag else "") + (f"@{digest}" if at else "")
-
-
 _GLOB_CHARS = re.compile(r"^[A-Za-z0-9._\-/:@*?\[\]!]+$")
 
 

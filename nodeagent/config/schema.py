@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nodeagent import imageref
 from nodeagent.config import formats as fmt
 from nodeagent.config import model as m
 from nodeagent.config.formats import format_duration
@@ -359,7 +360,7 @@ IMAGES = Object(
             List(
                 PREFETCH_IMAGE,
                 max_items=1000,
-                unique=lambda p: fmt.normalize_image(p.image),
+                unique=lambda p: imageref.normalize(p.image),
                 unique_message="duplicate image (same as {first})",
                 unique_at="image",
                 noun="image",

@@ -20,6 +20,11 @@ from nodeagent import imageref as refs
         ("ghcr.io/x/y@sha256:" + "a" * 64, "ghcr.io/x/y@sha256:" + "a" * 64),
         ("sha256:" + "b" * 64, "sha256:" + "b" * 64),
         ("c" * 64, "sha256:" + "c" * 64),
+        # the duplicate check of images.prefetch (nodeagent/config/schema.py) relies on these
+        ("nginx", "docker.io/library/nginx:latest"),
+        ("index.docker.io/library/nginx:1", "docker.io/library/nginx:1"),
+        ("team/app:v1", "docker.io/team/app:v1"),
+        ("r.io/app@sha256:" + "a" * 64, "r.io/app@sha256:" + "a" * 64),
     ],
 )
 def test_normalize(ref: str, want: str) -> None:

@@ -140,21 +140,6 @@ def test_image_references_refused(ref: str, reason: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("ref", "normal"),
-    [
-        ("nginx", "docker.io/library/nginx:latest"),
-        ("library/nginx", "docker.io/library/nginx:latest"),
-        ("index.docker.io/library/nginx:1", "docker.io/library/nginx:1"),
-        ("team/app:v1", "docker.io/team/app:v1"),
-        ("localhost:5000/app", "localhost:5000/app:latest"),
-        ("r.io/app@sha256:" + "a" * 64, "r.io/app@sha256:" + "a" * 64),
-    ],
-)
-def test_normalize_image(ref: str, normal: str) -> None:
-    assert f.normalize_image(ref) == normal
-
-
-@pytest.mark.parametrize(
     ("url", "reason"),
     [
         ("https://m.example.com", None),
