@@ -12,8 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from nodeagent import __version__
+from nodeagent.paths import Paths
 
-DEFAULT_CONFIG = "/etc/nodeagent/config.yaml"
+DEFAULT_CONFIG = str(Paths().config_file)
 
 EXIT_OK = 0
 EXIT_FAILED = 1

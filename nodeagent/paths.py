@@ -37,6 +37,10 @@ class Paths:
     def config_file(self) -> Path:
         return self.host("/etc/nodeagent/config.yaml")
 
+    def config_for(self, given: str | None) -> Path:
+        """The config file a command reads: ``-c FILE`` as given, else ``config_file``."""
+        return Path(given) if given else self.config_file
+
     @property
     def baked_manifest(self) -> Path:
         return self.host("/etc/nodeagent/baked-images.json")

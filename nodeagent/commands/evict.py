@@ -114,7 +114,7 @@ async def dry_run(cfg: config.Config, paths: Paths, *, now: float | None = None)
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     paths = Paths.at(args.root)
-    path = Path(args.config) if args.config else paths.config_file
+    path = paths.config_for(args.config)
     try:
         loaded = load_for_command(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
     except config.ConfigError as e:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from nodeagent import config, userdata
 from nodeagent.cli import EXIT_INVALID_CONFIG, EXIT_OK
@@ -38,7 +37,7 @@ def _cluster(args: argparse.Namespace) -> tuple[userdata.ClusterDetails | None, 
 
 
 def run(args: argparse.Namespace) -> int:
-    path = Path(args.config) if args.config else Paths.at(args.root).config_file
+    path = Paths.at(args.root).config_for(args.config)
     try:
         text = path.read_text(encoding="utf-8")
         config.load_text(text, str(path))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nodeagent.cli import DEFAULT_CONFIG, EXIT_INVALID_CONFIG, EXIT_OK
+from nodeagent.cli import EXIT_INVALID_CONFIG, EXIT_OK
 from nodeagent.config import Config, ConfigError, load
 from nodeagent.config.schema import differences
 from nodeagent.paths import Paths
@@ -24,9 +24,7 @@ from nodeagent.paths import Paths
 
 def config_path(args: argparse.Namespace) -> str:
     """The config file for ``-c``/``--root``: ``-c`` as given, else the default under ``--root``."""
-    if args.config:
-        return str(args.config)
-    return str(Paths.at(args.root).host(DEFAULT_CONFIG))
+    return str(Paths.at(args.root).config_for(args.config))
 
 
 def _invalid(path: str, problems: list[str]) -> int:

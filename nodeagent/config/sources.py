@@ -161,7 +161,7 @@ def load_for_command(
 ) -> LoadedConfig:
     """The config a command runs with. Raises ConfigError only when the BAKED file is invalid."""
     e = os.environ if env is None else env
-    path = Path(args.config) if getattr(args, "config", None) else paths.config_file
+    path = paths.config_for(getattr(args, "config", None))
     baked_doc, baked = _read_baked(path)
     baked_only = (str(path),)
     if not imds_enabled(args, paths, e):
