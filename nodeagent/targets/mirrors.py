@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from nodeagent.config.formats import check_registry_host
 from nodeagent.config.model import Config, Mirror
 from nodeagent.facts import NodeFacts
 from nodeagent.paths import Paths, UnsafePathError, child
@@ -46,19 +46,14 @@ __all__ = [
 
 HOSTS_FILE = "hosts.toml"
 DEFAULT_REGISTRY = "_default"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_REGISTRY = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?$")
 CAPABILITIES = ("pull", "resolve", "push")
 
 
 def validate_registry_name(registry: str) -> None:
-    """A registry host[:port] (or ``_default``); anything else could escape the hosts directory."""
-    if registry == DEFAULT_REGISTRY:
-        return
-    if len(registry) > 253 or not _REGISTRY.match(registry):
-        raise TargetError(
-            f"containerd.mirrors: {registry!r} is not a registry host[:port] or {DEFAULT_REGISTRY!r}"
-        )
+    """A registry host[:port] (or ``_default``); anything else could escape the hosts directory.
+    The config loader's rule (``check_registry_host``), checked again here for direct callers."""
+    if (err := check_registry_host(registry)) is not None:
+        raise TargetError(f"containerd.mirrors: {registry!r}: {err}")
 
 
 def hosts_toml_path(paths: Paths, hosts_dir: str, registry: str) -> Path:

@@ -125,3 +125,8 @@ def test_spegel_mirrors_detected() -> None:
         """
     )
     assert mirrors.spegel_mirrors(cfg) == ["http://127.0.0.1:30020"]
+
+
+def test_registry_name_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TargetError):
+        mirrors.hosts_toml_path(Paths(tmp_path), "/etc/containerd/certs.d", "docker.io\n")
