@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from nodeagent.paths import Paths
 from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +50,7 @@ class NodeAgent:
 
     @property
     def proxy_socket(self) -> Path:
-        return self.root / str(self.config["cri"]["proxySocket"]).lstrip("/")
+        return Paths(self.root).host(str(self.config["cri"]["proxySocket"]))
 
     @property
     def proxy_endpoint(self) -> str:
@@ -57,7 +58,7 @@ class NodeAgent:
 
     @property
     def status_file(self) -> Path:
-        return self.root / "run" / "nodeagent" / "status.json"
+        return Paths(self.root).daemon_status_file
 
     @property
     def pid(self) -> int | None:
