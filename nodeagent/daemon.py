@@ -351,21 +351,29 @@ class Daemon:
 
     async def _cache_stats_loop(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
-                await self.refresh_cache_stats()
+            # The eviction loop reports the same figures every eviction.interval (update_cache_stats);
+            # list the images here only when nothing did within the last interval.
+            if time.time() - float(self.cache.get("at", 0.0)) >= CACHE_STATS_INTERVAL:
+                with contextlib.suppress(Exception):
+                    await self.refresh_cache_stats()
             await asyncio.sleep(CACHE_STATS_INTERVAL)
 
     async def refresh_cache_stats(self) -> None:
+        """Image count and size from ListImages; imagefs usage measured the way eviction measures
+        it (``eviction.imagefsPath`` under ``--root``, else the runtime's mountpoint; statvfs)."""
+        from nodeagent.eviction import usage
+
         images = await self._cri.list_images()
-        fs = await self._cri.image_fs_info()
-        path = fs.image_filesystems[0].fs_id.mountpoint if fs.image_filesystems else ""
-        ratio = None
-        if path:
-            try:
-                st = os.statvfs(path)
-                ratio = 1.0 - st.f_bavail / st.f_blocks if st.f_blocks else None
-            except OSError:
-                ratio = None
+        configured = self.config.eviction.imagefs_path
+        mountpoint = "" if configured else usage.mountpoint_from_imagefs_info(await self._cri.image_fs_info())
+        ratio: float | None = None
+        path = ""
+        try:
+            where = usage.imagefs_path(self.paths, configured, mountpoint)
+            path = str(where)
+            ratio = usage.measure(where).ratio
+        except usage.UsageError:
+            pass
         self.update_cache_stats(len(images), sum(int(i.size) for i in images), ratio, path)
 
     async def _last_used_loop(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.config.model import Config, CriConfig, MetricsConfig
+from nodeagent.config.model import Config, CriConfig, EvictionConfig, MetricsConfig
 from nodeagent.cri.client import CriClient
 from nodeagent.daemon import Daemon, parse_listen, sd_notify, watchdog_interval
 from nodeagent.paths import Paths
@@ -298,3 +298,31 @@ def test_sigterm_drain_is_bounded() -> None:
 
     asyncio.run(main())
     rm(d)
+
+
+class _ListingOnly:
+    """Stands in for the daemon's CRI client: counts ListImages, has no ImageFsInfo (so the
+    measured path must come from eviction.imagefsPath)."""
+
+    def __init__(self) -> None:
+        self.lists = 0
+
+    async def list_images(self) -> list[object]:
+        self.lists += 1
+        return []
+
+
+def test_cache_stats_measure_imagefs_like_eviction_under_root(tmp_path: Path) -> None:
+    cfg = Config(
+        cri=CriConfig(proxy_socket=""),
+        eviction=EvictionConfig(imagefs_path="/var/lib/containerd"),
+        metrics=MetricsConfig(listen="127.0.0.1:0"),
+    )
+    (tmp_path / "var/lib/containerd").mkdir(parents=True)
+    d = Daemon(cfg, Paths(tmp_path), environ={})
+    cri = _ListingOnly()
+    d._cri = cri
+    asyncio.run(d.refresh_cache_stats())
+    assert cri.lists == 1
+    assert d.cache["imagefsPath"] == str(tmp_path / "var/lib/containerd")
+    assert 0.0 <= d.cache["imagefsUsedRatio"] <= 1.0
