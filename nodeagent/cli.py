@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status",
         help="cache size, imagefs usage, recent pulls, evictions, mirror health",
-        description="Operator view of this node. Exit 0 healthy, 1 degraded.",
+        description="Operator view of this node, from the daemon's status file and the last apply "
+        "report (no config is read). Exit 0 healthy, 1 degraded.",
     )
-    _common(p)
+    _common(p, config=False)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(

@@ -16,3 +16,11 @@ def test_every_command_has_help(cmd: str, capsys: pytest.CaptureFixture[str]) ->
 def test_all_design_commands_present() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert sorted(sub.choices) == sorted(COMMANDS)  # type: ignore[arg-type]
+
+
+def test_status_takes_no_config_it_would_ignore() -> None:
+    # status reads files only (the daemon's status file, the apply report): no -c, no --imds
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["status", "-c", "/x.yaml"])
+    assert e.value.code == 2
+    assert build_parser().parse_args(["status", "--json", "--root", "/r"]).json
