@@ -24,6 +24,7 @@ from nodeagent.imds import ImdsSettings
 from nodeagent.paths import Paths
 from nodeagent.userdata import render_al2023
 from tests.fakes.imds import FakeImds
+from tests.sandbox.net import RefusedPort
 
 BAKED = "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\nkubelet:\n  registryPullQPS: 10\n"
 PART = "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\nkubelet:\n  registryPullQPS: 50\n"
@@ -40,14 +41,6 @@ def timed(root: Path, env: dict[str, str]) -> tuple[float, str]:
         else f"registryPullQPS={loaded.config.kubelet.registry_pull_qps}"
     )
     return took, note
-
-
-def refused_endpoint() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 {"NODEAGENT_IMDS": "on", "NODEAGENT_IMDS_ENDPOINT": fake.endpoint},
                 runs,
             )
-        case("imds refused", {"NODEAGENT_IMDS": "on", "NODEAGENT_IMDS_ENDPOINT": refused_endpoint()}, runs)
+        with RefusedPort() as refused:
+            case("imds refused", {"NODEAGENT_IMDS": "on", "NODEAGENT_IMDS_ENDPOINT": refused.url}, runs)
         with FakeImds(b"") as fake:
             fake.hang = True
             case("imds black-holed", {"NODEAGENT_IMDS": "on", "NODEAGENT_IMDS_ENDPOINT": fake.endpoint}, 1)

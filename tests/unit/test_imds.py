@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 from nodeagent.imds import ImdsClient, ImdsError, ImdsSettings
 from tests.fakes.imds import FakeImds
+from tests.sandbox.net import RefusedPort
 
 
 def client(endpoint: str, **kw: float) -> ImdsClient:
     return ImdsClient(ImdsSettings(endpoint=endpoint, **kw))  # type: ignore[arg-type]
-
-
-def refused_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def test_token_then_user_data() -> None:
@@ -80,8 +73,8 @@ def test_expired_token_is_refreshed_once_then_error() -> None:
 
 def test_refused_fails_fast() -> None:
     t0 = time.monotonic()
-    with pytest.raises(ImdsError) as e:
-        client(refused_endpoint(), backoff=0.01).user_data()
+    with RefusedPort() as refused, pytest.raises(ImdsError) as e:
+        client(refused.url, backoff=0.01).user_data()
     assert e.value.unreachable
     assert time.monotonic() - t0 < 1.0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +12,7 @@ import pytest
 
 from nodeagent.config.model import Mirror
 from nodeagent.mirrorhealth import probe as p
+from tests.sandbox.net import RefusedPort
 
 
 @pytest.mark.parametrize(
@@ -136,11 +136,8 @@ def test_server_that_closes_without_answering_is_dead() -> None:
 
 
 def test_refused_port_is_dead() -> None:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    r = asyncio.run(p.probe(p.make_target("r", Mirror(f"http://127.0.0.1:{port}")), 1.0))
+    with RefusedPort() as refused:  # bound, never listening
+        r = asyncio.run(p.probe(p.make_target("r", Mirror(refused.url)), 1.0))
     assert not r.alive and r.error == "connection refused"
 
 
