@@ -40,12 +40,9 @@ class _Closable:
         self.close()
 
 
-class RefusedPort(_Closable):
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind((host, 0))
-        self.host = host
-        self.port: int = self._sock.getsockname()[1]
+class _Endpoint(_Closable):
+    host: str
+    port: int
 
     @property
     def address(self) -> str:
@@ -55,34 +52,31 @@ class RefusedPort(_Closable):
     def url(self) -> str:
         return f"http://{self.address}"
 
+
+class RefusedPort(_Endpoint):
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((host, 0))
+        self.host = host
+        self.port = self._sock.getsockname()[1]
+
     def close(self) -> None:
         self._sock.close()
 
 
-class HungServer(_Closable):
-    """Accepts connections, reads and discards what arrives, never answers."""
+class _Listener(_Endpoint):
+    """A listening socket on an ephemeral port and a thread handing each connection to ``_accepted``."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str, name: str) -> None:
         self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._lsock.bind((host, 0))
         self._lsock.listen(64)
         self._lsock.settimeout(0.2)
         self.host = host
-        self.port: int = self._lsock.getsockname()[1]
-        self.accepted = 0
-        self._conns: list[socket.socket] = []
+        self.port = self._lsock.getsockname()[1]
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"hung-{self.port}", daemon=True)
-        self._thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
+        self._thread = threading.Thread(target=self._serve, name=f"{name}-{self.port}", daemon=True)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -92,76 +86,72 @@ class HungServer(_Closable):
                 continue
             except OSError:
                 return
-            conn.setblocking(False)
-            self._conns.append(conn)
-            self.accepted += 1
-            for c in list(self._conns):  # drain so the peer's writes never block on us
-                with contextlib.suppress(OSError):
-                    c.recv(65536)
+            self._accepted(conn)
 
-    def close(self) -> None:
+    def _accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _stop_listening(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
         self._lsock.close()
+
+
+class HungServer(_Listener):
+    """Accepts connections, reads and discards what arrives, never answers."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__(host, "hung")
+        self.accepted = 0
+        self._conns: list[socket.socket] = []
+        self._thread.start()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        self._conns.append(conn)
+        self.accepted += 1
+        for c in list(self._conns):  # drain so the peer's writes never block on us
+            with contextlib.suppress(OSError):
+                c.recv(65536)
+
+    def close(self) -> None:
+        self._stop_listening()
         for c in self._conns:
             c.close()
 
 
-class ThrottleProxy(_Closable):
+class ThrottleProxy(_Listener):
     """TCP proxy to ``upstream`` ("host:port"), at most ``rate`` bytes/s per connection downstream."""
 
     def __init__(self, upstream: str, rate: int, host: str = "127.0.0.1", chunk: int = 16384) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0 bytes/s")
+        super().__init__(host, "throttle")
         uh, _, up = upstream.rpartition(":")
         self.upstream = (uh, int(up))
         self.rate = rate
         self.chunk = max(1, min(chunk, rate // 10 or 1))
-        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._lsock.bind((host, 0))
-        self._lsock.listen(64)
-        self._lsock.settimeout(0.2)
-        self.host = host
-        self.port: int = self._lsock.getsockname()[1]
         self.connections = 0
         self.bytes_down = 0
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"throttle-{self.port}", daemon=True)
         self._thread.start()
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._lsock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self.connections += 1
-                self._socks += [client, upstream]
-            for src, dst, limited in ((client, upstream, False), (upstream, client, True)):
-                t = threading.Thread(target=self._pump, args=(src, dst, limited), daemon=True)
-                self._threads.append(t)
-                t.start()
+    def _accepted(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self.connections += 1
+            self._socks += [client, upstream]
+        for src, dst, limited in ((client, upstream, False), (upstream, client, True)):
+            t = threading.Thread(target=self._pump, args=(src, dst, limited), daemon=True)
+            self._threads.append(t)
+            t.start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, limited: bool) -> None:
         start = time.monotonic()
@@ -186,9 +176,7 @@ class ThrottleProxy(_Closable):
                 dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._lsock.close()
+        self._stop_listening()
         with self._lock:
             socks = list(self._socks)
         for s in socks:
