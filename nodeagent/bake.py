@@ -27,10 +27,6 @@ from nodeagent.prefetch import ImageOutcome
 
 DEFAULT_SNAPSHOTTER = "overlayfs"
 CONTAINERD_SOCKETS = ("/run/containerd/containerd.sock", "/var/run/containerd/containerd.sock")
-SOCI_UNITS = (
-    "/etc/systemd/system/soci-snapshotter.service",
-    "/usr/lib/systemd/system/soci-snapshotter.service",
-)
 
 
 @dataclass
@@ -105,7 +101,7 @@ def snapshotter_warnings(config: Config, paths: Paths) -> list[str]:
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         return [f"{path}: cannot read containerd's config ({type(e).__name__}); snapshotter not checked"]
     now = _cri_snapshotter(doc)
-    soci_signs = [u for u in SOCI_UNITS if paths.host(u).exists()]
+    soci_signs = [str(u) for u in paths.soci_units if u.exists()]
     proxies = doc.get("proxy_plugins", {})
     if isinstance(proxies, dict) and any("soci" in str(k) for k in proxies):
         soci_signs.append(f"{path} [proxy_plugins]")

@@ -17,9 +17,6 @@ from pathlib import Path
 from nodeagent.paths import Paths
 from nodeagent.targets import is_owned
 
-CONTAINERD_ROOT = "/var/lib/containerd"
-NODEADM_BINARIES = ("/usr/bin/nodeadm", "/usr/local/bin/nodeadm")
-
 
 @dataclass(frozen=True)
 class NodeFacts:
@@ -43,7 +40,7 @@ def nic_speed_mbps(paths: Paths) -> int | None:
     Drivers report -1 or fail with EINVAL when the link is down or the speed unknown (some
     virtual NICs); those are ignored.
     """
-    base = paths.host("/sys/class/net")
+    base = paths.net_class_dir
     best: int | None = None
     try:
         names = sorted(os.listdir(base))
@@ -64,7 +61,7 @@ def nic_speed_mbps(paths: Paths) -> int | None:
 
 def imagefs_bytes(paths: Paths) -> int | None:
     """Size of the filesystem that holds (or will hold) the containerd root."""
-    p: Path = paths.host(CONTAINERD_ROOT)
+    p: Path = paths.containerd_root
     while True:
         try:
             st = os.statvfs(p)
@@ -117,6 +114,11 @@ def memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
 
 
+def nodeadm_present(paths: Paths) -> bool:
+    """nodeadm is installed, or its drop-in directory exists (apply's flavor, IMDS ``auto``)."""
+    return any(b.exists() for b in paths.nodeadm_binaries) or paths.nodeadm_dropin_dir.is_dir()
+
+
 def gather(paths: Paths, hosts_dir: str = "/etc/containerd/certs.d") -> NodeFacts:
     return NodeFacts(
         paths=paths,
@@ -125,7 +127,6 @@ def gather(paths: Paths, hosts_dir: str = "/etc/containerd/certs.d") -> NodeFact
         nic_speed_mbps=nic_speed_mbps(paths),
         imagefs_bytes=imagefs_bytes(paths),
         containerd_config=_read_text(paths.containerd_config),
-        nodeadm_present=any(paths.host(b).exists() for b in NODEADM_BINARIES)
-        or paths.nodeadm_dropin_dir.is_dir(),
+        nodeadm_present=nodeadm_present(paths),
         owned_hosts_files=owned_hosts_files(paths, hosts_dir),
     )

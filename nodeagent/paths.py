@@ -84,6 +84,28 @@ class Paths:
     def hosts_dir(self, configured: str) -> Path:
         return self.host(configured)
 
+    # --- other components' files that nodeagent only reads ---------------------------------------
+    @property
+    def containerd_root(self) -> Path:
+        return self.host("/var/lib/containerd")
+
+    @property
+    def net_class_dir(self) -> Path:
+        return self.host("/sys/class/net")
+
+    @property
+    def nodeadm_binaries(self) -> tuple[Path, ...]:
+        """Where AL2023 installs nodeadm (its presence selects the eks-al2023 flavor)."""
+        return (self.host("/usr/bin/nodeadm"), self.host("/usr/local/bin/nodeadm"))
+
+    @property
+    def soci_units(self) -> tuple[Path, ...]:
+        """systemd units of the SOCI snapshotter (a sign that images will be pulled with it)."""
+        return (
+            self.host("/etc/systemd/system/soci-snapshotter.service"),
+            self.host("/usr/lib/systemd/system/soci-snapshotter.service"),
+        )
+
 
 def child(base: Path, name: str) -> Path:
     """``base / name`` for a single path component, refusing anything that could leave ``base``."""

@@ -65,13 +65,6 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _nodeadm_present(paths: Paths) -> bool:
-    """The same test apply's flavor detection uses (facts.gather): nodeadm or its drop-in directory."""
-    from nodeagent.facts import NODEADM_BINARIES
-
-    return any(paths.host(b).exists() for b in NODEADM_BINARIES) or paths.nodeadm_dropin_dir.is_dir()
-
-
 def imds_mode(args: argparse.Namespace, env: Mapping[str, str]) -> ImdsMode:
     """``--imds`` wins over ``NODEAGENT_IMDS``; default auto."""
     value = getattr(args, "imds", None) or env.get(IMDS_ENV, "auto")
@@ -102,7 +95,9 @@ def imds_enabled(args: argparse.Namespace, paths: Paths, env: Mapping[str, str])
         return True
     if flavor == "generic":
         return False
-    return _nodeadm_present(paths)
+    from nodeagent.facts import nodeadm_present  # the test apply's flavor detection uses
+
+    return nodeadm_present(paths)
 
 
 def _problems(where: str, e: ConfigError, *, lines: bool) -> str:
