@@ -1,6 +1,8 @@
-"""Sizes and ages as people read them, the same in every command's output."""
+"""Sizes, ages and tables as people read them, the same in every command's output."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 def size(n: float, *, binary: bool = False) -> str:
@@ -27,3 +29,10 @@ def ago(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h{(s % 3600) // 60:02d}m ago"
     return f"{s // 86400}d{(s % 86400) // 3600:02d}h ago"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart, as many lines as rows plus the header."""
+    all_rows = [header, *rows]
+    widths = [max(len(r[c]) for r in all_rows) for c in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in all_rows]

@@ -317,8 +317,7 @@ def format_summary(report: PrefetchReport) -> str:
         (o.image, short_digest(o.digest), human_size(o.size), f"{o.seconds:.1f}s", result_text(o))
         for o in report.outcomes
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines = humanize.table(header, rows)
     for o in report.outcomes:
         if not o.ok and o.error:
             lines.append(f"  {o.image}: {o.result}: {o.error}")

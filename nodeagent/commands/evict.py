@@ -20,7 +20,7 @@ from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
 from nodeagent.config.sources import load_for_command, print_notes
 from nodeagent.eviction import baked, usage
 from nodeagent.eviction.policy import REMOVE, Plan
-from nodeagent.humanize import ago, size
+from nodeagent.humanize import ago, size, table
 from nodeagent.paths import Paths
 
 
@@ -70,10 +70,8 @@ def render(result: DryRun, *, max_name: int = 60) -> str:
                 d.detail,
             )
         )
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     lines.append("")
-    for r in [header, *rows]:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    lines += table(header, rows)
     return "\n".join(lines) + "\n"
 
 

@@ -29,3 +29,7 @@ def test_ago(seconds: float | None, want: str) -> None:
 )
 def test_size(n: int, binary: bool, want: str) -> None:
     assert humanize.size(n, binary=binary) == want
+
+
+def test_table_aligns_columns_and_trims_trailing_space() -> None:
+    assert humanize.table(("A", "LONGER"), [("xyz", ""), ("1", "2")]) == ["A    LONGER", "xyz", "1    2"]
