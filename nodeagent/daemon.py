@@ -135,7 +135,6 @@ class Daemon:
         self._status_hooks: dict[str, StatusHook] = {}
         self._pull_wrapper: Any = None
         self._stop: asyncio.Event | None = None
-        self._status_dirty = True
         self._dirty_event: asyncio.Event | None = None
         self._last_upstream_ok = 0.0
         self._checked_mono = 0.0
@@ -170,7 +169,6 @@ class Daemon:
             self._proxy.pull_wrapper = fn
 
     def mark_status_dirty(self) -> None:
-        self._status_dirty = True
         if self._dirty_event is not None:
             self._dirty_event.set()
 
@@ -455,7 +453,6 @@ class Daemon:
         }
 
     def _write_status(self, state: str = "running") -> None:
-        self._status_dirty = False
         try:
             body = json.dumps(self.status(state), indent=1, sort_keys=True, default=str)
             write_atomic(self.paths.daemon_status_file, body + "\n", mode=0o644)
