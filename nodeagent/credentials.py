@@ -36,6 +36,7 @@ import yaml
 
 from nodeagent import proc
 from nodeagent.config.formats import parse_duration
+from nodeagent.imageref import DEFAULT_REGISTRY, DOCKER_HUB_ALIASES
 from nodeagent.log import event, get_logger
 from nodeagent.paths import UnsafePathError, child
 from nodeagent.proxy.records import split_reference
@@ -146,8 +147,8 @@ def best_match(keys: Sequence[str], image: str) -> str | None:
 def _fold_docker_hub(key: str) -> str:
     u = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", key.strip())
     host, sep, path = u.partition("/")
-    if host.lower() in ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"):
-        host = "docker.io"
+    if host.lower() in DOCKER_HUB_ALIASES:
+        host = DEFAULT_REGISTRY
         if path in ("v1/", "v1", "v2/", "v2"):  # "https://index.docker.io/v1/" means the whole hub
             sep, path = "", ""
     return host + sep + path

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 
 DEFAULT_REGISTRY = "docker.io"
+# Other names of Docker Hub, folded into DEFAULT_REGISTRY wherever a registry host is compared.
+DOCKER_HUB_ALIASES = frozenset({"index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _GLOB = frozenset("*?[")
 
@@ -26,7 +28,7 @@ def split_domain(ref: str) -> tuple[str, str]:
         domain, remainder = first, rest
     else:
         domain, remainder = DEFAULT_REGISTRY, ref
-    if domain in ("index.docker.io", "registry-1.docker.io"):
+    if domain in DOCKER_HUB_ALIASES:
         domain = DEFAULT_REGISTRY
     if domain == DEFAULT_REGISTRY and "/" not in remainder:
         remainder = "library/" + remainder

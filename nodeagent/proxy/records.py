@@ -10,10 +10,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nodeagent.imageref import split_domain
+from nodeagent.imageref import DOCKER_HUB_ALIASES, split_domain
 
 DOCKER_HUB = "docker.io"
-_DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+_DOCKER_HUB_ALIASES = {DOCKER_HUB, *DOCKER_HUB_ALIASES}
 _DIGEST = re.compile(r"@[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
 _IMAGE_ID = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
 

@@ -49,3 +49,8 @@ def test_repository_strips_tag_and_digest_not_port() -> None:
 )
 def test_normalize_pattern(pattern: str, want: str) -> None:
     assert refs.normalize_pattern(pattern) == want
+
+
+def test_every_docker_hub_alias_folds_into_docker_io() -> None:
+    for alias in refs.DOCKER_HUB_ALIASES:
+        assert refs.normalize(f"{alias}/library/busybox:1") == "docker.io/library/busybox:1"
