@@ -49,11 +49,10 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
 
 def run(args: argparse.Namespace) -> int:
     from nodeagent import log
-    from nodeagent.commands.validate import config_path
 
     log.setup()
-    path = config_path(args)
     paths = Paths.at(args.root)
+    path = paths.config_for(args.config)
     try:
         loaded = load_for_command(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
     except ConfigError as e:

@@ -22,11 +22,6 @@ from nodeagent.config.schema import differences
 from nodeagent.paths import Paths
 
 
-def config_path(args: argparse.Namespace) -> str:
-    """The config file for ``-c``/``--root``: ``-c`` as given, else the default under ``--root``."""
-    return str(Paths.at(args.root).config_for(args.config))
-
-
 def _invalid(path: str, problems: list[str]) -> int:
     n = len(problems)
     print(f"{path}: invalid, {n} problem{'' if n == 1 else 's'}:", file=sys.stderr)
@@ -50,7 +45,7 @@ def _with_user_data(args: argparse.Namespace, path: str) -> tuple[Config, str] |
 
 
 def run(args: argparse.Namespace) -> int:
-    path = config_path(args)
+    path = str(Paths.at(args.root).config_for(args.config))
     try:
         if getattr(args, "imds", None) in ("on", "auto"):
             result = _with_user_data(args, path)
