@@ -348,12 +348,18 @@ class Daemon:
         self.metrics.upstream_up.set(1 if ok else 0)
 
     async def _cache_stats_loop(self) -> None:
+        from nodeagent.cri.client import CriError
+
         while True:
             # The eviction loop reports the same figures every eviction.interval (update_cache_stats);
             # list the images here only when nothing did within the last interval.
             if time.time() - float(self.cache.get("at", 0.0)) >= CACHE_STATS_INTERVAL:
-                with contextlib.suppress(Exception):
+                try:
                     await self.refresh_cache_stats()
+                except CriError:
+                    pass  # the runtime is not answering: /healthz and the status file say so
+                except Exception:
+                    log.exception("cache stats failed")  # a bug: visible, and the loop goes on
             await asyncio.sleep(CACHE_STATS_INTERVAL)
 
     async def refresh_cache_stats(self) -> None:
