@@ -27,6 +27,7 @@ from nodeagent.prefetch import (
     format_summary,
     pick_digest,
 )
+from tests.unit.cri.fakes import FakeClock
 
 
 def digest(n: int) -> str:
@@ -77,19 +78,6 @@ class FakeCri:
             return digest(1000 + n)
         finally:
             self.in_flight -= 1
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, s: float) -> None:
-        self.sleeps.append(s)
-        self.now += s
 
 
 def run(pf: Prefetcher) -> PrefetchReport:

@@ -173,3 +173,18 @@ async def fake_runtime(sock: str | None = None) -> AsyncIterator[tuple[FakeRunti
     finally:
         await server.stop(None)
         shutil.rmtree(d, ignore_errors=True)
+
+
+class FakeClock:
+    """Sleeps advance a fake monotonic clock instead of waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s

@@ -14,7 +14,7 @@ import pytest
 
 from nodeagent.cri.client import CriClient, CriError, RetryPolicy, grpc_target, redact
 from nodeagent.cri.gen import cri_api_pb2 as pb
-from tests.unit.cri.fakes import Plan, fake_runtime
+from tests.unit.cri.fakes import FakeClock, Plan, fake_runtime
 
 # gRPC encodes the deadline in the grpc-timeout header rounded up to its unit, so the server can
 # see up to about a second more than the client set.
@@ -23,21 +23,6 @@ SLACK = 1.5
 
 def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(coro_fn())  # type: ignore[arg-type]
-
-
-class FakeClock:
-    """Sleeps advance a fake monotonic clock instead of waiting."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, s: float) -> None:
-        self.sleeps.append(s)
-        self.now += s
 
 
 def test_every_call_carries_a_deadline() -> None:
