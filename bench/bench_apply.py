@@ -18,7 +18,6 @@ import http.server
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import REPO, import_times
+
 STOCK = REPO / "tests/data/containerd-1.6-config-default.toml"
 TARGET_MS = 300.0
 TARGET_RSS_MB = 60.0
@@ -98,15 +98,6 @@ def _run(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024.0  # ru_maxrss is KiB on Linux
 
 
-def _imports(cmd: list[str]) -> set[str]:
-    err = subprocess.run(
-        [sys.executable, "-X", "importtime", *cmd[1:]], cwd=REPO, capture_output=True, text=True, env=ENV
-    ).stderr
-    return {
-        ln.split("|")[-1].strip().split(".")[0] for ln in err.splitlines() if ln.startswith("import time:")
-    }
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--runs", type=int, default=15)
@@ -146,7 +137,7 @@ def main(argv: list[str]) -> int:
                 f"{name:26s} median {w:6.1f} ms ({w / bw:.2f}x baseline, own cost {w - bw:.1f} ms), "
                 f"peak RSS {rss:5.1f} MB ({rss / brss:.2f}x baseline)"
             )
-        heavy = sorted(_imports(apply_cmd(steady)) & set(HEAVY))
+        heavy = sorted({n.split(".")[0] for _, n in import_times(apply_cmd(steady), ENV)} & set(HEAVY))
         if heavy:
             print(f"FAIL: apply imports {', '.join(heavy)}")
         ok_ms, ok_rss = worst_ms < TARGET_MS, worst_rss < TARGET_RSS_MB

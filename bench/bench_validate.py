@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import REPO, import_times
+
 EXAMPLE = REPO / "docs/config.example.yaml"
 TARGET_MS = 300.0
 HEAVY = ("grpc", "prometheus_client", "tomlkit")
@@ -28,24 +29,6 @@ def _time(cmd: list[str]) -> float:
     started = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return (time.perf_counter() - started) * 1000.0
-
-
-def _imports() -> list[tuple[int, str]]:
-    """(cumulative microseconds, module) for every module the validate process imports."""
-    out = subprocess.run(
-        [sys.executable, "-X", "importtime", *VALIDATE[1:]],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stderr
-    rows = []
-    for line in out.splitlines():
-        if not line.startswith("import time:") or "cumulative" in line:
-            continue
-        _self, cumulative, name = line[len("import time:") :].split("|")
-        rows.append((int(cumulative), name.strip()))
-    return rows
 
 
 def main(argv: list[str]) -> int:
@@ -72,7 +55,7 @@ def main(argv: list[str]) -> int:
         print(f"{script} validate: median {e:.1f} ms ({e / b:.2f}x baseline)")
         v = max(v, e)
 
-    rows = _imports()
+    rows = import_times(VALIDATE)
     top = [r for r in rows if r[1].split(".")[0] in ("nodeagent", "yaml")]
     top.sort(reverse=True)
     print("heaviest nodeagent/yaml imports (cumulative):")
