@@ -45,6 +45,7 @@ STATUS_INTERVAL = 15.0  # heartbeat of the status file; `nodeagent status` calls
 STATUS_DEBOUNCE = 1.0  # a change is written within this long (pull bursts make one write)
 HEALTH_INTERVAL = 15.0  # idle-time upstream probe; proxied calls update the state as they happen
 HEALTH_TIMEOUT = 2.0
+SHUTDOWN_TASKS_TIMEOUT = 2.0  # background loops get this long to stop after their cancel
 CACHE_STATS_INTERVAL = 60.0
 LAST_USED_SAVE_INTERVAL = 60.0
 RECENT_PULLS = 20
@@ -262,7 +263,10 @@ class Daemon:
             await self._proxy.stop(self.drain_seconds)
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a task that ignores its cancel must not keep the node's daemon up
+            _, stuck = await asyncio.wait(self._tasks, timeout=SHUTDOWN_TASKS_TIMEOUT)
+            for t in stuck:
+                event(log, "task did not stop", level=30, task=repr(t.get_coro()))
         if self._listener_tasks:
             await asyncio.wait(set(self._listener_tasks), timeout=2.0)
         if self._http is not None:
@@ -419,8 +423,11 @@ class Daemon:
     async def _status_loop(self) -> None:
         assert self._dirty_event is not None
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that arrives as the
+            # event is set, and the daemon's shutdown would then wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty_event.wait(), STATUS_INTERVAL)
+                async with asyncio.timeout(STATUS_INTERVAL):
+                    await self._dirty_event.wait()
                 await asyncio.sleep(STATUS_DEBOUNCE)
             self._dirty_event.clear()
             self._write_status()

@@ -43,6 +43,10 @@ CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Accept long error statuses from the runtime (grpc's default soft limit of 8 KiB for metadata
+    # drops a call's status at random between the soft and the hard limit).
+    ("grpc.max_metadata_size", 64 * 1024),
+    ("grpc.absolute_max_metadata_size", 64 * 1024),
 )
 
 

@@ -60,6 +60,10 @@ _HOP_METADATA = frozenset({"user-agent", "content-type", "te", "host", ":authori
 # Image size lookup after a pull: short; a slow answer only loses the byte count of one record.
 SIZE_LOOKUP_TIMEOUT = 5.0
 MAX_ERROR_CHARS = 2000
+# The status message forwarded to the kubelet travels as gRPC metadata (grpc-message). Past the
+# kubelet's default 8 KiB soft limit grpc drops the whole status at random ("Stream removed"), so a
+# longer upstream message reaches the caller cut to this many bytes, with a marker.
+MAX_CALLER_ERROR_BYTES = 4096
 
 
 def _forward_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
@@ -129,9 +133,14 @@ class ImageProxy:
             self._bound = False
 
     async def drain_records(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-        """Wait for pending pull records (they finish after the response was sent)."""
+        """Wait for pending pull records: a pull's caller can see its answer (an abort in particular)
+        before the handler has left its ``finally`` and queued the record, so first wait for the
+        in-flight handlers, then for the record tasks; bounded by ``timeout`` in all."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110 (shutdown and tests only)
+            await asyncio.sleep(0.005)
         if self._background:
-            await asyncio.wait(set(self._background), timeout=timeout)
+            await asyncio.wait(set(self._background), timeout=max(0.0, deadline - time.monotonic()))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -177,7 +186,7 @@ class ImageProxy:
         try:
             return await self._forward(method, request, context)
         except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), e.details() or "")
+            await context.abort(e.code(), for_caller(e.details() or ""))
             raise  # unreachable: abort raises
 
     async def passthrough_stream(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> Any:
@@ -193,7 +202,7 @@ class ImageProxy:
             raise
         except grpc.aio.AioRpcError as e:
             self._note(method, e.code())
-            await context.abort(e.code(), e.details() or "")
+            await context.abort(e.code(), for_caller(e.details() or ""))
         else:
             self._note(method, grpc.StatusCode.OK)
 
@@ -224,7 +233,7 @@ class ImageProxy:
             return response
         except grpc.aio.AioRpcError as e:
             code, details = e.code().name, redact(e.details() or "", secrets)
-            await context.abort(e.code(), details)  # the caller gets the whole message
+            await context.abort(e.code(), for_caller(details))
             raise  # unreachable
         except asyncio.CancelledError:
             code, details = "CANCELLED", "the caller cancelled the pull"
@@ -333,7 +342,7 @@ class ImageProxy:
             response = await self._forward(REMOVE, request, context)
         except grpc.aio.AioRpcError as e:
             event(log, "remove", image=image, result=e.code().name, error=e.details() or "")
-            await context.abort(e.code(), e.details() or "")
+            await context.abort(e.code(), for_caller(e.details() or ""))
             raise
         event(log, "remove", image=image, result="OK", duration_seconds=round(time.monotonic() - t0, 4))
         return response
@@ -372,3 +381,12 @@ class _GenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         if len(self._cache) < 256:
             self._cache[method] = handler
         return handler
+
+
+def for_caller(details: str) -> str:
+    """An upstream status message as the proxy forwards it: whole up to ``MAX_CALLER_ERROR_BYTES``."""
+    raw = details.encode()
+    if len(raw) <= MAX_CALLER_ERROR_BYTES:
+        return details
+    marker = " ... (truncated by nodeagent)"
+    return raw[: MAX_CALLER_ERROR_BYTES - len(marker)].decode(errors="ignore") + marker
