@@ -215,7 +215,7 @@ class Prefetcher:
             self.progress.update(o, "pulling", f"attempt {attempt}" if attempt > 1 else "")
             try:
                 ref = await self.cri.pull_image(
-                    o.image, auth=auth.cri_fields() if auth else None, timeout=remaining
+                    o.image, auth=auth.cri_fields() if auth else None, timeout=remaining, retry=False
                 )
             except CriError as e:
                 code = e.code.name if e.code is not None else "UNKNOWN"

@@ -334,9 +334,11 @@ class CriClient(GrpcCaller):
         auth: Any = None,
         sandbox_config: Any = None,
         timeout: float | None = None,  # noqa: ASYNC109  (the gRPC deadline, not an asyncio timeout)
+        retry: bool = True,
     ) -> str:
         """Pull ``image``; returns the image ref (id). ``auth`` is a runtime.v1.AuthConfig or a
-        mapping of its fields. ``timeout`` None uses ``pull_timeout``."""
+        mapping of its fields. ``timeout`` None uses ``pull_timeout``. ``retry=False`` for a caller
+        with its own retry loop (prefetch), so that the two do not multiply."""
         if isinstance(auth, Mapping):
             auth = pb.AuthConfig(**auth)
         req = pb.PullImageRequest(image=pb.ImageSpec(image=image), auth=auth, sandbox_config=sandbox_config)
@@ -345,6 +347,7 @@ class CriClient(GrpcCaller):
             self.images.PullImage,
             req,
             deadline=timeout if timeout is not None else self.pull_timeout,
+            retry=retry,
             secrets=auth_secrets(auth),
         )
         return str(resp.image_ref)

@@ -55,7 +55,14 @@ class FakeCri:
                 )
         return pb.ImageStatusResponse()
 
-    async def pull_image(self, image: str, auth: Any = None, timeout: float | None = None) -> str:  # noqa: ASYNC109
+    async def pull_image(
+        self,
+        image: str,
+        auth: Any = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+        retry: bool = True,
+    ) -> str:
+        assert retry is False, "prefetch retries pulls itself: the client's retry would multiply it"
         self.pulls.append((image, auth, timeout))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
