@@ -36,7 +36,6 @@ from nodeagent.config.loader import ConfigError, Problem, load, load_data, parse
 from nodeagent.config.model import Config
 from nodeagent.imds import ENDPOINT_ENV, ImdsClient, ImdsError, ImdsSettings
 from nodeagent.paths import Paths
-from nodeagent.userdata import UserDataError, nodeagent_parts
 
 IMDS_ENV = "NODEAGENT_IMDS"  # on | off | auto
 ImdsMode = Literal["on", "off", "auto"]
@@ -172,6 +171,8 @@ def load_for_command(
         warning = f"IMDS {why} after {took:.1f}s ({err}); using the baked config {path} alone"
         return LoadedConfig(baked, baked_only, (warning,), imds_seconds=took)
     took = clock() - t0
+    from nodeagent.userdata import UserDataError, nodeagent_parts  # MIME parsing: only with user-data
+
     try:
         parts = nodeagent_parts(raw)
     except UserDataError as err:
