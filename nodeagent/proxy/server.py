@@ -12,6 +12,9 @@ The caller's deadline becomes the upstream deadline; a cancelled caller cancels 
 the upstream's status code and message go back to the caller. Calls are not serialized: every
 RPC runs in its own task. With the upstream down, calls fail with UNAVAILABLE at once (the
 channel does not wait for readiness) and succeed again as soon as it is back.
+
+Both hops speak gRPC through ``nodeagent.proxy.h2grpc`` (HTTP/2 on the asyncio loop's own sockets),
+not grpc.aio, whose thread hand-offs cost more than the 1 ms budget per call (docs/proxy.md).
 """
 
 from __future__ import annotations
@@ -20,23 +23,23 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-import grpc.aio
 
-from nodeagent.cri.client import CHANNEL_OPTIONS, CriClient, auth_secrets, grpc_target, redact
+from nodeagent.cri.client import MAX_MESSAGE_BYTES, auth_secrets, redact
 from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.lastused import LastUsed
 from nodeagent.log import event, get_logger
 from nodeagent.metrics import Metrics
 from nodeagent.proxy import sockets
-from nodeagent.proxy.records import PullRecord, classify, image_label, registry_of
+from nodeagent.proxy.h2grpc import Channel, Context, OnDone, RpcError, Server, ServerCall
+from nodeagent.proxy.records import PullRecord, classify, image_label, is_image_id, registry_of
 
 log = get_logger(__name__)
 
-T = TypeVar("T")
 PullWrapper = Callable[[str, Callable[[], Awaitable[bytes]]], Awaitable[tuple[bytes, str | None]]]
 
 IMAGE_SERVICE = "/runtime.v1.ImageService/"
@@ -55,20 +58,14 @@ SERVER_STREAMING = frozenset(
         "/runtime.v1.RuntimeService/GetContainerEvents",
     }
 )
-# Metadata that belongs to this hop and must not be copied to the upstream call.
-_HOP_METADATA = frozenset({"user-agent", "content-type", "te", "host", ":authority"})
 # Image size lookup after a pull: short; a slow answer only loses the byte count of one record.
 SIZE_LOOKUP_TIMEOUT = 5.0
+SIZE_CACHE_ENTRIES = 4096
 MAX_ERROR_CHARS = 2000
 # The status message forwarded to the kubelet travels as gRPC metadata (grpc-message). Past the
 # kubelet's default 8 KiB soft limit grpc drops the whole status at random ("Stream removed"), so a
 # longer upstream message reaches the caller cut to this many bytes, with a marker.
 MAX_CALLER_ERROR_BYTES = 4096
-
-
-def _forward_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
-    md = context.invocation_metadata() or ()
-    return tuple((k, v) for k, v in md if not k.startswith("grpc-") and k not in _HOP_METADATA)
 
 
 class ImageProxy:
@@ -90,29 +87,21 @@ class ImageProxy:
         self.on_pull = on_pull
         self.on_upstream = on_upstream
         self.pull_wrapper = pull_wrapper
-        self._server: grpc.aio.Server | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._callables: dict[str, Any] = {}
-        self._cri: CriClient | None = None
+        self._server: Server | None = None
+        self._channel: Channel | None = None
+        self._handlers: dict[str, tuple[str, Any]] = {}
+        self._sizes: dict[str, int] = {}  # image id -> size
         self._background: set[asyncio.Task[None]] = set()
         self.in_flight = 0
         self._bound = False  # only a socket we bound is ever removed
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(grpc_target(self.upstream), options=CHANNEL_OPTIONS)
-        self._cri = CriClient(self.upstream, timeout=SIZE_LOOKUP_TIMEOUT)
-        server = grpc.aio.server(
-            options=(
-                ("grpc.max_receive_message_length", CHANNEL_OPTIONS[0][1]),
-                ("grpc.max_send_message_length", CHANNEL_OPTIONS[0][1]),
-            )
-        )
-        server.add_generic_rpc_handlers((_GenericHandler(self),))
+        self._channel = Channel(self.upstream, max_message=MAX_MESSAGE_BYTES)
+        server = Server(self._resolve, max_message=MAX_MESSAGE_BYTES)
         sockets.prepare_socket_path(self.socket_path)
         with sockets.restrictive_umask():
-            server.add_insecure_port("unix://" + str(self.socket_path))
-            await server.start()
+            await server.start_unix(str(self.socket_path))
         sockets.finish_socket(self.socket_path)
         self._server = server
         self._bound = True
@@ -124,8 +113,6 @@ class ImageProxy:
             await self._server.stop(grace)
             self._server = None
         await self.drain_records(timeout=5.0)
-        if self._cri is not None:
-            await self._cri.close()
         if self._channel is not None:
             await self._channel.close()
         if self._bound:
@@ -148,14 +135,24 @@ class ImageProxy:
         task.add_done_callback(self._background.discard)
 
     # --- forwarding ----------------------------------------------------------------------------
-    def _unary(self, method: str) -> Any:
-        mc = self._callables.get(method)
-        if mc is None:
-            assert self._channel is not None
-            mc = self._channel.unary_unary(method)  # no (de)serializers: bytes in, bytes out
-            if len(self._callables) < 256:  # bounded even if a client invents method names
-                self._callables[method] = mc
-        return mc
+    def _resolve(self, method: str) -> tuple[str, Any]:
+        """``(kind, handler)`` for a method name (see ``h2grpc.Server``): inspected ones get their
+        handler, every other name (also ones this build does not know) is relayed as it is."""
+        found = self._handlers.get(method)
+        if found is not None:
+            return found
+        if method in SERVER_STREAMING:
+
+            def stream(request: bytes, ctx: Context) -> Any:
+                return self.passthrough_stream(method, request, ctx)
+
+            found = ("stream", stream)
+        else:
+            inspected = {PULL: self._pull, STATUS: self._status, REMOVE: self._remove}
+            found = ("relay", inspected.get(method, self._passthrough))
+        if len(self._handlers) < 256:  # bounded even if a client invents method names
+            self._handlers[method] = found
+        return found
 
     def _note(self, method: str, code: grpc.StatusCode) -> None:
         short = method.rsplit("/", 1)[-1]
@@ -166,87 +163,154 @@ class ImageProxy:
             else:
                 self.on_upstream(True, "")
 
-    async def _forward(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """One upstream call with the caller's deadline and metadata; raises AioRpcError."""
-        call = self._unary(method)(
-            request, timeout=context.time_remaining(), metadata=_forward_metadata(context)
+    def _relay(self, call: ServerCall, done: OnDone) -> None:
+        """Start the upstream call for ``call`` (its request is written before this returns) with the
+        caller's deadline and metadata; a caller that goes away resets it."""
+        assert self._channel is not None
+        pending = self._channel.start(
+            call.ctx.method,
+            call.message,
+            done,
+            timeout=call.ctx.time_remaining(),
+            metadata=call.ctx.metadata,
         )
+        call.on_cancel = pending.cancel
+
+    def _answer(self, call: ServerCall, message: bytes | None, error: RpcError | None) -> None:
+        """The upstream's answer to the caller first, then the bookkeeping."""
+        if error is None:
+            assert message is not None
+            call.reply(message)
+            self._note(call.ctx.method, grpc.StatusCode.OK)
+        else:
+            call.fail(error.code(), for_caller(error.details()))
+            self._note(call.ctx.method, error.code())
+
+    def _passthrough(self, call: ServerCall) -> None:
+        self._relay(call, lambda message, error: self._answer(call, message, error))
+
+    async def _forward(self, method: str, request: bytes, ctx: Context) -> bytes:
+        """One upstream call as a coroutine (the mirror-health retry path); raises RpcError."""
+        assert self._channel is not None
         try:
-            response: bytes = await call
-        except asyncio.CancelledError:
-            call.cancel()  # the caller went away: stop the upstream work too
-            raise
-        except grpc.aio.AioRpcError as e:
+            response = await self._channel.unary(
+                method, request, timeout=ctx.time_remaining(), metadata=ctx.metadata
+            )
+        except RpcError as e:
             self._note(method, e.code())
             raise
         self._note(method, grpc.StatusCode.OK)
         return response
 
-    async def passthrough(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            return await self._forward(method, request, context)
-        except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), for_caller(e.details() or ""))
-            raise  # unreachable: abort raises
-
-    async def passthrough_stream(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> Any:
+    async def passthrough_stream(self, method: str, request: bytes, ctx: Context) -> Any:
         assert self._channel is not None
-        call = self._channel.unary_stream(method)(
-            request, timeout=context.time_remaining(), metadata=_forward_metadata(context)
-        )
         try:
-            async for item in call:
+            async for item in self._channel.unary_stream(
+                method, request, timeout=ctx.time_remaining(), metadata=ctx.metadata
+            ):
                 yield item
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        except grpc.aio.AioRpcError as e:
+        except RpcError as e:
             self._note(method, e.code())
-            await context.abort(e.code(), for_caller(e.details() or ""))
-        else:
-            self._note(method, grpc.StatusCode.OK)
+            raise RpcError(e.code(), for_caller(e.details())) from None
+        self._note(method, grpc.StatusCode.OK)
 
     # --- inspected calls -----------------------------------------------------------------------
-    async def pull_image(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    @staticmethod
+    def _read_pull(request: bytes) -> tuple[str, list[str]] | None:
+        """The image and the credentials' secrets (for masking) of a PullImageRequest; None if it
+        does not decode (then it is forwarded untouched and the runtime answers)."""
         try:
             req = pb.PullImageRequest.FromString(request)
-            image = req.image.image
-            secrets = [s for s in auth_secrets(req.auth) if s]
-        except Exception:  # undecodable: forward untouched, let the runtime answer
-            return await self.passthrough(PULL, request, context)
-        del req  # the credentials are not kept
-        registry = registry_of(image)
-        started_at = time.time()
-        t0 = time.monotonic()
+            return req.image.image, [s for s in auth_secrets(req.auth) if s]
+        except Exception:
+            return None
+
+    def _pull(self, call: ServerCall) -> None:
+        if self.pull_wrapper is not None:  # mirror health may cancel and retry it: a coroutine
+            self._pull_with_wrapper(call)
+            return
+        pull = _Pull("", "", time.time(), time.monotonic())
+
+        def done(message: bytes | None, error: RpcError | None) -> None:
+            if not pull.known:
+                self._answer(call, message, error)
+            elif error is None:
+                assert message is not None
+                call.reply(message)
+                self._note(PULL, grpc.StatusCode.OK)
+                self._pull_ended(pull, "OK", "", message, None)
+            else:
+                details = redact(error.details(), pull.secrets)
+                call.fail(error.code(), for_caller(details))
+                self._note(PULL, error.code())
+                self._pull_ended(pull, error.code().name, details, b"", None)
+
+        self._relay(call, done)  # the request is on its way upstream; the bookkeeping comes after
+        read = self._read_pull(call.message)
+        if read is None:
+            return
+        pull.image, pull.secrets = read
+        pull.registry = registry_of(pull.image)
+        pull.known = True
+        self._pull_started()
+        cancel_upstream = call.on_cancel
+        assert cancel_upstream is not None
+
+        def cancelled() -> None:
+            cancel_upstream()
+            self._pull_ended(pull, "CANCELLED", "the caller cancelled the pull", b"", None)
+
+        call.on_cancel = cancelled
+
+    def _pull_with_wrapper(self, call: ServerCall) -> None:
+        read = self._read_pull(call.message)
+        if read is None:
+            self._passthrough(call)
+            return
+        image, secrets = read
+        pull = _Pull(image, registry_of(image), time.time(), time.monotonic(), secrets, True)
+        self._pull_started()
+        task = asyncio.get_running_loop().create_task(self._pull_wrapped(call, pull))
+
+        def cancel_task() -> None:
+            task.cancel()
+
+        call.on_cancel = cancel_task
+
+    def _pull_started(self) -> None:
         self.metrics.pulls_in_flight.inc()
         self.in_flight += 1
+
+    async def _pull_wrapped(self, call: ServerCall, pull: _Pull) -> None:
+        assert self.pull_wrapper is not None
         code, details, response, retry_reason = "OK", "", b"", None
         try:
 
-            async def call() -> bytes:
-                return await self._forward(PULL, request, context)
+            async def attempt() -> bytes:
+                return await self._forward(PULL, call.message, call.ctx)
 
-            if self.pull_wrapper is not None:
-                response, retry_reason = await self.pull_wrapper(registry, call)
-            else:
-                response = await call()
-            return response
-        except grpc.aio.AioRpcError as e:
-            code, details = e.code().name, redact(e.details() or "", secrets)
-            await context.abort(e.code(), for_caller(details))
-            raise  # unreachable
+            response, retry_reason = await self.pull_wrapper(pull.registry, attempt)
+            call.reply(response)
+        except RpcError as e:
+            code, details = e.code().name, redact(e.details(), pull.secrets)
+            call.fail(e.code(), for_caller(details))
         except asyncio.CancelledError:
             code, details = "CANCELLED", "the caller cancelled the pull"
             raise
         finally:
-            duration = time.monotonic() - t0
-            self.metrics.pulls_in_flight.dec()
-            self.in_flight -= 1
-            self._spawn(
-                self._record_pull(
-                    image, registry, started_at, duration, code, details, response, retry_reason
-                )
+            self._pull_ended(pull, code, details, response, retry_reason)
+
+    def _pull_ended(
+        self, pull: _Pull, code: str, details: str, response: bytes, retry_reason: str | None
+    ) -> None:
+        duration = time.monotonic() - pull.t0
+        self.metrics.pulls_in_flight.dec()
+        self.in_flight -= 1
+        self._spawn(
+            self._record_pull(
+                pull.image, pull.registry, pull.started_at, duration, code, details, response, retry_reason
             )
+        )
 
     async def _record_pull(
         self,
@@ -310,77 +374,76 @@ class ImageProxy:
                 log.exception("pull listener failed")
 
     async def _image_size(self, ref: str) -> int:
-        assert self._cri is not None
+        """The image's size from the upstream (ImageStatus); remembered per image id, whose content
+        never changes, so pulling an image that is already there costs no second call."""
+        size = self._sizes.get(ref)
+        if size is not None:
+            return size
+        size = await self._lookup_size(ref)
+        if size and is_image_id(ref):
+            if len(self._sizes) >= SIZE_CACHE_ENTRIES:
+                del self._sizes[next(iter(self._sizes))]  # the oldest
+            self._sizes[ref] = size
+        return size
+
+    async def _lookup_size(self, ref: str) -> int:
+        assert self._channel is not None
+        request = pb.ImageStatusRequest(image=pb.ImageSpec(image=ref)).SerializeToString()
         try:
-            resp = await self._cri.image_status(ref)
+            raw = await self._channel.unary(STATUS, request, timeout=SIZE_LOOKUP_TIMEOUT)
+            resp = pb.ImageStatusResponse.FromString(raw)
         except Exception:
             return 0
         return int(resp.image.size) if resp.HasField("image") else 0
 
-    async def image_status(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        response = await self.passthrough(STATUS, request, context)
+    def _status(self, call: ServerCall) -> None:
+        def done(message: bytes | None, error: RpcError | None) -> None:
+            self._answer(call, message, error)
+            if message is not None:
+                self._count_status(call.message, message)
+
+        self._relay(call, done)
+
+    def _count_status(self, request: bytes, response: bytes) -> None:
         try:
             image = pb.ImageStatusRequest.FromString(request).image.image
             status = pb.ImageStatusResponse.FromString(response)
         except Exception:
-            return response
+            return
         hit = status.HasField("image")
         self.metrics.cache_requests.labels(result="hit" if hit else "miss").inc()
         if hit:
             self.last_used.touch(image)
             if status.image.id:
                 self.last_used.touch(status.image.id)
-        return response
 
-    async def remove_image(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def _remove(self, call: ServerCall) -> None:
         try:
-            image = pb.RemoveImageRequest.FromString(request).image.image
+            image = pb.RemoveImageRequest.FromString(call.message).image.image
         except Exception:
             image = "?"
         t0 = time.monotonic()
-        try:
-            response = await self._forward(REMOVE, request, context)
-        except grpc.aio.AioRpcError as e:
-            event(log, "remove", image=image, result=e.code().name, error=e.details() or "")
-            await context.abort(e.code(), for_caller(e.details() or ""))
-            raise
-        event(log, "remove", image=image, result="OK", duration_seconds=round(time.monotonic() - t0, 4))
-        return response
 
-
-class _GenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """Serves every method name: inspected ones get their handler, others pass through."""
-
-    def __init__(self, proxy: ImageProxy) -> None:
-        self.proxy = proxy
-        self._cache: dict[str, Any] = {}
-
-    def service(self, details: Any) -> Any:
-        method: str = details.method
-        handler = self._cache.get(method)
-        if handler is not None:
-            return handler
-        p = self.proxy
-        if method in SERVER_STREAMING:
-
-            async def stream(request: bytes, context: grpc.aio.ServicerContext) -> Any:
-                async for item in p.passthrough_stream(method, request, context):
-                    yield item
-
-            handler = grpc.unary_stream_rpc_method_handler(stream)
-        else:
-            inspected = {PULL: p.pull_image, STATUS: p.image_status, REMOVE: p.remove_image}.get(method)
-            if inspected is not None:
-                handler = grpc.unary_unary_rpc_method_handler(inspected)
+        def done(message: bytes | None, error: RpcError | None) -> None:
+            self._answer(call, message, error)
+            if error is not None:
+                event(log, "remove", image=image, result=error.code().name, error=error.details())
             else:
+                event(
+                    log, "remove", image=image, result="OK", duration_seconds=round(time.monotonic() - t0, 4)
+                )
 
-                async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-                    return await p.passthrough(method, request, context)
+        self._relay(call, done)
 
-                handler = grpc.unary_unary_rpc_method_handler(unary)
-        if len(self._cache) < 256:
-            self._cache[method] = handler
-        return handler
+
+@dataclass(slots=True)
+class _Pull:
+    image: str
+    registry: str
+    started_at: float  # wall clock, for the record
+    t0: float  # monotonic
+    secrets: list[str] = field(default_factory=list)  # only to mask them in error text
+    known: bool = False  # the request decoded: this pull is recorded
 
 
 def for_caller(details: str) -> str:

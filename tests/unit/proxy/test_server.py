@@ -1,6 +1,7 @@
 """ImageProxy in-process, in front of the FAKE runtime (tests/unit/cri/fakes.py).
 
-Real grpc.aio on unix sockets in /tmp on both sides; only the runtime is a fake."""
+The caller is a real grpc.aio client and the runtime a FAKE grpc.aio server, on unix sockets in /tmp;
+the proxy in between speaks HTTP/2 itself (nodeagent.proxy.h2grpc)."""
 
 from __future__ import annotations
 
