@@ -1,6 +1,7 @@
 """The eviction loop inside ``nodeagent run``.
 
-Runs every ``eviction.interval`` and right after every pull that went through the proxy. Each
+Runs every ``eviction.interval``, right after a pull through the proxy that leaves the image
+filesystem at or above the high threshold, and a moment after pulls settle otherwise. Each
 cycle measures the image filesystem (statvfs). At or above the high threshold it plans (see
 ``policy``) and removes images one at a time through CRI RemoveImage, least recently used first:
 
@@ -67,6 +68,8 @@ REMOVALS_PER_SECOND = 5.0
 REMOVAL_BURST = 10
 IN_USE_REFRESH = 60.0  # re-touch an in-use image's last-used time at most this often
 DEGRADED_AFTER = 300.0  # a problem (error, low unreachable) lasting this long makes the status degraded
+# After a pull that leaves the disk below high, the next cycle waits until pulls have settled this long.
+PULL_SETTLE_SECONDS = 2.0
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -210,6 +213,8 @@ class EvictionLoop:
         self.bucket = TokenBucket(removals_per_second, removal_burst, monotonic, sleep)
         self.problems = PeriodicLog(error_period, monotonic)
         self._trigger = asyncio.Event()
+        self.pull_settle = PULL_SETTLE_SECONDS
+        self._settle: asyncio.TimerHandle | None = None
         self._cri: Any = None
         self._inventory: Inventory | None = None
         self._imagefs: Path | None = None
@@ -226,11 +231,29 @@ class EvictionLoop:
 
     # --- wiring -------------------------------------------------------------------------------
     def on_pull(self, record: Any) -> None:
-        """Pull listener: run a cycle now (a pull, even a failed one, may have filled the disk)."""
-        self._trigger.set()
+        """Pull listener. A pull, even a failed one, may have filled the disk: one statvfs says
+        whether it is at or above high, and then a cycle runs at once. Below high, the cycle (which
+        also refreshes the cache size and image count) runs once pulls have settled for
+        ``pull_settle`` seconds, so a burst of pulls, or cached pulls, do not list every image and
+        container once per pull while the kubelet starts its pods."""
+        if self._at_or_above_high():
+            self._trigger.set()
+            return
+        if self._settle is not None:
+            self._settle.cancel()
+        self._settle = asyncio.get_running_loop().call_later(self.pull_settle, self._trigger.set)
+
+    def _at_or_above_high(self) -> bool:
+        if self._imagefs is None:  # not measured yet: the cycle finds the image filesystem
+            return True
+        try:
+            fs = self._measure(self._imagefs)
+        except Exception:  # the cycle reports it
+            return True
+        return fs.total_bytes > 0 and fs.used_bytes >= fs.total_bytes * self.thresholds.high_percent // 100
 
     async def run(self) -> None:
-        """The daemon worker: a cycle every interval and after every pull, until cancelled."""
+        """The daemon worker: a cycle every interval and after pulls (``on_pull``), until cancelled."""
         try:
             while True:
                 self._trigger.clear()
@@ -308,7 +331,8 @@ class EvictionLoop:
         result.triggered = p.triggered
         if not p.triggered:
             self._pressure_over(fs)
-            self._set_low_unreachable(False, p)
+            if self.pressure_since is None:  # at or below low (or no episode): low is reached
+                self._set_low_unreachable(False, p)
             return
         if self.pressure_since is None:
             self.pressure_since = self._monotonic()

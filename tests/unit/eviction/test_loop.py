@@ -5,6 +5,7 @@ tests/integration/test_eviction.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -288,6 +289,23 @@ def test_everything_protected_says_so_once_per_period(
     assert "low threshold reachable again" in [m for m, _ in messages(caplog)]
 
 
+def test_low_unreachable_holds_between_low_and_high_until_low_is_reached(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    rt.add(0, 10, pinned=True)
+    rt.base = 130 * MB  # 75% used (high 60%, low 40%) and nothing removable
+    loop, metrics, _ = make_loop(rt, tmp_path)
+    assert asyncio.run(loop.cycle()).low_unreachable
+    rt.base = 70 * MB  # something else freed space: 45%, under high but still above low
+    r = asyncio.run(loop.cycle())
+    assert not r.triggered
+    assert value(metrics, "nodeagent_image_eviction_low_unreachable") == 1  # still true: above low
+    assert loop.status()["lowUnreachable"] is True
+    rt.base = 50 * MB  # 35%: at or below low, the episode is over
+    asyncio.run(loop.cycle())
+    assert value(metrics, "nodeagent_image_eviction_low_unreachable") == 0
+    assert loop.status()["lowUnreachable"] is False
+
+
 def test_too_recent_images_are_kept(tmp_path: Path) -> None:
     rt = FakeRuntime()
     for n in range(7):
@@ -416,31 +434,54 @@ def test_restart_keeps_lru_order(tmp_path: Path) -> None:
     assert rt.removed == [sha(2), sha(0), sha(3)]
 
 
-def test_run_cycles_on_the_interval_and_right_after_a_pull(tmp_path: Path) -> None:
-    rt = FakeRuntime()
-    rt.add(0, 10)
-    loop, _, _ = make_loop(rt, tmp_path)
-    loop.interval = 3600
-
-    async def body() -> int:
-        task = asyncio.ensure_future(loop.run())
+async def _cycles_after_a_pull(
+    loop: EvictionLoop, wait: float, pulled: Callable[[], object] = lambda: None
+) -> tuple[int, int, int]:
+    """(cycles before the pull, cycles ``wait`` s after it, cycles after the settle time);
+    ``pulled()`` runs after the first cycle, as the pull's effect on the disk."""
+    task = asyncio.ensure_future(loop.run())
+    try:
         for _ in range(100):
             await asyncio.sleep(0.01)
             if loop.cycles == 1:
                 break
         await asyncio.sleep(0.05)
-        assert loop.cycles == 1  # waits for the interval...
+        before = loop.cycles  # waits for the interval...
+        pulled()
         loop.on_pull(object())  # ...or a pull
+        await asyncio.sleep(wait)
+        soon = loop.cycles
         for _ in range(100):
             await asyncio.sleep(0.01)
-            if loop.cycles == 2:
+            if loop.cycles > soon:
                 break
+        return before, soon, loop.cycles
+    finally:
         task.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        return loop.cycles
 
-    assert asyncio.run(body()) == 2
+
+def test_a_pull_that_fills_the_disk_to_high_runs_a_cycle_at_once(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    rt.add(0, 10)
+    loop, _, _ = make_loop(rt, tmp_path)
+    loop.interval = 3600
+    loop.pull_settle = 3600  # a cycle after the pull can only be the immediate one
+    # the pull took the disk to 70% (high is 60)
+    before, _, after = asyncio.run(_cycles_after_a_pull(loop, 0.0, lambda: rt.add(1, 60)))
+    assert (before, after) == (1, 2)
+    assert rt.removed  # and that cycle evicted
+
+
+def test_a_pull_below_high_runs_a_cycle_once_pulls_settle(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    rt.add(0, 10)
+    loop, _, _ = make_loop(rt, tmp_path)
+    loop.interval = 3600
+    loop.pull_settle = 0.3
+    before, soon, after = asyncio.run(_cycles_after_a_pull(loop, 0.15))
+    assert (before, soon, after) == (1, 1, 2)  # not at once (10% < high 60%), then after 0.3 s
 
 
 def test_an_unexpected_error_is_counted_and_the_loop_goes_on(
