@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import json
 import os
@@ -48,6 +49,7 @@ HEALTH_TIMEOUT = 2.0
 SHUTDOWN_TASKS_TIMEOUT = 2.0  # background loops get this long to stop after their cancel
 CACHE_STATS_INTERVAL = 60.0
 LAST_USED_SAVE_INTERVAL = 60.0
+MEMORY_TRIM_INTERVAL = 10.0  # malloc_trim: give back memory after bursts of large messages (memory.py)
 RECENT_PULLS = 20
 WORKER_BACKOFF = 1.0  # first restart delay of a crashed worker; doubles up to WORKER_MAX_BACKOFF
 WORKER_MAX_BACKOFF = 60.0
@@ -225,6 +227,10 @@ class Daemon:
             await self._shutdown(write_status=False)  # the file may belong to a live instance
             raise
         self._write_status()
+        # Everything made during start-up (config, metrics, stubs, imported modules) lives as long
+        # as the daemon: out of the garbage collector's sight, collections while serving stay short.
+        gc.collect()
+        gc.freeze()
         sd_notify("READY=1\nSTATUS=serving", self.environ)
         self.ready.set()
         event(
@@ -241,6 +247,7 @@ class Daemon:
             asyncio.ensure_future(self._status_loop()),
             asyncio.ensure_future(self._cache_stats_loop()),
             asyncio.ensure_future(self._last_used_loop()),
+            asyncio.ensure_future(self._memory_loop()),
         ]
         wd = watchdog_interval(self.environ)
         if wd:
@@ -392,6 +399,14 @@ class Daemon:
             except OSError as e:
                 event(log, "saving last-used times failed", level=40, error=str(e))
 
+    async def _memory_loop(self) -> None:
+        from nodeagent.memory import trim
+
+        while True:
+            await asyncio.sleep(MEMORY_TRIM_INTERVAL)
+            if not trim():
+                return  # no glibc: nothing to do
+
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
             sd_notify("WATCHDOG=1", self.environ)
@@ -430,7 +445,9 @@ class Daemon:
                     await self._dirty_event.wait()
                 await asyncio.sleep(STATUS_DEBOUNCE)
             self._dirty_event.clear()
-            self._write_status()
+            # The file is written (with its fsyncs) off the event loop: the proxy keeps answering.
+            body = self._status_body()
+            await asyncio.to_thread(self._write_status_body, body)
 
     def status(self, state: str = "running") -> dict[str, Any]:
         sections: dict[str, Any] = {}
@@ -466,9 +483,14 @@ class Daemon:
         }
 
     def _write_status(self, state: str = "running") -> None:
+        self._write_status_body(self._status_body(state))
+
+    def _status_body(self, state: str = "running") -> str:
+        return json.dumps(self.status(state), indent=1, sort_keys=True, default=str) + "\n"
+
+    def _write_status_body(self, body: str) -> None:
         try:
-            body = json.dumps(self.status(state), indent=1, sort_keys=True, default=str)
-            write_atomic(self.paths.daemon_status_file, body + "\n", mode=0o644)
+            write_atomic(self.paths.daemon_status_file, body, mode=0o644)
         except OSError as e:
             event(log, "writing the status file failed", level=40, error=str(e))
 
