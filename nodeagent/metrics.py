@@ -8,6 +8,7 @@ mirror endpoints); the per-image gauge is capped (``metrics.perImageSeriesLimit`
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.process_collector import ProcessCollector
@@ -141,6 +142,7 @@ class Metrics:
             registry=r,
         )
         self._registries: set[str] = set()
+        self._proxy_children: dict[tuple[str, str], Any] = {}
 
         # --- mirror health (nodeagent/mirrorhealth); mirror label values come from operator config ---
         self.mirror_up = Gauge(
@@ -176,10 +178,15 @@ class Metrics:
         return registry
 
     def observe_proxy_request(self, method: str, code: str) -> None:
-        self.proxy_requests.labels(
-            method=method if method in PROXY_METHODS else "other",
-            code=code if code in GRPC_CODES else "UNKNOWN",
-        ).inc()
+        child = self._proxy_children.get((method, code))
+        if child is None:
+            child = self.proxy_requests.labels(
+                method=method if method in PROXY_METHODS else "other",
+                code=code if code in GRPC_CODES else "UNKNOWN",
+            )
+            if len(self._proxy_children) < 1024:  # bounded: method names come from callers
+                self._proxy_children[(method, code)] = child
+        child.inc()
 
     def observe_last_pull(self, image: str, seconds: float) -> None:
         """Set the per-image gauge, keeping at most ``per_image_series_limit`` series (LRU by pull)."""

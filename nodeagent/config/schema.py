@@ -456,7 +456,7 @@ EVICTION = Object(
             "interval",
             "interval",
             Duration(minimum=1.0, maximum=3600.0),
-            "How often the eviction loop checks disk usage (it also runs after every pull).",
+            "How often the eviction loop checks disk usage (it also checks after every pull).",
             default="30s",
         ),
         Field(

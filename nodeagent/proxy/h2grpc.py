@@ -316,7 +316,7 @@ class _ServerConn(Connection):
             elif k == b"content-type":
                 ctype = v
             elif k[:1] != b":" and k[:5] != b"grpc-" and k not in _HOP:
-                md.append((k.decode("ascii", "replace"), v.decode("utf-8", "replace")))
+                md.append((k.decode("latin-1"), v.decode("latin-1")))  # lossless both ways
         self.open_send(sid)
         if not ctype.startswith(b"application/grpc"):
             self.send_status(sid, grpc.StatusCode.INTERNAL, "not a gRPC request", trailers_only=True)
@@ -622,7 +622,7 @@ class _ClientConn(Connection):
         self.next_stream_id += 2
         block = _request_block(method)
         if timeout is not None or metadata:
-            extra = [(k.encode(), v.encode()) for k, v in metadata]
+            extra = [(k.encode("latin-1", "replace"), v.encode("latin-1", "replace")) for k, v in metadata]
             if timeout is not None:
                 extra.append((b"grpc-timeout", encode_timeout(timeout)))
             block += encode_headers(extra)

@@ -6,8 +6,9 @@ Pure functions, no grpc import at module level: the eviction and mirror-health f
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.imageref import DOCKER_HUB_ALIASES, split_domain
@@ -37,6 +38,7 @@ def split_reference(ref: str) -> tuple[str, str]:
     return host, ref.partition("/")[2]
 
 
+@functools.lru_cache(maxsize=1024)  # pure; the kubelet asks about the same images over and over
 def registry_of(ref: str) -> str:
     """Normalized registry host of an image reference; ``""`` for a bare image id."""
     if not ref or is_image_id(ref):
@@ -44,6 +46,7 @@ def registry_of(ref: str) -> str:
     return split_reference(ref)[0]
 
 
+@functools.lru_cache(maxsize=1024)
 def image_label(ref: str) -> str:
     """The image as a metric label: ``registry/repo:tag`` with any digest removed (no label carries
     a digest) and Docker Hub short names expanded (``busybox`` -> ``docker.io/library/busybox``)."""
@@ -141,9 +144,19 @@ class PullRecord:
         return self.bytes / self.duration if self.duration > 0 and self.bytes else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["duration"] = round(self.duration, 4)
-        d["throughput"] = round(self.throughput, 1)
-        if not d["extra"]:
-            del d["extra"]
+        d: dict[str, Any] = {
+            "image": self.image,
+            "registry": self.registry,
+            "result": self.result,
+            "duration": round(self.duration, 4),
+            "started_at": self.started_at,
+            "bytes": self.bytes,
+            "image_ref": self.image_ref,
+            "code": self.code,
+            "error": self.error,
+            "retry_reason": self.retry_reason,
+            "throughput": round(self.throughput, 1),
+        }
+        if self.extra:
+            d["extra"] = dict(self.extra)
         return d
