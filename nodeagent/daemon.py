@@ -49,7 +49,9 @@ HEALTH_TIMEOUT = 2.0
 SHUTDOWN_TASKS_TIMEOUT = 2.0  # background loops get this long to stop after their cancel
 CACHE_STATS_INTERVAL = 60.0
 LAST_USED_SAVE_INTERVAL = 60.0
-MEMORY_TRIM_INTERVAL = 10.0  # malloc_trim: give back memory after bursts of large messages (memory.py)
+# malloc_trim (memory.py): soon after large buffers were used, and every so often regardless
+MEMORY_TRIM_CHECK = 2.0
+MEMORY_TRIM_INTERVAL = 30.0
 RECENT_PULLS = 20
 WORKER_BACKOFF = 1.0  # first restart delay of a crashed worker; doubles up to WORKER_MAX_BACKOFF
 WORKER_MAX_BACKOFF = 60.0
@@ -400,12 +402,15 @@ class Daemon:
                 event(log, "saving last-used times failed", level=40, error=str(e))
 
     async def _memory_loop(self) -> None:
-        from nodeagent.memory import trim
+        from nodeagent import memory
 
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(MEMORY_TRIM_INTERVAL)
-            if not trim():
-                return  # no glibc: nothing to do
+            await asyncio.sleep(MEMORY_TRIM_CHECK)
+            if memory.take_pending() or time.monotonic() - last >= MEMORY_TRIM_INTERVAL:
+                last = time.monotonic()
+                if not memory.trim():
+                    return  # no glibc: nothing to do
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:

@@ -5,7 +5,9 @@ copies of it while forwarding. glibc keeps freed heap memory for reuse (and rais
 threshold after large frees, so later large blocks also come from the heap), so without help the
 daemon's RSS would stay at the high-water mark of its busiest moment. ``malloc_trim(0)`` returns
 free heap pages to the system; the daemon calls it every few seconds, which costs well under a
-millisecond when there is nothing to give back.
+millisecond when there is nothing to give back. Code that has just used large buffers calls
+``note_large()``; the daemon then trims within ``nodeagent.daemon.MEMORY_TRIM_CHECK`` seconds (and
+every ``MEMORY_TRIM_INTERVAL`` seconds regardless).
 """
 
 from __future__ import annotations
@@ -16,6 +18,20 @@ from collections.abc import Callable
 
 _trim: Callable[[int], int] | None = None
 _loaded = False
+_pending = False
+LARGE = 1 << 20  # a buffer at least this big is worth a trim afterwards
+
+
+def note_large() -> None:
+    """Large buffers were just used and freed: trim soon."""
+    global _pending
+    _pending = True
+
+
+def take_pending() -> bool:
+    global _pending
+    pending, _pending = _pending, False
+    return pending
 
 
 def _load() -> Callable[[int], int] | None:

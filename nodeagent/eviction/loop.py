@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodeagent import memory
 from nodeagent.config.model import Config
 from nodeagent.eviction import baked, usage
 from nodeagent.eviction.inventory import Inventory
@@ -310,6 +311,7 @@ class EvictionLoop:
         finally:
             self.last_cycle_at = self._clock()
             self._save_last_used()
+            memory.note_large()  # the image and container listings were large: give memory back
         if not result.error:
             for stage in ERROR_STAGES:
                 if stage != "state":

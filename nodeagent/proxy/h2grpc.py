@@ -31,7 +31,6 @@ import math
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -187,46 +186,50 @@ class MessageReader:
 
 
 # --- server ------------------------------------------------------------------------------------
-@dataclass
-class Context:
-    """What a handler knows about its call."""
-
-    method: str
-    deadline: float | None  # loop.time() at which the caller gives up; None: no deadline
-    metadata: tuple[tuple[str, str], ...]  # the caller's metadata that is forwarded to the next hop
-
-    def time_remaining(self) -> float | None:
-        if self.deadline is None:
-            return None
-        return max(0.0, self.deadline - asyncio.get_running_loop().time())
-
-
 Resolver = Callable[[str], tuple[str, Any]]
 
 
 class ServerCall:
-    """One call being served. A relay handler ends it with ``reply`` or ``fail``; ``on_cancel`` runs
-    if the caller goes away (or the server stops) first."""
+    """One call being served, and what a handler knows about it (its ``ctx``): ``method``,
+    ``deadline`` (loop time; None: none), ``metadata`` (the caller's, minus what belongs to this
+    hop), ``time_remaining()``. A relay handler ends it with ``reply`` or ``fail``; ``on_cancel``
+    runs if the caller goes away (or the server stops) first."""
 
     __slots__ = (
         "conn",
-        "ctx",
+        "deadline",
+        "encoding",
         "finished",
         "handler",
         "kind",
+        "message",
+        "metadata",
+        "method",
+        "nmessages",
         "on_cancel",
         "reader",
-        "request",
         "sid",
         "task",
     )
 
-    def __init__(self, conn: _ServerConn, sid: int, ctx: Context, reader: MessageReader) -> None:
+    def __init__(
+        self,
+        conn: _ServerConn,
+        sid: int,
+        method: str,
+        deadline: float | None,
+        metadata: tuple[tuple[str, str], ...],
+        encoding: bytes | None,
+    ) -> None:
         self.conn = conn
         self.sid = sid
-        self.ctx = ctx
-        self.reader = reader
-        self.request: list[bytes] = []
+        self.method = method
+        self.deadline = deadline
+        self.metadata = metadata
+        self.encoding = encoding
+        self.reader: MessageReader | None = None  # only when a message spans frames (or is compressed)
+        self.message = b""  # the request (when ``nmessages`` == 1)
+        self.nmessages = 0
         self.kind = ""
         self.handler: Any = None
         self.finished = False
@@ -234,8 +237,31 @@ class ServerCall:
         self.task: asyncio.Task[None] | None = None
 
     @property
-    def message(self) -> bytes:
-        return self.request[0]
+    def ctx(self) -> ServerCall:
+        return self
+
+    def time_remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+    def feed(self, data: bytes, limit: int) -> None:
+        """Request DATA: a whole uncompressed message in one frame (the usual case) is taken as it
+        is; anything else goes through a MessageReader. Raises RpcError."""
+        if self.reader is None:
+            if (
+                not self.nmessages
+                and len(data) >= 5
+                and not data[0]
+                and int.from_bytes(data[1:5], "big") == len(data) - 5 <= limit
+            ):
+                self.message = data[5:]
+                self.nmessages = 1
+                return
+            self.reader = MessageReader(limit, self.encoding)
+        for msg in self.reader.feed(data):
+            self.message = msg
+            self.nmessages += 1
 
     def reply(self, message: bytes) -> None:
         if self._finish():
@@ -264,7 +290,10 @@ class ServerCall:
             try:
                 self.on_cancel()
             except Exception:
-                log.exception("cancel callback for %s failed", self.ctx.method)
+                log.exception("cancel callback for %s failed", self.method)
+
+
+Context = ServerCall  # what task-based handlers get as ``ctx``
 
 
 class _ServerConn(Connection):
@@ -321,9 +350,7 @@ class _ServerConn(Connection):
         if not ctype.startswith(b"application/grpc"):
             self.send_status(sid, grpc.StatusCode.INTERNAL, "not a gRPC request", trailers_only=True)
             return
-        call = ServerCall(
-            self, sid, Context(method, deadline, tuple(md)), MessageReader(self.server.max_message, encoding)
-        )
+        call = ServerCall(self, sid, method, deadline, tuple(md), encoding)
         self.calls[sid] = call
         self.server._started(call)
         if end_stream:
@@ -337,7 +364,7 @@ class _ServerConn(Connection):
         if call.kind:  # already dispatched: a client must not send more
             return
         try:
-            call.request.extend(call.reader.feed(data))
+            call.feed(data, self.server.max_message)
         except RpcError as e:
             call.fail(e.code(), e.details())
             return
@@ -356,17 +383,17 @@ class _ServerConn(Connection):
     def _request_complete(self, call: ServerCall) -> None:
         if call.kind:
             return
-        if len(call.request) != 1:
+        if call.nmessages != 1:
             call.kind = "invalid"
-            call.fail(grpc.StatusCode.INTERNAL, f"expected one request message, got {len(call.request)}")
+            call.fail(grpc.StatusCode.INTERNAL, f"expected one request message, got {call.nmessages}")
             return
         try:
-            call.kind, call.handler = self.server.resolve(call.ctx.method)
+            call.kind, call.handler = self.server.resolve(call.method)
             if call.kind == "relay":
                 call.handler(call)
                 return
         except Exception as e:
-            log.exception("handler for %s failed", call.ctx.method)
+            log.exception("handler for %s failed", call.method)
             call.fail(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")
             return
         call.task = asyncio.get_running_loop().create_task(self._run(call))
@@ -402,7 +429,7 @@ class _ServerConn(Connection):
         sid, started = call.sid, False
         try:
             if call.kind == "stream":
-                async for msg in call.handler(call.message, call.ctx):
+                async for msg in call.handler(call.message, call):
                     if call.finished:
                         return
                     if not started:
@@ -412,7 +439,7 @@ class _ServerConn(Connection):
                 if call._finish():
                     self.send_status(sid, OK, "", trailers_only=not started)
             else:
-                call.reply(await call.handler(call.message, call.ctx))
+                call.reply(await call.handler(call.message, call))
         except RpcError as e:
             if call._finish():
                 self.send_status(sid, e.code(), e.details(), trailers_only=not started)
@@ -423,7 +450,7 @@ class _ServerConn(Connection):
                 self.send_status(sid, grpc.StatusCode.CANCELLED, "call cancelled", trailers_only=not started)
             raise
         except Exception as e:
-            log.exception("handler for %s failed", call.ctx.method)
+            log.exception("handler for %s failed", call.method)
             if call._finish():
                 self.send_status(
                     sid, grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}", trailers_only=not started
@@ -486,18 +513,38 @@ OnDone = Callable[[bytes | None, RpcError | None], None]
 
 
 class _ClientStream:
-    __slots__ = ("done", "error", "event", "messages", "on_done", "reader", "status", "streaming", "unacked")
+    """One call on the upstream connection, as its frames arrive."""
 
-    def __init__(self, limit: int, streaming: bool, on_done: Callable[[_ClientStream], None] | None) -> None:
-        self.reader = MessageReader(limit)
+    __slots__ = (
+        "done",
+        "error",
+        "event",
+        "got_headers",
+        "messages",
+        "reader",
+        "status",
+        "streaming",
+        "unacked",
+    )
+
+    def __init__(self, streaming: bool) -> None:
+        self.reader: MessageReader | None = None  # only when a message spans frames
         self.streaming = streaming  # window given back as messages are consumed (back-pressure)
         self.messages: deque[bytes] = deque()
         self.status: tuple[grpc.StatusCode, str] | None = None
         self.error: RpcError | None = None
+        self.got_headers = False
         self.done = False  # no more frames for this stream
         self.event: asyncio.Event | None = asyncio.Event() if streaming else None
-        self.on_done = on_done
         self.unacked = 0
+
+    def feed(self, data: bytes, limit: int) -> None:
+        if self.reader is None:
+            if len(data) >= 5 and not data[0] and int.from_bytes(data[1:5], "big") == len(data) - 5 <= limit:
+                self.messages.append(data[5:])  # the usual case: one whole message in one frame
+                return
+            self.reader = MessageReader(limit)
+        self.messages.extend(self.reader.feed(data))
 
     def finish(self, error: RpcError | None = None) -> None:
         if self.done:
@@ -507,8 +554,6 @@ class _ClientStream:
         self.done = True
         if self.event is not None:
             self.event.set()
-        if self.on_done is not None:
-            self.on_done(self)
 
     def result(self) -> tuple[bytes | None, RpcError | None]:
         if self.error is not None:
@@ -530,7 +575,6 @@ class _ClientConn(Connection):
         super().__init__()
         self.channel = channel
         self.streams: dict[int, _ClientStream] = {}
-        self.headers_seen: set[int] = set()
         self.next_stream_id = 1
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -544,8 +588,8 @@ class _ClientConn(Connection):
         st = self.streams.get(sid)
         if st is None:
             return
-        if sid not in self.headers_seen:  # response headers (or trailers-only)
-            self.headers_seen.add(sid)
+        if not st.got_headers:  # response headers (or trailers-only)
+            st.got_headers = True
             status = next((v for k, v in headers if k == b":status"), b"")
             if status != b"200":
                 st.error = RpcError(
@@ -564,7 +608,7 @@ class _ClientConn(Connection):
         else:
             self.received(sid, size)
         try:
-            st.messages.extend(st.reader.feed(data))
+            st.feed(data, self.channel.max_message)
         except RpcError as e:
             self.cancel(sid)
             st.finish(e)
@@ -576,7 +620,6 @@ class _ClientConn(Connection):
 
     def _end(self, sid: int, st: _ClientStream) -> None:
         self.streams.pop(sid, None)
-        self.headers_seen.discard(sid)
         self.stream_closed(sid)
         if st.status is None and st.error is None:
             st.error = RpcError(grpc.StatusCode.INTERNAL, "upstream ended the call without a status")
@@ -584,7 +627,6 @@ class _ClientConn(Connection):
 
     def on_reset(self, sid: int, code: int) -> None:
         st = self.streams.pop(sid, None)
-        self.headers_seen.discard(sid)
         if st is not None:
             st.finish(RpcError(_reset_code(code), f"upstream reset the call (HTTP/2 error {code})"))
 
@@ -598,7 +640,6 @@ class _ClientConn(Connection):
         """Reset a stream (the caller went away or its deadline passed): the upstream stops too."""
         if self.streams.pop(sid, None) is not None:
             self.write(frame_bytes(RST_STREAM, 0, sid, CANCEL.to_bytes(4, "big")))
-        self.headers_seen.discard(sid)
         self.stream_closed(sid)
 
     def consumed(self, sid: int, st: _ClientStream) -> None:
@@ -696,18 +737,24 @@ def parse_endpoint(endpoint: str) -> tuple[str, str | tuple[str, int]]:
     return "tcp", (host.strip("[]") or "localhost", int(port))
 
 
-class PendingCall:
-    """A call started with ``Channel.start``: ``on_done`` runs exactly once unless ``cancel()``."""
+class PendingCall(_ClientStream):
+    """A unary call started with ``Channel.start``: ``on_done`` runs exactly once unless ``cancel()``."""
 
-    __slots__ = ("conn", "on_done", "sid", "stream", "task", "timer")
+    __slots__ = ("conn", "on_done", "sid", "task", "timer")
 
     def __init__(self, on_done: OnDone) -> None:
+        super().__init__(False)
         self.on_done: OnDone | None = on_done
         self.conn: _ClientConn | None = None
         self.sid = 0
-        self.stream: _ClientStream | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+
+    def finish(self, error: RpcError | None = None) -> None:
+        if self.done:
+            return
+        super().finish(error)
+        self._complete(*self.result())
 
     def _complete(self, message: bytes | None, error: RpcError | None) -> None:
         cb, self.on_done = self.on_done, None
@@ -715,9 +762,6 @@ class PendingCall:
             self.timer.cancel()
         if cb is not None:
             cb(message, error)
-
-    def _stream_done(self, st: _ClientStream) -> None:
-        self._complete(*st.result())
 
     def _expired(self) -> None:
         self.timer = None
@@ -821,10 +865,9 @@ class Channel:
         timeout: float | None,
         metadata: tuple[tuple[str, str], ...],
     ) -> None:
-        st = _ClientStream(self.max_message, False, pc._stream_done)
-        pc.conn, pc.stream = conn, st
+        pc.conn = conn
         try:
-            pc.sid = conn.open(method, request, timeout, metadata, st)
+            pc.sid = conn.open(method, request, timeout, metadata, pc)
         except RpcError as e:
             pc.conn = None
             asyncio.get_running_loop().call_soon(pc._complete, None, e)
@@ -889,7 +932,7 @@ class Channel:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         conn = await self._connection()
-        st = _ClientStream(self.max_message, True, None)
+        st = _ClientStream(True)
         sid = conn.open(method, request, timeout, metadata, st)
         assert st.event is not None
         try:

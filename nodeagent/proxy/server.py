@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from nodeagent import memory
 from nodeagent.cri.client import MAX_MESSAGE_BYTES, auth_secrets, redact
 from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.lastused import LastUsed
@@ -168,11 +169,11 @@ class ImageProxy:
         caller's deadline and metadata; a caller that goes away resets it."""
         assert self._channel is not None
         pending = self._channel.start(
-            call.ctx.method,
+            call.method,
             call.message,
             done,
-            timeout=call.ctx.time_remaining(),
-            metadata=call.ctx.metadata,
+            timeout=call.time_remaining(),
+            metadata=call.metadata,
         )
         call.on_cancel = pending.cancel
 
@@ -181,10 +182,12 @@ class ImageProxy:
         if error is None:
             assert message is not None
             call.reply(message)
-            self._note(call.ctx.method, grpc.StatusCode.OK)
+            self._note(call.method, grpc.StatusCode.OK)
+            if len(message) >= memory.LARGE:  # e.g. ListImages on a node with thousands of images
+                memory.note_large()
         else:
             call.fail(error.code(), for_caller(error.details()))
-            self._note(call.ctx.method, error.code())
+            self._note(call.method, error.code())
 
     def _passthrough(self, call: ServerCall) -> None:
         self._relay(call, lambda message, error: self._answer(call, message, error))
@@ -287,7 +290,7 @@ class ImageProxy:
         try:
 
             async def attempt() -> bytes:
-                return await self._forward(PULL, call.message, call.ctx)
+                return await self._forward(PULL, call.message, call)
 
             response, retry_reason = await self.pull_wrapper(pull.registry, attempt)
             call.reply(response)

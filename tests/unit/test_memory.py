@@ -21,3 +21,14 @@ def test_trim_returns_memory_glibc_kept_after_a_burst_of_large_buffers() -> None
     freed = before - proc.memory_info().rss
     assert freed >= 4 * MiB, f"trim gave back only {freed / MiB:.1f} MiB"
     assert trim() is True  # nothing left to give back: still fine
+
+
+def test_large_buffers_ask_for_one_trim() -> None:
+    from nodeagent import memory
+
+    memory.take_pending()
+    assert memory.take_pending() is False
+    memory.note_large()
+    memory.note_large()
+    assert memory.take_pending() is True  # one trim for any number of notes
+    assert memory.take_pending() is False
