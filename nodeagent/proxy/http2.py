@@ -370,8 +370,7 @@ class Connection(asyncio.Protocol):
                 self._headers_stream = 0
                 self._headers_done(sid, bytes(self._headers_buf))
         elif ftype == RST_STREAM:
-            self.stream_send.pop(sid, None)
-            self._wake(sid)
+            self.stream_closed(sid)
             self.on_reset(sid, int.from_bytes(payload[:4], "big"))
         elif ftype == SETTINGS:
             if not flags & ACK:
@@ -465,11 +464,20 @@ class Connection(asyncio.Protocol):
         """DATA frame(s) for ``data`` if the windows allow all of it now (the usual case), else None."""
         n = len(data)
         window = self.stream_send.get(sid)
-        if window is None or n > window or n > self.send_window or n > self.peer_max_frame:
+        if window is None or n > window or n > self.send_window:
             return None
         self.stream_send[sid] = window - n
         self.send_window -= n
-        return frame_bytes(DATA, END_STREAM if end_stream else 0, sid, data)
+        flags = END_STREAM if end_stream else 0
+        limit = self.peer_max_frame
+        if n <= limit:
+            return frame_bytes(DATA, flags, sid, data)
+        view = memoryview(data)
+        last = (n - 1) // limit * limit
+        return b"".join(
+            frame_bytes(DATA, flags if i == last else 0, sid, bytes(view[i : i + limit]))
+            for i in range(0, n, limit)
+        )
 
     async def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
         """Send ``data`` on a stream as the peer's windows allow (waiting for WINDOW_UPDATEs)."""

@@ -232,3 +232,36 @@ def test_received_data_is_given_back_in_batches() -> None:
     half = http2.WINDOW // 2
     given_back = (half // len(chunk) + 1) * len(chunk)
     assert bytes(c.sent) == frame_bytes(http2.WINDOW_UPDATE, 0, 1, given_back.to_bytes(4, "big"))
+
+
+def _frames(wire: bytes) -> list[tuple[int, int, int, bytes]]:
+    out, i = [], 0
+    while i < len(wire):
+        n = int.from_bytes(wire[i : i + 3], "big")
+        out.append(
+            (wire[i + 3], wire[i + 4], int.from_bytes(wire[i + 5 : i + 9], "big"), wire[i + 9 : i + 9 + n])
+        )
+        i += 9 + n
+    return out
+
+
+def test_a_message_larger_than_a_frame_goes_in_several_when_the_windows_allow() -> None:
+    c = _connected()
+    c.data_received(frame_bytes(http2.WINDOW_UPDATE, 0, 0, (1 << 20).to_bytes(4, "big")))
+    c.open_send(3)
+    c.stream_send[3] = 1 << 20
+    body = bytes(range(256)) * 160  # 40,960 bytes: three frames of at most 16,384
+    frames = _frames(c.try_data(3, body, end_stream=True) or b"")
+    assert [len(p) for _, _, _, p in frames] == [16_384, 16_384, 8_192]
+    assert [f for _, f, _, _ in frames] == [0, 0, http2.END_STREAM]  # END_STREAM on the last only
+    assert b"".join(p for _, _, _, p in frames) == body
+    assert c.stream_send[3] == (1 << 20) - len(body)
+
+
+def test_a_reset_stream_leaves_no_per_stream_state() -> None:
+    c = _connected()
+    c.open_send(5)
+    c.received(5, 100)
+    c.data_received(frame_bytes(http2.RST_STREAM, 0, 5, (8).to_bytes(4, "big")))
+    assert ("reset", 5, 8) in c.events
+    assert 5 not in c.stream_send and 5 not in c._stream_unacked
