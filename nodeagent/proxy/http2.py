@@ -141,6 +141,16 @@ class HpackDecoder:
             self._huffman[raw] = out
         return out, end
 
+    def _literal(self, data: bytes, i: int, bits: int) -> tuple[tuple[bytes, bytes], int]:
+        """A literal field: its name by index (``bits``-bit prefix; 0: a literal name), then its value."""
+        index, i = self._int(data, i, bits)
+        if index:
+            name = self._entry(index)[0]
+        else:
+            name, i = self._string(data, i)
+        value, i = self._string(data, i)
+        return (name, value), i
+
     def decode(self, data: bytes) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         listed = 0
@@ -155,13 +165,8 @@ class HpackDecoder:
                     index, i = self._int(data, i, 7)
                 field = self._entry(index)
             elif b & 0x40:  # literal with incremental indexing
-                index, i = self._int(data, i, 6)
-                name = self._entry(index)[0] if index else None
-                if name is None:
-                    name, i = self._string(data, i)
-                value, i = self._string(data, i)
-                field = (name, value)
-                self._add(name, value)
+                field, i = self._literal(data, i, 6)
+                self._add(*field)
             elif b & 0x20:  # dynamic table size update
                 size, i = self._int(data, i, 5)
                 if size > self.max_allowed:
@@ -170,12 +175,7 @@ class HpackDecoder:
                 self._evict()
                 continue
             else:  # literal without indexing (0000) or never indexed (0001)
-                index, i = self._int(data, i, 4)
-                name = self._entry(index)[0] if index else None
-                if name is None:
-                    name, i = self._string(data, i)
-                value, i = self._string(data, i)
-                field = (name, value)
+                field, i = self._literal(data, i, 4)
             listed += len(field[0]) + len(field[1]) + 32
             if listed > self.max_list_size:
                 raise HpackError("header list too large")
