@@ -228,14 +228,11 @@ class Daemon:
         except Exception:
             await self._shutdown(write_status=False)  # the file may belong to a live instance
             raise
-        self._write_status()
         # Everything made during start-up (config, metrics, stubs, imported modules) lives as long
         # as the daemon: out of the garbage collector's sight, collections while serving stay short.
         gc.collect()
         gc.freeze()
-        sd_notify("READY=1\nSTATUS=serving", self.environ)
-        self.ready.set()
-        event(
+        event(  # before the status file: whoever sees the file running also finds this line
             log,
             "ready",
             proxy_socket=str(self.proxy_socket or ""),
@@ -244,6 +241,9 @@ class Daemon:
             startup_seconds=round(time.time() - self.started_at, 3),
             version=__version__,
         )
+        self._write_status()
+        sd_notify("READY=1\nSTATUS=serving", self.environ)
+        self.ready.set()
         self._tasks = [
             asyncio.ensure_future(self._health_loop()),
             asyncio.ensure_future(self._status_loop()),

@@ -251,6 +251,8 @@ class EvictionLoop:
             fs = self._measure(self._imagefs)
         except Exception:  # the cycle reports it
             return True
+        self.last_usage = fs  # a fresh figure: the gauge follows every pull
+        self.metrics.imagefs_used_ratio.set(fs.ratio)
         return fs.total_bytes > 0 and fs.used_bytes >= fs.total_bytes * self.thresholds.high_percent // 100
 
     async def run(self) -> None:

@@ -477,11 +477,19 @@ def test_a_pull_that_fills_the_disk_to_high_runs_a_cycle_at_once(tmp_path: Path)
 def test_a_pull_below_high_runs_a_cycle_once_pulls_settle(tmp_path: Path) -> None:
     rt = FakeRuntime()
     rt.add(0, 10)
-    loop, _, _ = make_loop(rt, tmp_path)
+    loop, metrics, _ = make_loop(rt, tmp_path)
     loop.interval = 3600
     loop.pull_settle = 0.3
-    before, soon, after = asyncio.run(_cycles_after_a_pull(loop, 0.15))
-    assert (before, soon, after) == (1, 1, 2)  # not at once (10% < high 60%), then after 0.3 s
+    seen: list[float] = []
+
+    def pulled() -> None:
+        rt.add(1, 5)  # 30 MB of 200: 15%, still below high
+        loop.on_pull(object())
+        seen.append(value(metrics, "nodeagent_imagefs_used_ratio"))  # before any cycle ran
+
+    before, soon, after = asyncio.run(_cycles_after_a_pull(loop, 0.15, pulled))
+    assert (before, soon, after) == (1, 1, 2)  # not at once (15% < high 60%), then after 0.3 s
+    assert seen == [0.15]  # the gauge follows the pull at once all the same
 
 
 def test_an_unexpected_error_is_counted_and_the_loop_goes_on(
