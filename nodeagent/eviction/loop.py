@@ -251,9 +251,7 @@ class EvictionLoop:
             fs = self._measure(self._imagefs)
         except Exception:  # the cycle reports it
             return True
-        self.last_usage = fs  # a fresh figure: the gauge follows every pull
-        self.metrics.imagefs_used_ratio.set(fs.ratio)
-        return fs.total_bytes > 0 and fs.used_bytes >= fs.total_bytes * self.thresholds.high_percent // 100
+        return self.thresholds.at_or_above_high(self._published(fs))  # the gauge follows every pull
 
     async def run(self) -> None:
         """The daemon worker: a cycle every interval and after pulls (``on_pull``), until cancelled."""
@@ -388,6 +386,9 @@ class EvictionLoop:
         except usage.UsageError as e:
             self._imagefs = None  # look it up again next time (the runtime may have moved it)
             raise StageError("usage", e) from None
+        return self._published(fs)
+
+    def _published(self, fs: FsUsage) -> FsUsage:
         self.last_usage = fs
         self.metrics.imagefs_used_ratio.set(fs.ratio)
         return fs

@@ -106,6 +106,12 @@ class Thresholds:
         if self.min_unused_age < 0:
             raise ValueError("thresholds: minUnusedAge must not be negative")
 
+    def high_bytes(self, total_bytes: int) -> int:
+        return total_bytes * self.high_percent // 100
+
+    def at_or_above_high(self, usage: FsUsage) -> bool:
+        return usage.total_bytes > 0 and usage.used_bytes >= self.high_bytes(usage.total_bytes)
+
 
 class Decision(NamedTuple):
     """The verdict on one image (a NamedTuple: plans build 10,000 of these quickly)."""
@@ -351,10 +357,9 @@ def plan(
 
     candidates.sort(key=_candidate_key)
     total = usage.total_bytes
-    high_bytes = total * thresholds.high_percent // 100
     low_bytes = total * thresholds.low_percent // 100
-    triggered = total > 0 and (
-        usage.used_bytes >= high_bytes or (continuing and usage.used_bytes > low_bytes)
+    triggered = thresholds.at_or_above_high(usage) or (
+        continuing and total > 0 and usage.used_bytes > low_bytes
     )
     projected = usage.used_bytes
     removals: list[Decision] = []
@@ -371,7 +376,7 @@ def plan(
     return Plan(
         usage=usage,
         thresholds=thresholds,
-        high_bytes=high_bytes,
+        high_bytes=thresholds.high_bytes(total),
         low_bytes=low_bytes,
         triggered=triggered,
         removals=tuple(removals),

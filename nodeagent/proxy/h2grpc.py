@@ -134,6 +134,14 @@ def status_of(headers: list[tuple[bytes, bytes]]) -> tuple[grpc.StatusCode, str]
     return None if code is None else (code, details)
 
 
+def whole_message(data: bytes, limit: int) -> bytes | None:
+    """The message if ``data`` is exactly one uncompressed gRPC message within ``limit`` (the usual
+    case: a unary call's message in one DATA frame), else None."""
+    if len(data) >= 5 and not data[0] and int.from_bytes(data[1:5], "big") == len(data) - 5 <= limit:
+        return data[5:]
+    return None
+
+
 class MessageReader:
     """Cuts length-prefixed gRPC messages out of DATA frames."""
 
@@ -146,10 +154,10 @@ class MessageReader:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self.buf
-        if not buf and len(data) >= 5 and not data[0]:  # the usual case: one whole message
-            size = int.from_bytes(data[1:5], "big")
-            if len(data) == 5 + size and size <= self.limit:
-                return [data[5:]]
+        if not buf:
+            msg = whole_message(data, self.limit)
+            if msg is not None:
+                return [msg]
         buf += data
         out: list[bytes] = []
         while len(buf) >= 5:
@@ -190,7 +198,7 @@ Resolver = Callable[[str], tuple[str, Any]]
 
 
 class ServerCall:
-    """One call being served, and what a handler knows about it (its ``ctx``): ``method``,
+    """One call being served, and what a handler knows about it (task handlers get it as ``ctx``): ``method``,
     ``deadline`` (loop time; None: none), ``metadata`` (the caller's, minus what belongs to this
     hop), ``time_remaining()``. A relay handler ends it with ``reply`` or ``fail``; ``on_cancel``
     runs if the caller goes away (or the server stops) first."""
@@ -236,10 +244,6 @@ class ServerCall:
         self.on_cancel: Callable[[], None] | None = None
         self.task: asyncio.Task[None] | None = None
 
-    @property
-    def ctx(self) -> ServerCall:
-        return self
-
     def time_remaining(self) -> float | None:
         if self.deadline is None:
             return None
@@ -249,13 +253,9 @@ class ServerCall:
         """Request DATA: a whole uncompressed message in one frame (the usual case) is taken as it
         is; anything else goes through a MessageReader. Raises RpcError."""
         if self.reader is None:
-            if (
-                not self.nmessages
-                and len(data) >= 5
-                and not data[0]
-                and int.from_bytes(data[1:5], "big") == len(data) - 5 <= limit
-            ):
-                self.message = data[5:]
+            msg = None if self.nmessages else whole_message(data, limit)
+            if msg is not None:
+                self.message = msg
                 self.nmessages = 1
                 return
             self.reader = MessageReader(limit, self.encoding)
@@ -540,8 +540,9 @@ class _ClientStream:
 
     def feed(self, data: bytes, limit: int) -> None:
         if self.reader is None:
-            if len(data) >= 5 and not data[0] and int.from_bytes(data[1:5], "big") == len(data) - 5 <= limit:
-                self.messages.append(data[5:])  # the usual case: one whole message in one frame
+            msg = whole_message(data, limit)
+            if msg is not None:
+                self.messages.append(msg)
                 return
             self.reader = MessageReader(limit)
         self.messages.extend(self.reader.feed(data))

@@ -76,7 +76,7 @@ def test_relay_handler_answers_a_grpc_client_with_its_metadata_and_deadline() ->
     seen: list[Context] = []
 
     def echo(call: ServerCall) -> None:
-        seen.append(call.ctx)
+        seen.append(call)
         call.reply(b"echo:" + call.message)
 
     async def main() -> None:
