@@ -461,6 +461,10 @@ class Daemon:
                 sections[name] = dict(fn())
             except Exception as e:
                 sections[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        if state == "running":  # the same judgement as `nodeagent status`, as a metric
+            self.metrics.set_degraded("upstream", self.upstream_ok is False)
+            for name, section in sections.items():
+                self.metrics.set_degraded(name, bool(section.get("degraded") or section.get("error")))
         return {
             "version": 1,
             "nodeagentVersion": __version__,

@@ -56,6 +56,10 @@ REGISTRY_LABEL_LIMIT = 50
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # nodeagent_mirror_failovers_total{direction}: down = taken out of hosts.toml, up = put back.
 FAILOVER_DIRECTIONS = ("down", "up")
+# nodeagent_degraded{component}: what the daemon itself knows makes `nodeagent status` exit 1. The
+# upstream image service, and each status section (names given in code: commands/run.py); any other
+# name becomes "other".
+DEGRADED_COMPONENTS = ("upstream", "eviction", "mirrorHealth")
 
 
 class Metrics:
@@ -141,6 +145,14 @@ class Metrics:
             "1 while the upstream CRI image service (cri.endpoint) answers, else 0",
             registry=r,
         )
+        self.degraded = Gauge(
+            "nodeagent_degraded",
+            "1 while this part makes `nodeagent status` report degraded (upstream: the CRI image service "
+            "does not answer; eviction, mirrorHealth: the daemon's status section says degraded or failed)",
+            ["component"],
+            registry=r,
+        )
+        self.degraded.labels(component="upstream").set(0)
         self._registries: set[str] = set()
         self._proxy_children: dict[tuple[str, str], Any] = {}
 
@@ -187,6 +199,10 @@ class Metrics:
             if len(self._proxy_children) < 1024:  # bounded: method names come from callers
                 self._proxy_children[(method, code)] = child
         child.inc()
+
+    def set_degraded(self, component: str, degraded: bool) -> None:
+        label = component if component in DEGRADED_COMPONENTS else "other"
+        self.degraded.labels(component=label).set(1 if degraded else 0)
 
     def observe_last_pull(self, image: str, seconds: float) -> None:
         """Set the per-image gauge, keeping at most ``per_image_series_limit`` series (LRU by pull)."""

@@ -187,6 +187,36 @@ def test_upstream_down_keeps_metrics_and_reports_unhealthy() -> None:
             assert code == 503 and "not answering" in text
             code, text = await http_get(base + "/metrics")
             assert code == 200 and "nodeagent_cri_upstream_up 0.0" in text
+            # the status file's judgement as a metric: set when the file is next written (<= 1 s debounce)
+            want = 'nodeagent_degraded{component="upstream"} 1.0'
+            for _ in range(100):
+                if want in (await http_get(base + "/metrics"))[1]:
+                    break
+                await asyncio.sleep(0.05)
+            assert want in (await http_get(base + "/metrics"))[1]
+
+    asyncio.run(main())
+    rm(d)
+
+
+def test_degraded_gauge_follows_the_status_sections() -> None:
+    d = short_tmp()
+    section: dict[str, object] = {"degraded": False}
+
+    async def main() -> None:
+        async with fake_runtime() as (_rt, up):
+            daemon = Daemon(make_config(up), Paths(Path(d) / "root"))
+            daemon.add_status_hook("mirrorHealth", lambda: section)
+            daemon.add_status_hook("eviction", lambda: {"error": "boom"})
+            async with running(daemon):
+                text = (await http_get(f"http://{daemon.metrics_address}/metrics"))[1]
+                assert 'nodeagent_degraded{component="mirrorHealth"} 0.0' in text
+                assert 'nodeagent_degraded{component="eviction"} 1.0' in text
+                assert 'nodeagent_degraded{component="upstream"} 0.0' in text
+                section["degraded"] = True
+                daemon.status()
+                text = (await http_get(f"http://{daemon.metrics_address}/metrics"))[1]
+                assert 'nodeagent_degraded{component="mirrorHealth"} 1.0' in text
 
     asyncio.run(main())
     rm(d)

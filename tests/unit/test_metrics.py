@@ -92,3 +92,14 @@ def test_per_image_gauge_off_at_zero() -> None:
     m = Metrics(per_image_series_limit=0)
     m.observe_last_pull("a", 1.0)
     assert not families(m)["nodeagent_image_last_pull_duration_seconds"].samples
+
+
+def test_degraded_gauge_has_a_closed_component_set() -> None:
+    m = Metrics()
+    m.set_degraded("upstream", True)
+    m.set_degraded("mirrorHealth", False)
+    m.set_degraded("some-new-section", True)
+    samples = {s.labels["component"]: s.value for s in families(m)["nodeagent_degraded"].samples}
+    assert samples == {"upstream": 1.0, "mirrorHealth": 0.0, "other": 1.0}
+    m.set_degraded("upstream", False)
+    assert "nodeagent_degraded{component=\"upstream\"} 0.0" in generate_latest(m.registry).decode()
