@@ -126,6 +126,13 @@ class Metrics:
             self.evictions.labels(reason=reason)
         for stage in EVICTION_ERROR_STAGES:
             self.eviction_errors.labels(stage=stage)
+        self.eviction_threshold = Gauge(
+            "nodeagent_image_eviction_threshold_ratio",
+            "Eviction thresholds as fractions of the image filesystem (high: eviction starts, low: it "
+            "stops; eviction.highThresholdPercent / lowThresholdPercent)",
+            ["threshold"],
+            registry=r,
+        )
         self.eviction_low_unreachable = Gauge(
             "nodeagent_image_eviction_low_unreachable",
             "1 while the image filesystem is above the eviction low threshold and every image left is "
@@ -199,6 +206,10 @@ class Metrics:
             if len(self._proxy_children) < 1024:  # bounded: method names come from callers
                 self._proxy_children[(method, code)] = child
         child.inc()
+
+    def set_eviction_thresholds(self, high_percent: float, low_percent: float) -> None:
+        self.eviction_threshold.labels(threshold="high").set(high_percent / 100)
+        self.eviction_threshold.labels(threshold="low").set(low_percent / 100)
 
     def set_degraded(self, component: str, degraded: bool) -> None:
         label = component if component in DEGRADED_COMPONENTS else "other"

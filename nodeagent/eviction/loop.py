@@ -203,6 +203,7 @@ class EvictionLoop:
         self.metrics = metrics
         self.last_used = last_used
         self.thresholds = Thresholds(ev.high_threshold_percent, ev.low_threshold_percent, ev.min_unused_age)
+        metrics.set_eviction_thresholds(ev.high_threshold_percent, ev.low_threshold_percent)
         self.interval = ev.interval
         self.protect = ProtectMatcher(config.images.protect)
         self._cri_factory = cri_factory

@@ -167,6 +167,12 @@ def test_below_high_removes_nothing_and_records_first_seen(tmp_path: Path) -> No
     assert saved.items() == {sha(n): T0 for n in range(3)}  # first seen, persisted
 
 
+def test_thresholds_are_exported_as_ratios(tmp_path: Path) -> None:
+    _loop, metrics, _ = make_loop(FakeRuntime(), tmp_path, high=70, low=55)
+    assert value(metrics, "nodeagent_image_eviction_threshold_ratio", threshold="high") == pytest.approx(0.7)
+    assert value(metrics, "nodeagent_image_eviction_threshold_ratio", threshold="low") == pytest.approx(0.55)
+
+
 def test_removes_lru_one_at_a_time_until_measured_usage_is_under_low(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
