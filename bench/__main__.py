@@ -2,6 +2,8 @@
 
 python -m bench                 # all
 python -m bench validate        # bench/bench_validate.py only
+python -m bench --plot          # PNG charts of the latest result files (bench/plot.py), no benchmark run
+python -m bench mirrorhealth --plot   # run, then chart
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    if "--plot" in argv:
+        argv = [a for a in argv if a != "--plot"]
+        rc = main(argv) if argv else 0
+        from bench import plot
+
+        plotted = plot.main([])
+        return rc or plotted
     names = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
     wanted = [a if a.startswith("bench_") else f"bench_{a}" for a in argv]
     if wanted:

@@ -20,7 +20,8 @@ import argparse
 import statistics
 import sys
 
-from tests.integration.eviction_churn import push_churn_images, run_with_agent
+from bench import results
+from tests.integration.eviction_churn import MiB, push_churn_images, run_with_agent
 from tests.sandbox import Sandbox
 
 TARGET_RATIO = 1.0
@@ -49,6 +50,22 @@ def main(argv: list[str]) -> int:
     ratio = relief / pull
     print(f"high->low / pull: {ratio:.2f} (target < {TARGET_RATIO:g})")
     ok = ratio < TARGET_RATIO
+    results.write(
+        "eviction_churn",
+        {
+            "filesystem_bytes": run.total_bytes,
+            "image_bytes": 20 * MiB,
+            "thresholds_percent": {"high": 60, "low": 40},
+            # one entry per pull, in order: its duration and the usage measured right after it
+            "pulls": [
+                {"n": p.n, "ok": p.ok, "seconds": p.seconds, "used_bytes_after": p.used_after}
+                for p in run.pulls
+            ],
+            "reliefs_seconds": run.reliefs,
+            "evictions": run.evictions,
+            "met": ok,
+        },
+    )
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

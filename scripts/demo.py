@@ -271,6 +271,8 @@ def proxy_and_metrics(ctx: Context) -> None:
             if "_created" in line:
                 continue
             ctx.say("  " + line)
+    ctx.say("fleet view of these series: monitoring/ (scrape config, recording and alert rules, Grafana")
+    ctx.say("  dashboard), docs/monitoring.md")
     time.sleep(1.2)  # the status file is rewritten within a second of a change
     ctx.nodeagent("status", "--root", str(agent.root), check=False)
     if agent.stop() != 0:

@@ -1,6 +1,6 @@
 """Reading the monitoring pack (monitoring/): its rule files, the Grafana dashboard's queries, and
 the metric names a PromQL expression refers to. Used by tests/unit/test_monitoring.py (structure,
-names, labels), tests/integration/test_monitoring*.py (promtool, a real Prometheus) and bench/plot.py.
+names, labels) and tests/integration/test_monitoring*.py (promtool, a real Prometheus).
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def panels(dash: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def dashboard_queries(dash: dict[str, Any] | None = None, variables: dict[str, str] | None = None) -> list[Query]:
+def dashboard_queries(
+    dash: dict[str, Any] | None = None, variables: dict[str, str] | None = None
+) -> list[Query]:
     return [
         Query(p["title"], t["refId"], substitute(t["expr"], variables), t.get("legendFormat", ""), p["type"])
         for p in panels(dash)

@@ -102,4 +102,4 @@ def test_degraded_gauge_has_a_closed_component_set() -> None:
     samples = {s.labels["component"]: s.value for s in families(m)["nodeagent_degraded"].samples}
     assert samples == {"upstream": 1.0, "mirrorHealth": 0.0, "other": 1.0}
     m.set_degraded("upstream", False)
-    assert "nodeagent_degraded{component=\"upstream\"} 0.0" in generate_latest(m.registry).decode()
+    assert 'nodeagent_degraded{component="upstream"} 0.0' in generate_latest(m.registry).decode()

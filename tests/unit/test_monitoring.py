@@ -39,11 +39,11 @@ def all_rule_exprs() -> list[tuple[str, str]]:
 def test_metric_name_extraction() -> None:
     e = (
         'sum by (le) (rate(a_bucket{x=~"$y", by="on"}[5m])) / ignoring (result) group_left '
-        'sum(b:c:d) and on (n) max by (n) (c_total offset 5m) > bool 0.5'
+        "sum(b:c:d) and on (n) max by (n) (c_total offset 5m) > bool 0.5"
     )
     assert pack.metric_names(e) == {"a_bucket", "b:c:d", "c_total"}
     assert pack.grouping_labels(e) == {"le", "result", "n"}
-    assert pack.metric_names("absent(up{job=\"nodeagent\"})") == {"up"}
+    assert pack.metric_names('absent(up{job="nodeagent"})') == {"up"}
 
 
 def test_rules_refer_only_to_exported_or_recorded_series() -> None:
@@ -144,7 +144,7 @@ def test_dashboard_is_provisioning_ready_with_datasource_cluster_node_registry_v
             assert t["datasource"]["uid"] == "${datasource}", p["title"]
             assert t["expr"].strip(), p["title"]
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
 
 
 def test_dashboard_has_the_panels_operators_need() -> None:
