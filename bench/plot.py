@@ -48,21 +48,21 @@ def _figure(width: float = 7.0, height: float = 3.2, rows: int = 0) -> tuple[Any
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def _stamp(ax: Any, data: dict[str, Any]) -> None:
+def _stamp(fig: Any, data: dict[str, Any]) -> None:
     host = data.get("host", {})
-    ax.text(
-        1.0,
-        -0.22,
-        f"{data.get('finished_at', '')}  {host.get('cpus', '?')} CPUs",
-        transform=ax.transAxes,
+    fig.text(
+        0.995,
+        0.005,
+        f"{data.get('finished_at', '')}, {host.get('cpus', '?')} CPUs",
         ha="right",
+        va="bottom",
         fontsize=7,
         color="grey",
     )
@@ -89,9 +89,10 @@ def plot_mirrorhealth(data: dict[str, Any], path: Path) -> Path:
         bars[0].set_alpha(0.6)
     for yi, pts in ((y[2], after), (y[3], none)):
         ax.plot(pts, [yi] * len(pts), "k|", ms=10)
-    for yi, v, b in zip(y, values, bars, strict=True):
+    right = [values[0], values[1], max([values[2], *after]), max([values[3], *none])]
+    for yi, v, r, b in zip(y, values, right, bars, strict=True):
         text = f">{deadline:g} s (cancelled)" if b is bars[0] and stock is None else f"{v:.2f} s"
-        ax.text(v * 1.15, yi, text, va="center", fontsize=8)
+        ax.text(r * 1.2, yi, text, va="center", fontsize=8)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xscale("log")
     ax.set_xlim(min(values) / 2, deadline * 8)
@@ -99,7 +100,7 @@ def plot_mirrorhealth(data: dict[str, Any], path: Path) -> Path:
     ax.set_title(
         f"Pull of a {data.get('image', '')} image with a hung mirror first in hosts.toml", fontsize=9
     )
-    _stamp(ax, data)
+    _stamp(fig, data)
     return _save(fig, path)
 
 
@@ -131,7 +132,7 @@ def plot_eviction_churn(data: dict[str, Any], path: Path) -> Path:
         fontsize=9,
     )
     ax.legend(fontsize=7, loc="lower right")
-    _stamp(ax, data)
+    _stamp(fig, data)
     return _save(fig, path)
 
 
@@ -147,7 +148,7 @@ def plot_proxy(data: dict[str, Any], path: Path) -> Path:
             f"{call}: time added by the proxy, median {med:+.2f} ms over {len(added)} pairs", fontsize=9
         )
         ax.set_xlabel("ms (proxied - direct, interleaved pairs)", fontsize=8)
-    _stamp(axes[-1, 0], data)
+    _stamp(fig, data)
     return _save(fig, path)
 
 
@@ -164,7 +165,7 @@ def plot_pod_pulls(data: dict[str, Any], path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("seconds from pod creation", fontsize=8)
     ax.set_title("Image pulls of one multi-image pod", fontsize=9)
-    _stamp(ax, data)
+    _stamp(fig, data)
     return _save(fig, path)
 
 
