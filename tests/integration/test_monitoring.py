@@ -19,7 +19,7 @@ The rules are loaded unchanged (production ``for:`` durations: an alert is pendi
 expression holds, which is what this test waits for), with 1 s scrape and evaluation intervals.
 Then every recording rule and every dashboard query must return data, and every dashboard panel is
 rendered to a PNG with matplotlib (Grafana cannot be installed here) in
-``$NODEAGENT_DASHBOARD_PNG_DIR`` (default: a directory under /tmp, printed).
+``$NODEAGENT_DASHBOARD_PNG_DIR`` (default: pytest's tmp_path, printed).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -169,6 +168,7 @@ async def load(
 def test_prometheus_scrapes_the_fleet_rules_record_alerts_pend_dashboard_queries_return_data(
     sandbox: Sandbox,
     registry: Registry,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     started = time.time()
@@ -309,9 +309,7 @@ def test_prometheus_scrapes_the_fleet_rules_record_alerts_pend_dashboard_queries
     assert not no_data, f"dashboard queries without data: {no_data}"
 
     # --- the dashboard as pictures ---------------------------------------------------------------
-    out_dir = Path(
-        os.environ.get("NODEAGENT_DASHBOARD_PNG_DIR") or tempfile.mkdtemp(prefix="nodeagent-dashboard-")
-    )
+    out_dir = Path(os.environ.get("NODEAGENT_DASHBOARD_PNG_DIR") or tmp_path / "dashboard")
     files = render_dashboard(prom, started, time.time(), out_dir)
     report(capsys, f"dashboard panels rendered: {len(files)} PNGs in {out_dir}")
     assert len(files) == len(pack.panels()) + 1
