@@ -6,10 +6,10 @@ it holds the listening socket, as nodeagent.socket does, and starts each daemon 
 
 - a connection made while no daemon runs waits in the socket's backlog and is answered once the
   daemon is back; a SIGTERM'd daemon leaves the socket in place for the next one;
-- chaos: a kubelet-like client (grpc with its default connect settings, as the kubelet's grpc-go)
-  pulls and asks ImageStatus continuously for 60 s while the daemon is SIGKILLed and restarted 10
-  times: no connection or call is ever refused (ECONNREFUSED/ENOENT/EAGAIN), calls in flight at a
-  kill fail with UNAVAILABLE and succeed on retry, and the metrics after the restarts are what
+- chaos: a kubelet-like client (grpc with the connect settings of the kubelet's CRI client) pulls
+  and asks ImageStatus continuously for 60 s while the daemon is SIGKILLed and restarted 10 times:
+  no connection or call is ever refused (ECONNREFUSED/ENOENT/EAGAIN), calls in flight at a kill
+  fail with UNAVAILABLE and succeed on retry, and the metrics after the restarts are what
   docs/proxy.md says (per-process counters start from zero; the rest is rebuilt);
 - the runbook: ``cri.proxySocket: ""`` + ``nodeagent apply`` takes the proxy out of the kubelet's
   config, and the daemon still runs with the socket unit passing it a socket it does not serve.
@@ -55,10 +55,20 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+# The kubelet's CRI client (k8s.io/cri-client): a connection attempt gets 5 s (the server's HTTP/2
+# SETTINGS included), reconnects back off from 100 ms to 3 s, no retries of calls. In grpc core the
+# minimum connect timeout is the "min_reconnect_backoff" argument.
+KUBELET_CHANNEL_OPTIONS = [
+    ("grpc.min_reconnect_backoff_ms", 5000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 3000),
+    ("grpc.enable_retries", 0),
+    ("grpc.max_receive_message_length", 16 << 20),
+]
+
+
 def kubelet_channel(agent: NodeAgent) -> grpc.Channel:
-    """A channel with grpc's defaults (20 s to connect, the server's SETTINGS included), as the
-    kubelet's grpc-go has them; no retries of its own."""
-    return grpc.insecure_channel(agent.proxy_endpoint, options=[("grpc.enable_retries", 0)])
+    return grpc.insecure_channel(agent.proxy_endpoint, options=KUBELET_CHANNEL_OPTIONS)
 
 
 def image_status_request(ref: str) -> cri.ImageStatusRequest:
@@ -112,7 +122,7 @@ def test_a_call_made_while_no_daemon_runs_waits_in_the_backlog_and_is_answered(
         for round_ in range(2):
             # No daemon: the call connects (the socket listens) and waits for an answer.
             waiting = stub.PullImage.future(pull_request(img.reference), timeout=60)
-            time.sleep(2.0)
+            time.sleep(1.0)  # well inside the kubelet's 5 s to connect
             assert not waiting.done(), f"round {round_}: answered or failed with no daemon running"
             agent.start()
             assert waiting.result(timeout=30).image_ref == img.image_id
