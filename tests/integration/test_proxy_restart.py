@@ -384,10 +384,14 @@ def test_chaos_sigkill_and_restart_under_load_refuses_nothing(sandbox: Sandbox, 
     for ch in channels:
         ch.close()
     downtime = [round(r - g, 2) for _, g, r in kills]
+    late = max(
+        (a.start - g for a in failed for s, g, _ in kills if s <= a.start <= g + IN_FLIGHT_GRACE), default=0
+    )
     print(
         f"\nchaos: {elapsed:.0f} s, {KILLS} SIGKILLs, {len(ok)} calls answered, {len(failed)} cut by a kill "
         f"(all retried), {len(load.probes)} raw connects ({len(during_downtime)} with no daemon), 0 refused; "
-        f"no daemon for {min(downtime)}-{max(downtime)} s per restart"
+        f"no daemon for {min(downtime)}-{max(downtime)} s per restart; the latest call cut by a kill started "
+        f"{late * 1000:.0f} ms after the death"
     )
 
 
