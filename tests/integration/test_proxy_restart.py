@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nodeagent.cri.gen import cri_api_pb2 as cri
 from nodeagent.cri.gen import cri_api_pb2_grpc as cri_grpc
 from tests.sandbox import Containerd, NodeAgent, Registry, Sandbox
+from tests.sandbox.agent import REPO
 from tests.sandbox.process import wait_until
 
 CHAOS_SECONDS = 60.0
@@ -152,6 +153,47 @@ def test_without_the_held_socket_a_restart_refuses_calls(sandbox: Sandbox, conta
     assert agent.stop() == 0
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, pytest.raises(FileNotFoundError):
         s.connect(str(agent.proxy_socket))  # removed by the daemon that bound it
+
+
+def test_a_passed_socket_the_proxy_cannot_serve_stops_the_start_with_a_clear_error(
+    sandbox: Sandbox, containerd: Containerd
+) -> None:
+    """A socket unit gone wrong (here a datagram socket): exit 1 naming the fd and what it is."""
+    agent = sandbox.nodeagent(containerd, start=False)
+    agent.root.mkdir(parents=True)
+    agent.config_path.write_text(yaml.safe_dump(agent.config))
+    agent.proxy_socket.parent.mkdir(parents=True)
+    argv = [
+        "systemd-socket-activate",
+        "--datagram",
+        f"--listen={agent.proxy_socket}",
+        "--fdname=cri-proxy",
+        f"--setenv=PYTHONPATH={REPO}",
+        sys.executable,
+        "-m",
+        "nodeagent",
+        "run",
+        "-c",
+        str(agent.config_path),
+        "--root",
+        str(agent.root),
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        wait_until("the datagram socket", agent.proxy_socket.is_socket, 10, interval=0.02)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"wake", str(agent.proxy_socket))  # systemd-socket-activate execs the daemon on it
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert (
+        "nodeagent run: LISTEN_FDS: fd 3 (cri-proxy) is AF_UNIX SOCK_DGRAM, not listening; "
+        "the proxy needs a listening AF_UNIX SOCK_STREAM socket" in err
+    )
+    assert "Traceback" not in err
 
 
 # --- chaos -----------------------------------------------------------------------------------------
