@@ -13,9 +13,9 @@ It serves the CRI image proxy (``cri.proxySocket``), the Prometheus endpoint (``
 the event loop is alive (when WatchdogSec is set), STOPPING=1 on SIGTERM. Under socket activation
 (``systemd/nodeagent.socket``) the proxy serves the listening socket systemd passed (``LISTEN_FDS``)
 and never removes it, so connections made while the daemon restarts wait in its backlog; started
-by hand it binds ``cri.proxySocket`` itself. SIGTERM/SIGINT drain
-in-flight calls for at most ``drain_seconds`` and return exit code 0. An unreachable upstream never
-stops the daemon: the proxy answers UNAVAILABLE, /healthz says 503, metrics keep being served.
+by hand it binds ``cri.proxySocket`` itself. SIGTERM/SIGINT drain in-flight calls for at most
+``drain_seconds`` and return exit code 0. An unreachable upstream never stops the daemon: the
+proxy answers UNAVAILABLE, /healthz says 503, metrics keep being served.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ class Daemon:
             event(
                 log,
                 "socket passed by systemd left unused: cri.proxySocket is empty, the proxy is off "
-                "(stop and disable nodeagent.socket, or set cri.proxySocket)",
+                "(to close it: systemctl mask --now nodeagent.socket)",
                 level=30,
                 inherited_socket=path,
             )

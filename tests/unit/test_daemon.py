@@ -468,7 +468,9 @@ def test_passed_socket_with_the_proxy_off_is_left_unused(monkeypatch: pytest.Mon
                 code, _ = await http_get(f"http://{daemon.metrics_address}/metrics")
                 assert code == 200
         (warning,) = [e for e in log_events(buf) if "left unused" in e["msg"]]
-        assert "nodeagent.socket" in warning["msg"] and warning["inherited_socket"] == str(held.path)
+        assert "systemctl mask --now nodeagent.socket" in warning["msg"] and warning[
+            "inherited_socket"
+        ] == str(held.path)
 
     try:
         asyncio.run(main())
