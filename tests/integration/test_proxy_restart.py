@@ -42,6 +42,7 @@ CHAOS_SECONDS = 60.0
 KILLS = 10
 RESTART_DELAY = 1.0  # systemd's RestartSec= (2 s in the unit): no daemon at all for this long
 RETRY_DELAY = 0.2
+MAX_ATTEMPTS = 100  # a call still UNAVAILABLE after 20 s of retries fails the test
 # A call sent on the killed daemon's connection before the client saw it close also fails with
 # UNAVAILABLE; it counts as in flight at the kill if it started at most this long after the death.
 IN_FLIGHT_GRACE = 0.5
@@ -229,7 +230,7 @@ class Load:
 
     def call(self, kind: str, fn: Callable[[], Any]) -> Any:
         n = self._next_call()
-        while True:
+        for _ in range(MAX_ATTEMPTS):
             a = Attempt(kind, n, time.monotonic())
             with self.lock:
                 self.attempts.append(a)
@@ -249,6 +250,7 @@ class Load:
                 if kind == "slow-pull":
                     self.slow_in_flight = None
             time.sleep(RETRY_DELAY)
+        raise AssertionError(f"{kind} call {n}: UNAVAILABLE {MAX_ATTEMPTS} times in a row")
 
     def worker(self, body: Callable[[], None]) -> None:
         def loop() -> None:
