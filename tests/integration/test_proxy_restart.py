@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.cri.gen import cri_api_pb2 as cri
 from nodeagent.cri.gen import cri_api_pb2_grpc as cri_grpc
+from nodeagent.proxy import sockets
 from tests.sandbox import Containerd, NodeAgent, Registry, Sandbox
 from tests.sandbox.agent import REPO
 from tests.sandbox.process import wait_until
@@ -95,6 +97,13 @@ def settled_scrape(agent: NodeAgent) -> str:
     return agent.scrape()
 
 
+def listen_backlog(path: Path) -> int:
+    """The backlog of the socket listening on ``path``, as ``ss`` shows it (Send-Q)."""
+    out = subprocess.run(["ss", "-xlH", "src", str(path)], capture_output=True, text=True, check=True).stdout
+    (line,) = out.splitlines()
+    return int(line.split()[3])
+
+
 def socket_activated_agent(sandbox: Sandbox, node: Containerd) -> NodeAgent:
     agent = sandbox.nodeagent(node, start=False, socket_activated=True)
     assert agent.held is not None
@@ -130,6 +139,7 @@ def test_a_call_made_while_no_daemon_runs_waits_in_the_backlog_and_is_answered(
             assert waiting.result(timeout=30).image_ref == img.image_id
             st = agent.status()
             assert st["proxy"]["socketInherited"] is True
+            assert listen_backlog(agent.proxy_socket) == sockets.BACKLOG  # the unit's, kept by the daemon
             assert st["proxy"]["socket"] == str(agent.proxy_socket)
             ready = [e for e in agent.log_lines() if e.get("msg") == "ready"]
             assert ready[-1]["socket_inherited"] is True
@@ -264,7 +274,7 @@ class Load:
         t.start()
         self.threads.append(t)
 
-    def prober(self, interval: float = 0.02) -> None:
+    def prober(self, interval: float = 0.05) -> None:
         """Raw non-blocking connects to the socket path, as a client's first step: each one either
         succeeds at once or fails with the errno a refused call would see."""
 
