@@ -6,8 +6,9 @@
 # - /opt/nodeagent: a Python 3.11 venv holding the wheel and its dependencies
 # - /etc/nodeagent/config.yaml: FILE (default ami/config.yaml) with its `images:` section replaced by
 #   the images file (default ami/images.yaml), validated before it is installed
-# - /etc/systemd/system: the units from systemd/ (next to ami/ or --units DIR), the kubelet drop-in,
-#   and the enable symlinks (made by hand, so that --root works without a running systemd)
+# - /etc/systemd/system: the units from systemd/ (next to ami/ or --units DIR: three services and
+#   nodeagent.socket), the kubelet drop-in, and the enable symlinks (made by hand, so that --root
+#   works without a running systemd)
 # Inputs are checked before anything is written. With --root / it also runs `systemctl daemon-reload`.
 set -euo pipefail
 
@@ -41,7 +42,7 @@ done
 case "$wheel" in *.whl) ;; *) die "$wheel: not a wheel (.whl)" ;; esac
 [ -f "$config" ] || die "$config: no such config file"
 [ -f "$images" ] || die "$images: no such images file"
-for u in nodeagent-apply.service nodeagent-prefetch.service nodeagent.service kubelet.service.d/10-nodeagent.conf; do
+for u in nodeagent-apply.service nodeagent-prefetch.service nodeagent.service nodeagent.socket kubelet.service.d/10-nodeagent.conf; do
   [ -f "$units/$u" ] || die "$units/$u: missing unit file"
 done
 [ -d "$root" ] || die "$root: root directory does not exist"
@@ -118,16 +119,17 @@ install -m 0644 "$images" "$etc/images.yaml"
 
 # --- systemd units -------------------------------------------------------------------------------
 sd="$r/etc/systemd/system"
-install -d -m 0755 "$sd" "$sd/kubelet.service.d" "$sd/multi-user.target.wants"
-for u in nodeagent-apply.service nodeagent-prefetch.service nodeagent.service; do
+install -d -m 0755 "$sd" "$sd/kubelet.service.d" "$sd/multi-user.target.wants" "$sd/sockets.target.wants"
+for u in nodeagent-apply.service nodeagent-prefetch.service nodeagent.service nodeagent.socket; do
   install -m 0644 "$units/$u" "$sd/$u"
 done
 install -m 0644 "$units/kubelet.service.d/10-nodeagent.conf" "$sd/kubelet.service.d/10-nodeagent.conf"
-# What `systemctl enable` does for WantedBy=multi-user.target; nodeagent-prefetch.service has no
-# [Install] section: only the kubelet drop-in pulls it in.
+# What `systemctl enable` does for WantedBy=multi-user.target (and sockets.target for the proxy's
+# socket); nodeagent-prefetch.service has no [Install] section: only the kubelet drop-in pulls it in.
 for u in nodeagent-apply.service nodeagent.service; do
   ln -sfn "/etc/systemd/system/$u" "$sd/multi-user.target.wants/$u"
 done
+ln -sfn /etc/systemd/system/nodeagent.socket "$sd/sockets.target.wants/nodeagent.socket"
 if [ -z "$r" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload
 fi

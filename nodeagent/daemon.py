@@ -10,9 +10,12 @@
 It serves the CRI image proxy (``cri.proxySocket``), the Prometheus endpoint (``metrics.listen``:
 ``/metrics`` and ``/healthz``), runs the named workers, keeps ``Paths.daemon_status_file`` current
 (what ``nodeagent status`` reads), and talks to systemd: READY=1 once serving, WATCHDOG=1 while
-the event loop is alive (when WatchdogSec is set), STOPPING=1 on SIGTERM. SIGTERM/SIGINT drain
-in-flight calls for at most ``drain_seconds`` and return exit code 0. An unreachable upstream never
-stops the daemon: the proxy answers UNAVAILABLE, /healthz says 503, metrics keep being served.
+the event loop is alive (when WatchdogSec is set), STOPPING=1 on SIGTERM. Under socket activation
+(``systemd/nodeagent.socket``) the proxy serves the listening socket systemd passed (``LISTEN_FDS``)
+and never removes it, so connections made while the daemon restarts wait in its backlog; started
+by hand it binds ``cri.proxySocket`` itself. SIGTERM/SIGINT drain in-flight calls for at most
+``drain_seconds`` and return exit code 0. An unreachable upstream never stops the daemon: the
+proxy answers UNAVAILABLE, /healthz says 503, metrics keep being served.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import signal
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from nodeagent import __version__
@@ -38,6 +41,14 @@ from nodeagent.log import event, get_logger
 from nodeagent.metrics import Metrics
 from nodeagent.paths import Paths
 from nodeagent.proxy.records import PullRecord
+from nodeagent.sd_daemon import (
+    listen_fds,
+    same_socket_path,
+    sd_notify,
+    socket_path,
+    take_unix_listener,
+    watchdog_interval,
+)
 
 log = get_logger(__name__)
 
@@ -63,42 +74,6 @@ PullListener = Callable[[PullRecord], Awaitable[None] | None]
 StatusHook = Callable[[], Mapping[str, Any]]
 
 
-# --- systemd notification (sd_notify protocol, no libsystemd) ------------------------------------
-def sd_notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Send ``state`` (e.g. ``READY=1``) to systemd's NOTIFY_SOCKET; False when not under systemd."""
-    env = os.environ if environ is None else environ
-    addr = env.get("NOTIFY_SOCKET", "")
-    if not addr:
-        return False
-    if addr.startswith("@"):  # abstract namespace
-        addr = "\0" + addr[1:]
-    elif not addr.startswith("/"):
-        return False
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            # Never block the event loop: if the receiver's queue is full, drop this message.
-            s.setblocking(False)
-            s.connect(addr)
-            s.send(state.encode())
-    except OSError as e:
-        if not state.startswith("WATCHDOG"):  # pings are frequent; a dropped one is not news
-            event(log, "sd_notify failed", level=30, state=state.split("=")[0], error=str(e))
-        return False
-    return True
-
-
-def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
-    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when not requested."""
-    env = os.environ if environ is None else environ
-    usec = env.get("WATCHDOG_USEC", "")
-    pid = env.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) <= 0:
-        return None
-    if pid and pid != str(os.getpid()):
-        return None
-    return int(usec) / 2e6
-
-
 def parse_listen(listen: str) -> tuple[str, int]:
     """``host:port``, ``[v6]:port`` or ``:port`` (all addresses)."""
     host, sep, port = listen.rpartition(":")
@@ -115,7 +90,7 @@ class Daemon:
         paths: Paths,
         *,
         metrics: Metrics | None = None,
-        environ: Mapping[str, str] | None = None,
+        environ: MutableMapping[str, str] | None = None,
         drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         self.config = config
@@ -126,6 +101,7 @@ class Daemon:
         self.drain_seconds = drain_seconds
         self.started_at = time.time()
         self.proxy_socket = paths.host(config.cri.proxy_socket) if config.cri.proxy_socket else None
+        self.socket_inherited = False  # the proxy serves a socket systemd passed (LISTEN_FDS)
         self.metrics_address: str | None = None  # "host:port" actually bound
         self.upstream_ok: bool | None = None
         self.upstream_error = ""
@@ -212,7 +188,9 @@ class Daemon:
                 loop.add_signal_handler(sig, self._on_signal, sig)
         self.last_used.load()
         self._cri = CriClient(self.config.cri.endpoint, timeout=HEALTH_TIMEOUT)
+        listener: socket.socket | None = None
         try:
+            listener = self._inherited_listener()
             await self._start_http()
             if self.proxy_socket is not None:
                 self._proxy = ImageProxy(
@@ -224,8 +202,10 @@ class Daemon:
                     on_upstream=self._on_upstream,
                     pull_wrapper=self._pull_wrapper,
                 )
-                await self._proxy.start()
+                await self._proxy.start(listener)
         except Exception:
+            if listener is not None and self._proxy is None:
+                listener.close()
             await self._shutdown(write_status=False)  # the file may belong to a live instance
             raise
         # Everything made during start-up (config, metrics, stubs, imported modules) lives as long
@@ -236,6 +216,7 @@ class Daemon:
             log,
             "ready",
             proxy_socket=str(self.proxy_socket or ""),
+            socket_inherited=self.socket_inherited,
             upstream=self.config.cri.endpoint,
             metrics=self.metrics_address,
             startup_seconds=round(time.time() - self.started_at, 3),
@@ -262,6 +243,38 @@ class Daemon:
         await self._shutdown()
         event(log, "stopped")
         return 0
+
+    def _inherited_listener(self) -> socket.socket | None:
+        """The proxy's listening socket if systemd passed it (socket activation), else None (the
+        proxy binds ``cri.proxySocket`` itself). The LISTEN_* variables are consumed either way."""
+        sock = take_unix_listener(listen_fds(self.environ))
+        if sock is None:
+            return None
+        path = socket_path(sock)
+        if self.proxy_socket is None:
+            event(
+                log,
+                "socket passed by systemd left unused: cri.proxySocket is empty, the proxy is off "
+                "(to close it: systemctl mask --now nodeagent.socket)",
+                level=30,
+                inherited_socket=path,
+            )
+            sock.close()  # our copy; systemd keeps its own
+            return None
+        if not same_socket_path(path, self.proxy_socket):
+            event(
+                log,
+                "socket passed by systemd is not cri.proxySocket: serving cri.proxySocket on a socket "
+                "of our own, so restarts refuse calls; make ListenStream= of nodeagent.socket (a "
+                "drop-in) and cri.proxySocket the same path",
+                level=30,
+                inherited_socket=path,
+                proxy_socket=str(self.proxy_socket),
+            )
+            sock.close()
+            return None
+        self.socket_inherited = True
+        return sock
 
     def _on_signal(self, sig: int) -> None:
         event(log, "signal", signal=signal.Signals(sig).name)
@@ -475,6 +488,7 @@ class Daemon:
             "heartbeatSeconds": STATUS_INTERVAL,
             "proxy": {
                 "socket": str(self.proxy_socket or ""),
+                "socketInherited": self.socket_inherited,
                 "upstream": self.config.cri.endpoint,
                 "upstreamOk": self.upstream_ok,
                 "upstreamError": self.upstream_error,

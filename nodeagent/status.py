@@ -145,7 +145,9 @@ def render(r: Report) -> str:
             p.get("upstreamOk"), "?"
         )
         add(f"upstream CRI   {p.get('upstream', '?')}: {up}")
-        add(f"proxy socket   {p.get('socket') or '(proxy off)'}")
+        sock = p.get("socket")
+        origin = " (from systemd: nodeagent.socket)" if p.get("socketInherited") else ""
+        add(f"proxy socket   {sock + origin if sock else '(proxy off)'}")
         add(f"metrics        {(d.get('metrics') or {}).get('listen') or '-'}")
         c = d.get("cache") or {}
         if c:

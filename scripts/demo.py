@@ -282,6 +282,42 @@ def proxy_and_metrics(ctx: Context) -> None:
         raise RuntimeError(f"unexpected pull records: {[e.get('result') for e in pulls]}")
 
 
+def socket_activation(ctx: Context) -> None:
+    """The proxy socket held by systemd's nodeagent.socket (played here: this demo holds it and starts
+    the daemon through systemd-socket-activate): a SIGKILLed daemon refuses nothing."""
+    import socket
+
+    import grpc
+
+    from nodeagent.cri.gen import cri_api_pb2 as cri
+    from nodeagent.cri.gen import cri_api_pb2_grpc as cri_grpc
+
+    _, node = ctx.need_node()
+    img = ctx.images["app"]
+    agent = ctx.sb.nodeagent(node, start=False, socket_activated=True)
+    agent.start()
+    first = agent.pid
+    ctx.say(f"systemd-socket-activate passed {agent.proxy_socket} (LISTEN_FDS) to nodeagent run, pid {first}")
+    ctx.nodeagent("status", "--root", str(agent.root), check=False)
+    agent.kill()
+    ctx.say("SIGKILL: no daemon now; the socket stays open (held as nodeagent.socket holds it)")
+    with grpc.insecure_channel(agent.proxy_endpoint) as ch:
+        waiting = cri_grpc.ImageServiceStub(ch).ImageStatus.future(
+            cri.ImageStatusRequest(image=cri.ImageSpec(image=img.reference)), timeout=30
+        )
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.setblocking(False)
+            err = s.connect_ex(str(agent.proxy_socket))
+        time.sleep(1.0)
+        ctx.say(f"a connect() meanwhile: {os.strerror(err) if err else 'accepted into the backlog'}")
+        ctx.say(f"an ImageStatus meanwhile: {'answered?!' if waiting.done() else 'waiting, not refused'}")
+        agent.start()  # what Restart=always does, RestartSec= later
+        present = waiting.result(timeout=30).HasField("image")
+    ctx.say(f"restarted (pid {agent.pid}): the waiting ImageStatus was answered: image present = {present}")
+    if err or not present or agent.stop() != 0:
+        raise RuntimeError("a call was refused or not answered across the restart")
+
+
 def eks_user_data(ctx: Context) -> None:
     """EKS: a node group's settings in launch-template user-data, read back through IMDSv2 by apply."""
     from tests.fakes.imds import FakeImds  # a FAKE IMDSv2 on loopback (EC2 is not here)
@@ -437,6 +473,7 @@ STEPS: list[tuple[str, Step]] = [
     ("nodeagent prefetch: images on disk before the first pod", prefetch_images),
     ("Pull, list, inspect and remove an image through nodeagent's CRI client", cri_round_trip),
     ("nodeagent run: the kubelet's CRI image proxy, per-pull log lines and /metrics", proxy_and_metrics),
+    ("Socket activation: the daemon is SIGKILLed and restarted, no call refused", socket_activation),
     ("Mirror health: a hung mirror costs seconds, not minutes", mirror_health),
     ("Eviction: pulls into a nearly full image filesystem keep succeeding", eviction),
 ]

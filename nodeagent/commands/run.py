@@ -1,8 +1,10 @@
 """``nodeagent run [-c FILE] [--root DIR]``: the daemon (CRI image proxy, metrics, workers).
 
 Exit 0 after SIGTERM (in-flight calls drained), 2 invalid config, 1 when it cannot start (e.g.
-the proxy socket is held by another live process). Features plug into the daemon in
-``build_daemon``: each adds its workers, pull listeners and status sections there.
+the proxy socket is held by another live process, or systemd passed a socket the proxy cannot
+serve: ``sd_daemon.ListenFdsError``). Under systemd the proxy socket comes from nodeagent.socket
+(``LISTEN_FDS``); started by hand, the daemon binds ``cri.proxySocket`` itself. Features plug into
+the daemon in ``build_daemon``: each adds its workers, pull listeners and status sections there.
 """
 
 from __future__ import annotations

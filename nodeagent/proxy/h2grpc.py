@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import socket
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -483,6 +484,12 @@ class Server:
     async def start_unix(self, path: str) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _ServerConn(self), path=path)
+
+    async def start_sock(self, sock: socket.socket, backlog: int) -> None:
+        """Serve on an already-listening socket (socket activation). asyncio calls listen() on it
+        again: ``backlog`` should be the one it was made with."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _ServerConn(self), sock=sock, backlog=backlog)
 
     async def stop(self, grace: float) -> None:
         """No new connections or calls; calls in flight get ``grace`` seconds, then are cancelled."""

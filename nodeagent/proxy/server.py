@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -97,9 +98,15 @@ class ImageProxy:
         self._bound = False  # only a socket we bound is ever removed
 
     # --- lifecycle -----------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve on ``sock``, an already-listening unix socket (socket activation: no bind, unlink or
+        chmod, and ``stop`` leaves the path alone), or else bind ``socket_path``."""
         self._channel = Channel(self.upstream, max_message=MAX_MESSAGE_BYTES)
         server = Server(self._resolve, max_message=MAX_MESSAGE_BYTES)
+        if sock is not None:
+            await server.start_sock(sock, sockets.BACKLOG)
+            self._server = server
+            return
         sockets.prepare_socket_path(self.socket_path)
         with sockets.restrictive_umask():
             await server.start_unix(str(self.socket_path))

@@ -12,6 +12,10 @@ from pathlib import Path
 
 SOCKET_MODE = 0o660
 DIR_MODE = 0o755
+# listen() backlog: connections beyond it wait (connect blocks, or EAGAIN when non-blocking).
+# Backlog= in systemd/nodeagent.socket is the same number: asyncio calls listen() again on a socket
+# systemd passed, and would otherwise change it.
+BACKLOG = 256
 
 
 class SocketInUseError(RuntimeError):
@@ -43,7 +47,10 @@ def prepare_socket_path(path: Path) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketInUseError(f"{path}: exists and is not a socket; refusing to replace it")
     if socket_answers(path):
-        raise SocketInUseError(f"{path}: another process is serving on this socket")
+        raise SocketInUseError(
+            f"{path}: another process is serving on this socket (another nodeagent, or systemd's "
+            "nodeagent.socket listening for the service: start it with systemctl)"
+        )
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 

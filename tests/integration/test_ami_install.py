@@ -21,7 +21,7 @@ wheel = boot_fixtures.wheel
 installed_root = boot_fixtures.installed_root
 
 pytestmark = pytest.mark.integration
-UNITS = ("nodeagent-apply.service", "nodeagent-prefetch.service", "nodeagent.service")
+UNITS = ("nodeagent-apply.service", "nodeagent-prefetch.service", "nodeagent.service", "nodeagent.socket")
 
 
 def test_install_builds_a_working_venv(installed_root: Path) -> None:
@@ -54,7 +54,9 @@ def test_install_places_and_enables_units(installed_root: Path) -> None:
     assert dropin.read_text() == (REPO / "systemd/kubelet.service.d/10-nodeagent.conf").read_text()
     wants = sd / "multi-user.target.wants"
     assert sorted(p.name for p in wants.iterdir()) == ["nodeagent-apply.service", "nodeagent.service"]
-    for link in wants.iterdir():
+    sockets = sd / "sockets.target.wants"
+    assert sorted(p.name for p in sockets.iterdir()) == ["nodeagent.socket"]
+    for link in [*wants.iterdir(), *sockets.iterdir()]:
         assert os.readlink(link) == f"/etc/systemd/system/{link.name}"  # valid on the real root
 
 

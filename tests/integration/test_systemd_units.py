@@ -26,7 +26,8 @@ installed_root = boot_fixtures.installed_root
 pytestmark = pytest.mark.integration
 
 UNITS = ("nodeagent-apply.service", "nodeagent-prefetch.service", "nodeagent.service")
-MAX_EXPOSURE = {"nodeagent.service": 4.0}
+SOCKETS = ("nodeagent.socket",)
+MAX_EXPOSURE = {"nodeagent.service": 4.0, "nodeagent.socket": 4.0}
 
 FAKE_KUBELET_UNIT = """\
 # FAKE kubelet unit for tests (shape of AL2023's /etc/systemd/system/kubelet.service)
@@ -70,7 +71,7 @@ def _analyze(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("unit", [*UNITS, "kubelet.service"])
+@pytest.mark.parametrize("unit", [*UNITS, *SOCKETS, "kubelet.service"])
 def test_unit_verifies_clean(unit_root: Path, unit: str) -> None:
     r = _analyze(unit_root, "verify", unit)
     assert r.returncode == 0, r.stderr
@@ -95,7 +96,7 @@ def _exposure(root: Path, unit: str) -> float:
 
 
 def test_security_exposure(unit_root: Path) -> None:
-    scores = {u: _exposure(unit_root, u) for u in UNITS}
+    scores = {u: _exposure(unit_root, u) for u in (*UNITS, *SOCKETS)}
     print("\nsystemd-analyze security --offline=yes exposure:")
     for u, s in scores.items():
         print(f"  {u:30s} {s:.1f}")
@@ -145,3 +146,42 @@ def test_apply_is_not_ordered_before_containerd() -> None:
     """apply may run `systemctl restart containerd` (generic flavor): that job must not wait for apply."""
     apply = _unit(REPO / "systemd/nodeagent-apply.service")["Unit"]
     assert "containerd.service" not in apply["Before"].split()
+
+
+def test_socket_unit_owns_the_default_proxy_socket_for_the_daemon() -> None:
+    """nodeagent.socket listens on cri.proxySocket's default with the daemon's mode and backlog,
+    names the fd the daemon looks for, and stays put while the service restarts."""
+    from nodeagent.config.model import CriConfig
+    from nodeagent.proxy import sockets
+    from nodeagent.sd_daemon import PROXY_FDNAME
+
+    sock = _unit(REPO / "systemd/nodeagent.socket")["Socket"]
+    assert sock["ListenStream"] == CriConfig().proxy_socket
+    assert int(sock["SocketMode"], 8) == sockets.SOCKET_MODE
+    assert int(sock["DirectoryMode"], 8) == sockets.DIR_MODE
+    assert int(sock["Backlog"]) == sockets.BACKLOG  # the daemon's listen() keeps it
+    assert sock["FileDescriptorName"] == PROXY_FDNAME
+    assert (sock["Accept"], sock["RemoveOnStop"], sock["Service"]) == ("no", "no", "nodeagent.service")
+    assert not any(k.startswith("Exec") for k in sock)  # PID 1 holds the socket; nothing runs here
+    svc = _unit(REPO / "systemd/nodeagent.service")
+    assert svc["Service"]["Sockets"] == "nodeagent.socket"
+    assert "nodeagent.socket" in svc["Unit"]["Wants"].split()
+    assert "nodeagent.socket" in svc["Unit"]["After"].split()
+    # Requires=/BindsTo= would stop metrics and eviction with the socket unit (the runbook stops it).
+    assert not any(k in svc["Unit"] for k in ("Requires", "BindsTo", "Requisite"))
+    # /run/nodeagent holds the socket: the service's RuntimeDirectory= must never remove it.
+    assert svc["Service"]["RuntimeDirectory"] == "nodeagent"
+    assert svc["Service"]["RuntimeDirectoryPreserve"] == "yes"
+    # The memory bounds the daemon's own limits are measured against (docs/proxy.md).
+    assert (svc["Service"]["MemoryHigh"], svc["Service"]["MemoryMax"]) == ("192M", "256M")
+
+
+def test_verify_catches_a_socket_unit_without_its_service(tmp_path: Path, unit_root: Path) -> None:
+    """The socket check above can fail: without nodeagent.service systemd rejects the socket unit."""
+    root = tmp_path / "root"
+    shutil.copytree(unit_root / "usr/lib/systemd", root / "usr/lib/systemd", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(unit_root / "etc/systemd/system/nodeagent.socket", root / "etc/systemd/system/")
+    r = _analyze(root, "verify", "nodeagent.socket")
+    assert r.returncode != 0
+    assert "nodeagent.service" in r.stderr

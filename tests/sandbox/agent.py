@@ -6,12 +6,15 @@
     agent.kill(); agent.start()           # crash and restart on the same root
 
 Its root (``--root``) is a private dir: the proxy socket, status file and last-used state live
-under it. stdout/stderr (the JSON log lines) go to ``agent.log_path``.
+under it. stdout/stderr (the JSON log lines) go to ``agent.log_path``. With ``agent.held`` set (a
+``HeldSocket``, tests/sandbox/activation.py), every start runs the daemon under
+systemd-socket-activate with that socket passed, as systemd's nodeagent.socket would.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -22,6 +25,7 @@ from typing import Any
 import yaml
 
 from nodeagent.paths import Paths
+from tests.sandbox.activation import HeldSocket
 from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,6 +51,7 @@ class NodeAgent:
         self.config = doc
         self._daemon: Daemon | None = None
         self.env: dict[str, str] = {}
+        self.held: HeldSocket | None = None  # socket activation: the socket systemd would hold
 
     @property
     def proxy_socket(self) -> Path:
@@ -97,8 +102,17 @@ class NodeAgent:
             **self.env,
             **(env or {}),
         }
-        self._daemon = Daemon("nodeagent", argv, self.log_path, env=full_env, cwd=REPO)
-        self._daemon.start()
+        fds: tuple[int, ...] = ()
+        if self.held is not None:
+            argv, full_env, fds = self.held.launch(argv, full_env)
+        self._daemon = Daemon("nodeagent", argv, self.log_path, env=full_env, cwd=REPO, pass_fds=fds)
+        try:
+            self._daemon.start()
+        finally:
+            for fd in fds:
+                os.close(fd)  # the child's copy; the HeldSocket keeps its own
+        if self.held is not None:
+            self.held.wake()
         daemon = self._daemon
 
         def ready() -> bool:

@@ -45,12 +45,14 @@ class Daemon:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
+        self.pass_fds = tuple(pass_fds)  # inherited by the process (e.g. a socket to activate it with)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,6 +78,7 @@ class Daemon:
                     stderr=subprocess.STDOUT,
                     env=self.env,
                     cwd=self.cwd,
+                    pass_fds=self.pass_fds,
                     start_new_session=True,  # a Ctrl-C in the demo's terminal reaches us, not it
                 )
             except FileNotFoundError:

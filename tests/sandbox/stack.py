@@ -23,6 +23,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from nodeagent.config.model import CriConfig
+from nodeagent.paths import Paths
+from tests.sandbox.activation import HeldSocket
 from tests.sandbox.agent import NodeAgent
 from tests.sandbox.containerd import Containerd, Mirror
 from tests.sandbox.loopfs import LoopFs
@@ -100,12 +103,23 @@ class Sandbox:
         return node, pause
 
     def nodeagent(
-        self, upstream: Containerd | str, *, start: bool = True, config: dict[str, Any] | None = None
+        self,
+        upstream: Containerd | str,
+        *,
+        start: bool = True,
+        config: dict[str, Any] | None = None,
+        socket_activated: bool = False,
     ) -> NodeAgent:
         """``nodeagent run`` proxying ``upstream`` (a Containerd or an endpoint), with its own
-        ``--root``; ``config`` entries are merged over the defaults (metrics on 127.0.0.1:0)."""
+        ``--root``; ``config`` entries are merged over the defaults (metrics on 127.0.0.1:0).
+        ``socket_activated``: the proxy socket is held here (``agent.held``, as systemd's
+        nodeagent.socket holds it) and every start passes it through systemd-socket-activate."""
         endpoint = upstream.endpoint if isinstance(upstream, Containerd) else upstream
         agent = NodeAgent(self._name("agent"), endpoint, config)
+        if socket_activated:  # at ListenStream=: cri.proxySocket, whose default it is when that is off
+            listen = str(agent.config["cri"].get("proxySocket") or CriConfig().proxy_socket)
+            agent.held = HeldSocket(Paths(agent.root).host(listen))
+            self._stack.callback(agent.held.close)
         self._stack.callback(agent.stop)
         if start:
             agent.start()

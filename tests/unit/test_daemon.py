@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
 from nodeagent.config.model import Config, CriConfig, EvictionConfig, MetricsConfig
 from nodeagent.cri.client import CriClient
+from nodeagent.cri.gen import cri_api_pb2 as cri
+from nodeagent.cri.gen import cri_api_pb2_grpc as cri_grpc
 from nodeagent.daemon import Daemon, parse_listen, sd_notify, watchdog_interval
 from nodeagent.paths import Paths
 from nodeagent.proxy.records import PullRecord
@@ -356,3 +359,175 @@ def test_cache_stats_measure_imagefs_like_eviction_under_root(tmp_path: Path) ->
     assert cri.lists == 1
     assert d.cache["imagefsPath"] == str(tmp_path / "var/lib/containerd")
     assert 0.0 <= d.cache["imagefsUsedRatio"] <= 1.0
+
+
+# --- socket activation (a FAKE systemd: the test holds the listening socket and passes a copy) ---
+class PassedSocket:
+    """What systemd's nodeagent.socket does: bind and listen on ``path``, keep it open, and hand a
+    copy to each daemon through LISTEN_FDS. The copy is at a free fd rather than 3 (pytest holds
+    fd 3): ``SD_LISTEN_FDS_START`` is pointed at it; test_sd_daemon.py covers fd 3 itself."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(16)
+
+    def environ(self, monkeypatch: pytest.MonkeyPatch, name: str = "cri-proxy") -> dict[str, str]:
+        import nodeagent.sd_daemon as sdd
+
+        fd = os.dup(self.sock.fileno())  # the daemon's copy; the daemon closes it at stop
+        monkeypatch.setattr(sdd, "SD_LISTEN_FDS_START", fd)
+        return {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": name}
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_socket_activation_serves_the_passed_socket_and_never_removes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nodeagent.cri.client import RetryPolicy
+
+    d = short_tmp()
+    root = Path(d) / "root"
+    held = PassedSocket(root / "run/nodeagent/cri.sock")
+    endpoint = "unix://" + str(held.path)
+
+    async def main() -> None:
+        async with fake_runtime() as (_rt, up):
+            for round_ in range(2):
+                environ = held.environ(monkeypatch)
+                daemon = Daemon(make_config(up), Paths(root), environ=environ)
+                async with running(daemon):
+                    assert environ == {}  # consumed: children of the daemon never see them
+                    assert daemon.status()["proxy"]["socketInherited"] is True
+                    async with CriClient(endpoint, retry=RetryPolicy(attempts=1)) as c:
+                        assert (await c.image_status("reg.local/a:1")).HasField("image") is False
+                assert held.path.exists(), f"round {round_}: the daemon removed systemd's socket"
+                status = json.loads(daemon.paths.daemon_status_file.read_text())
+                assert status["proxy"]["socketInherited"] is True
+
+            # No daemon now: a call made meanwhile waits in the backlog and is answered by the next.
+            # A channel with grpc's defaults, as the kubelet's (20 s to connect, SETTINGS included).
+            async with grpc.aio.insecure_channel(endpoint) as ch:
+                stub = cri_grpc.ImageServiceStub(ch)
+                req = cri.ImageStatusRequest(image=cri.ImageSpec(image="reg.local/a:1"))
+                waiting = asyncio.ensure_future(stub.ImageStatus(req, timeout=15))
+                await asyncio.sleep(1.0)
+                assert not waiting.done()
+                daemon = Daemon(make_config(up), Paths(root), environ=held.environ(monkeypatch))
+                async with running(daemon):
+                    answer = await asyncio.wait_for(waiting, 10)
+                    assert not answer.HasField("image")
+
+    try:
+        asyncio.run(main())
+    finally:
+        held.close()
+        rm(d)
+
+
+def test_started_by_hand_binds_and_removes_its_own_socket() -> None:
+    d = short_tmp()
+    root = Path(d) / "root"
+
+    async def main() -> None:
+        async with fake_runtime() as (_rt, up):
+            environ = {"LISTEN_PID": "1", "LISTEN_FDS": "1"}  # inherited from a parent, not for us
+            daemon = Daemon(make_config(up), Paths(root), environ=environ)
+            async with running(daemon):
+                assert environ == {} and daemon.status()["proxy"]["socketInherited"] is False
+                assert (root / "run/nodeagent/cri.sock").exists()
+            assert not (root / "run/nodeagent/cri.sock").exists()
+
+    asyncio.run(main())
+    rm(d)
+
+
+def test_passed_socket_at_another_path_is_reported_and_the_configured_path_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.unit.proxy.helpers import captured_log, log_events
+
+    d = short_tmp()
+    root = Path(d) / "root"
+    held = PassedSocket(Path(d) / "elsewhere/cri.sock")
+
+    async def main() -> None:
+        async with fake_runtime() as (_rt, up):
+            daemon = Daemon(make_config(up), Paths(root), environ=held.environ(monkeypatch))
+            with captured_log() as buf:
+                async with running(daemon):
+                    assert daemon.status()["proxy"]["socketInherited"] is False
+                    async with CriClient("unix://" + str(root / "run/nodeagent/cri.sock")) as c:
+                        await c.image_status("reg.local/a:1")
+            (warning,) = [e for e in log_events(buf) if "is not cri.proxySocket" in e["msg"]]
+            assert warning["level"] == "warning"
+            assert warning["inherited_socket"] == str(held.path)
+            assert warning["proxy_socket"] == str(root / "run/nodeagent/cri.sock")
+            assert "ListenStream=" in warning["msg"]
+            assert held.path.exists()  # systemd's socket is left alone
+
+    try:
+        asyncio.run(main())
+    finally:
+        held.close()
+        rm(d)
+
+
+def test_passed_socket_with_the_proxy_off_is_left_unused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cri.proxySocket: ""` (the kubelet pointed straight at containerd) while nodeagent.socket is
+    still there: the daemon starts, serves metrics, and says what to do with the socket unit."""
+    from tests.unit.proxy.helpers import captured_log, log_events
+
+    d = short_tmp()
+    held = PassedSocket(Path(d) / "root/run/nodeagent/cri.sock")
+
+    async def main() -> None:
+        daemon = Daemon(
+            make_config("unix:///nonexistent/x.sock", proxy_socket=""),
+            Paths(Path(d) / "root"),
+            environ=held.environ(monkeypatch),
+        )
+        with captured_log() as buf:
+            async with running(daemon):
+                st = daemon.status()["proxy"]
+                assert (st["socket"], st["socketInherited"]) == ("", False)
+                code, _ = await http_get(f"http://{daemon.metrics_address}/metrics")
+                assert code == 200
+        (warning,) = [e for e in log_events(buf) if "left unused" in e["msg"]]
+        assert "systemctl mask --now nodeagent.socket" in warning["msg"] and warning[
+            "inherited_socket"
+        ] == str(held.path)
+
+    try:
+        asyncio.run(main())
+    finally:
+        held.close()
+        rm(d)
+
+
+def test_a_passed_socket_of_the_wrong_kind_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodeagent.sd_daemon import ListenFdsError
+
+    d = short_tmp()
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dgram.bind(os.path.join(d, "dgram.sock"))
+
+    async def main() -> None:
+        import nodeagent.sd_daemon as sdd
+
+        monkeypatch.setattr(sdd, "SD_LISTEN_FDS_START", dgram.fileno())
+        environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}
+        daemon = Daemon(make_config("unix:///nonexistent/x.sock"), Paths(Path(d) / "root"), environ=environ)
+        with pytest.raises(ListenFdsError, match="SOCK_DGRAM, not listening; the proxy needs a listening"):
+            await daemon.run()
+        assert not (Path(d) / "root/run/nodeagent/cri.sock").exists()  # nothing bound instead
+
+    try:
+        asyncio.run(main())
+    finally:
+        dgram.close()
+        rm(d)

@@ -101,7 +101,17 @@ def test_healthy_node(tmp_path: Path) -> None:
     assert "not_found 1, success 3" in text
     assert "eviction" in text and "high_threshold" in text
     assert "warning: containerd.mirrors.docker.io[0]: not answering" in text
+    assert "proxy socket   /run/nodeagent/cri.sock\n" in text  # bound by the daemon itself
     assert text.rstrip().endswith("healthy")
+
+
+def test_socket_passed_by_systemd_is_named(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    doc = daemon_doc()
+    doc["proxy"]["socketInherited"] = True
+    write(paths, doc, APPLY_OK)
+    text = render(collect(paths, now=NOW))
+    assert "proxy socket   /run/nodeagent/cri.sock (from systemd: nodeagent.socket)\n" in text
 
 
 @pytest.mark.parametrize(
