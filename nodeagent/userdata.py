@@ -167,6 +167,31 @@ def nodeagent_parts(user_data: bytes | None) -> list[tuple[str, str]]:
     return found
 
 
+def nodeconfig_parts(user_data: bytes | None) -> list[tuple[str, str]]:
+    """Every NodeConfig nodeadm reads from this user-data, as ``(location, yaml_text)``, in order.
+
+    As nodeadm's ``imds://user-data`` source: each ``application/node.eks.aws`` part of a MIME
+    document (base64/gzip undone), or, when the user-data is not MIME, the whole of it when it is
+    a NodeConfig. Raises ``UserDataError`` when the user-data cannot be read.
+    """
+    if not user_data or not user_data.strip():
+        return []
+    data = unwrap(user_data)
+    if not _is_mime(data):
+        text = _text(data, "user-data")
+        return [("user-data", text)] if re.search(r"^kind:\s*NodeConfig\s*$", text, re.M) else []
+    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
+    _check_defects(msg, "user-data")
+    found: list[tuple[str, str]] = []
+    for loc, part in _parts(msg, ""):
+        if part.get_content_type() != NODECONFIG_CONTENT_TYPE:
+            continue
+        where = f"user-data {loc or 'body'} ({NODECONFIG_CONTENT_TYPE})"
+        raw = part.get_payload(decode=True)
+        found.append((where, _text(unwrap(raw if isinstance(raw, bytes) else b"", where), where)))
+    return found
+
+
 # --------------------------------------------------------------------------------------------------
 # rendering
 # --------------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def test_v3_round_trip_keeps_everything_else() -> None:
     assert images["image_pull_progress_timeout"] == "5m0s"
     # already listed: left exactly as it was
     assert images["registry"]["config_path"] == "/etc/containerd/certs.d:/etc/docker/certs.d"
-    assert doc["plugins"]["io.containerd.transfer.v1.local"]["max_concurrent_downloads"] == 6
+    # nodeadm's discard_unpacked_layers = true keeps every containerd on local pull: the CRI value counts
+    assert "io.containerd.transfer.v1.local" not in doc["plugins"]
     assert "io.containerd.grpc.v1.cri" not in doc["plugins"]
     assert _strip_owned(doc) == _strip_owned(tomllib.loads(before))
     assert ctd.patch(p.text, V).text == p.text
