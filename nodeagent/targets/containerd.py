@@ -78,7 +78,10 @@ def values(config: Config, facts: NodeFacts) -> Values:
 def _indent_of(table: Any) -> str | None:
     from tomlkit.items import AoT, Item, Table
 
-    for k, item in table.value.body:
+    body = getattr(getattr(table, "value", None), "body", None)
+    if body is None:  # a table defined in pieces ([a.b] before [a], as nodeadm's template does)
+        return None
+    for k, item in body:
         if k is not None and isinstance(item, Item) and not isinstance(item, Table | AoT):
             indent: str = item.trivia.indent
             return indent
@@ -96,9 +99,11 @@ def _set(table: Any, key: str, value: Any) -> bool:
         table[key] = value
         return True
     indent = _indent_of(table)
+    if indent is None:
+        table[key] = value
+        return True
     table.add(key, value)
-    if indent is not None:
-        table.item(key).trivia.indent = indent
+    table.item(key).trivia.indent = indent
     return True
 
 
@@ -163,6 +168,18 @@ def merged_config_path(current: str, hosts_dir: str) -> str:
     if hosts_dir in dirs:
         return current
     return ":".join([hosts_dir, *dirs])
+
+
+def wanted_config_path(current: str, hosts_dir: str, path: PullPath) -> str:
+    """The ``config_path`` to write. The local pull splits it at ':' and tries each directory; the
+    transfer service (2.2.9, 2.4.2) takes it as ONE directory, so a list there finds no hosts.toml
+    at all (measured: tests/integration/test_apply_pullpath.py): on that path only ``hosts_dir``."""
+    return hosts_dir if path.transfer else merged_config_path(current, hosts_dir)
+
+
+def dropped_dirs(current: str, hosts_dir: str, path: PullPath) -> list[str]:
+    """Directories of ``current`` that the transfer path cannot read (so apply does not keep them)."""
+    return [d for d in current.split(":") if d and d != hosts_dir] if path.transfer else []
 
 
 # --- pull path -------------------------------------------------------------------------------
@@ -232,6 +249,14 @@ def pull_path(containerd: ContainerdVersion | None, settings: Mapping[str, Any])
     return PullPath(True, f"{name} pulls CRI images through the transfer service")
 
 
+def transfer_config_path_warning(lost: list[str], hosts_dir: str, path: PullPath) -> str:
+    return (
+        f"config_path is set to {hosts_dir} alone: {path.reason}, which reads config_path as one "
+        f"directory (a ':' list finds no hosts.toml at all), so hosts.toml files in {', '.join(lost)} "
+        "are not read on this path"
+    )
+
+
 def downloads_note(path: PullPath, where: str) -> str:
     return f"containerd download concurrency goes to {where}: {path.reason}"
 
@@ -276,7 +301,7 @@ def _wanted(
         current = effective_config_path(
             str(get_in(doc, *keys, "registry", "config_path") or ""), containerd, version
         )
-        out.append(((*keys, "registry", "config_path"), merged_config_path(current, v.hosts_dir)))
+        out.append(((*keys, "registry", "config_path"), wanted_config_path(current, v.hosts_dir, path)))
     return out
 
 
@@ -319,6 +344,7 @@ def patch(
             )
     keys = image_table_keys(version)
     where = ".".join(keys[1:])
+    original = doc
     legacy = legacy_registry_settings(doc, version)
     settings = cri_image_settings(doc, version)
     settings.pop("max_concurrent_downloads", None)  # nodeagent's own key: never a reason
@@ -340,6 +366,13 @@ def patch(
             "to containerd.mirrors in the nodeagent config"
         )
     config_path = str(get_in(doc, *keys, "registry", "config_path") or "")
+    if not legacy and path.transfer:
+        before = effective_config_path(
+            str(get_in(original, *keys, "registry", "config_path") or ""), containerd, version
+        )
+        lost = dropped_dirs(before, v.hosts_dir, path)
+        if lost:
+            warnings.append(transfer_config_path_warning(lost, v.hosts_dir, path))
     if not config_path:
         warnings.append(
             f"containerd config has no plugins.{where}.registry.config_path: "

@@ -187,8 +187,11 @@ def node_config(config: Config, facts: NodeFacts) -> tuple[dict[str, Any], list[
         ctd.downloads_note(path, where),
     ]
     toml_fragment = ctd.fragment(
-        plan.version, v, ctd.merged_config_path(plan.config_path, v.hosts_dir), transfer=path.transfer
+        plan.version, v, ctd.wanted_config_path(plan.config_path, v.hosts_dir, path), transfer=path.transfer
     )
+    lost = ctd.dropped_dirs(plan.config_path, v.hosts_dir, path)
+    if lost:
+        warnings.append(ctd.transfer_config_path_warning(lost, v.hosts_dir, path))
     spegel = spegel_mirrors(config)
     if spegel and plan.settings.get("discard_unpacked_layers") is True:
         warnings.append(

@@ -239,9 +239,27 @@ def test_own_cri_value_from_an_older_apply_is_set_back_to_3() -> None:
 def test_empty_config_path_is_containerds_own_default(
     containerd: tuple[int, int, int] | None, version: int, expected: str
 ) -> None:
+    """On the local pull path (here forced by nodeadm's discard_unpacked_layers), which splits the list."""
     table = "io.containerd.cri.v1.images" if version == 3 else "io.containerd.grpc.v1.cri"
-    text = f'version = {version}\n[plugins."{table}".registry]\n  config_path = ""\n'
-    assert ctd.patch(text, V, containerd=containerd).config_path == expected
+    text = (
+        f'version = {version}\n[plugins."{table}".registry]\n  config_path = ""\n'
+        f'[plugins."{table}".containerd]\n  discard_unpacked_layers = true\n'
+        f'[plugins."{table}"]\n  discard_unpacked_layers = true\n'
+    )
+    p = ctd.patch(text, V, containerd=containerd)
+    assert not p.pull.transfer and p.config_path == expected
+
+
+def test_transfer_path_gets_the_hosts_dir_alone_and_says_what_it_left_out() -> None:
+    """containerd's transfer service reads config_path as one directory (a list finds nothing)."""
+    p = ctd.patch(V3_PLAIN.replace('"/etc/containerd/certs.d"', '""'), V, containerd=(2, 2, 9))
+    assert p.pull.transfer and p.config_path == "/etc/containerd/certs.d"
+    (w,) = [w for w in p.warnings if "config_path is set to" in w]
+    assert "hosts.toml files in /etc/docker/certs.d are not read on this path" in w
+    same = ctd.patch(V3_PLAIN, V, containerd=(2, 2, 9))  # already the hosts dir alone: nothing to say
+    assert same.config_path == "/etc/containerd/certs.d" and not any(
+        "config_path" in w for w in same.warnings
+    )
 
 
 def test_render_notes_where_concurrency_went_and_warns_on_unknown_version(tmp_path: Path) -> None:
@@ -254,3 +272,20 @@ def test_render_notes_where_concurrency_went_and_warns_on_unknown_version(tmp_pa
     plan = ctd.render(config(), facts(tmp_path, containerd_config=V3_PLAIN))
     assert "plugins.io.containerd.cri.v1.images" in plan.notes[0]
     assert any("containerd version unknown" in w for w in plan.warnings)
+
+
+def test_nodeadm_v2_template_order_is_patched() -> None:
+    """nodeadm's version-2 template defines [...cri.containerd] before [...cri] (a table in pieces)."""
+    text = (
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\ndefault_runtime_name = "runc"\n'
+        'discard_unpacked_layers = true\n\n[plugins."io.containerd.grpc.v1.cri"]\n'
+        'sandbox_image = "localhost/kubernetes/pause"\n\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+        'config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"\n'
+    )
+    p = ctd.patch(text, V, containerd=(2, 2, 9))
+    cri = tomllib.loads(p.text)["plugins"]["io.containerd.grpc.v1.cri"]
+    assert not p.pull.transfer and cri["max_concurrent_downloads"] == 6
+    assert (
+        cri["sandbox_image"] == "localhost/kubernetes/pause" and cri["containerd"]["discard_unpacked_layers"]
+    )
+    assert ctd.patch(p.text, V, containerd=(2, 2, 9)).text == p.text

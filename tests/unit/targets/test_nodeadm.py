@@ -144,6 +144,10 @@ def test_user_turning_discard_off_opens_the_transfer_service(tmp_path: Path, use
     assert "max_concurrent_downloads" not in toml["plugins"][table]  # a CRI value would force local pull
     assert toml["plugins"]["io.containerd.transfer.v1.local"]["max_concurrent_downloads"] >= 3
     assert "through the transfer service" in plan.notes[1]
+    # the transfer service reads config_path as one directory: nodeadm's two-directory value would
+    # make it find no hosts.toml at all
+    assert toml["plugins"][table]["registry"]["config_path"] == "/etc/containerd/certs.d"
+    assert any("hosts.toml files in /etc/docker/certs.d are not read" in w for w in plan.warnings)
 
 
 def test_soci_feature_gate_forces_local_pull_on_big_nodes(tmp_path: Path) -> None:

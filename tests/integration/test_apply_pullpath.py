@@ -1,0 +1,300 @@
+"""Where ``nodeagent apply`` puts download concurrency, judged by real containerd 2.2 and 1.6.
+
+containerd 2.1+ pulls CRI images through its transfer service unless a CRI images setting forces
+its old local pull (it then logs "Falling back to local image pull mode" at start); 1.6 always pulls
+locally. What users rely on: after ``apply`` (generic flavor, on the stock ``containerd config
+default`` of each version, restarted through ``containerd.restartCommand``):
+
+- nodeagent never is the reason containerd leaves the transfer service;
+- an 8-layer image pulled through CRI has exactly ``containerd.maxConcurrentDownloads`` blob
+  downloads in flight, measured by a proxy in front of the registry that holds every blob GET 1 s,
+  on the path containerd reports in its debug log ("using transfer service" / "using client.Pull()");
+- with nodeadm's ``discard_unpacked_layers = true`` (local pull forced by nodeadm, not by us) the
+  CRI value is the one that counts, and it is the one apply wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import tomlkit
+import yaml
+
+from nodeagent.cri.client import CriClient
+from tests.sandbox import PushedImage, Registry, Sandbox, testbins
+from tests.sandbox.containerd import cri_version
+
+RESTART = Path(__file__).with_name("restart_containerd.py")
+HEADER = {"apiVersion": "nodeagent.io/v1alpha1", "kind": "NodeAgentConfig"}
+FALLBACK = "Falling back to local image pull mode"
+HOLD = 1.0  # seconds every blob GET is held
+LAYERS = 8
+DOWNLOADS = 5  # what the nodeagent config asks for: neither containerd's default 3 nor the layer count
+
+
+class SlowBlobProxy:
+    """An HTTP proxy in front of a registry that holds every blob GET ``hold`` seconds and records
+    how many blob GETs were in flight at once (plain ``http.server``/``http.client``)."""
+
+    def __init__(self, upstream: str, hold: float) -> None:
+        self.upstream, self.hold = upstream, hold
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.peak = 0
+        self.blob_gets = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                blob = self.command == "GET" and "/blobs/sha256:" in self.path
+                if blob:
+                    with proxy.lock:
+                        proxy.in_flight += 1
+                        proxy.blob_gets += 1
+                        proxy.peak = max(proxy.peak, proxy.in_flight)
+                try:
+                    if blob:
+                        time.sleep(proxy.hold)
+                    conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                    headers = {
+                        k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")
+                    }
+                    conn.request(self.command, self.path, headers=headers)
+                    resp = conn.getresponse()
+                    body = resp.read()
+                    conn.close()
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                            self.send_header(k, v)
+                    length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", length or str(len(body)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(body)
+                finally:
+                    if blob:
+                        with proxy.lock:
+                            proxy.in_flight -= 1
+
+            do_GET = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class PullNode:
+    """A rooted tree T holding the stock ``containerd config default`` of ``binary`` (its daemon
+    paths moved into the sandbox, debug log), ``T/usr/bin/containerd`` -> ``binary`` (apply reads the
+    version from it), and the containerd started from T's files by the restart helper."""
+
+    def __init__(self, sandbox: Sandbox, binary: Path, cri_images: dict[str, object] | None = None) -> None:
+        self.binary = binary
+        self.work = sandbox.dir / f"pullpath-{random.randrange(1 << 30)}"
+        self.root = self.work / "T"
+        self.sock = self.work / "containerd.sock"
+        self.pidfile = self.work / "containerd.pid"
+        self.log = self.work / "containerd.log"
+        self.config_toml = self.root / "etc/containerd/config.toml"
+        self.config_yaml = self.root / "etc/nodeagent/config.yaml"
+        self.hosts_dir = self.work / "certs.d"  # a host path; its content lives under T (see test_apply)
+        (self.root / str(self.hosts_dir).lstrip("/")).mkdir(parents=True)
+        self.hosts_dir.symlink_to(self.root / str(self.hosts_dir).lstrip("/"))
+        for d in (self.config_toml.parent, self.config_yaml.parent, self.root / "usr/bin"):
+            d.mkdir(parents=True, exist_ok=True)
+        (self.root / "usr/bin/containerd").symlink_to(binary)
+        stock = subprocess.run([str(binary), "config", "default"], capture_output=True, text=True, check=True)
+        doc = tomlkit.parse(stock.stdout)
+        doc["root"] = str(self.work / "root")
+        doc["state"] = str(self.work / "state")
+        doc["grpc"]["address"] = str(self.sock)  # type: ignore[index]
+        doc["ttrpc"]["address"] = str(self.sock) + ".ttrpc"  # type: ignore[index]
+        doc["debug"]["level"] = "debug"  # type: ignore[index]
+        self.version = int(doc["version"])  # type: ignore[arg-type]
+        images = self.images_table(doc)
+        for k, v in (cri_images or {}).items():
+            images[k] = v
+        self.config_toml.write_text(tomlkit.dumps(doc))
+        sandbox.callback(self.stop)
+
+    def images_table(self, doc: object) -> dict[str, object]:
+        plugins = doc["plugins"]  # type: ignore[index]
+        if self.version >= 3:
+            return plugins["io.containerd.cri.v1.images"]  # type: ignore[no-any-return]
+        return plugins["io.containerd.grpc.v1.cri"]["containerd"]  # type: ignore[no-any-return]
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix://{self.sock}"
+
+    def write_config(self, **containerd: object) -> None:
+        restart = [sys.executable, str(RESTART), str(self.pidfile), str(self.config_toml), str(self.log)]
+        doc = {
+            **HEADER,
+            "cri": {"endpoint": self.endpoint, "proxySocket": ""},
+            "containerd": {
+                "hostsDir": str(self.hosts_dir),
+                "restartCommand": [*restart, "--containerd", str(self.binary)],
+                **containerd,
+            },
+            "eviction": {"enabled": False},
+        }
+        self.config_yaml.write_text(yaml.safe_dump(doc))
+
+    def plain_http(self, host: str) -> None:
+        d = self.root / str(self.hosts_dir).lstrip("/") / host
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "hosts.toml").write_text(f'server = "http://{host}"\n')
+
+    def start(self) -> None:
+        cmd = [sys.executable, str(RESTART), str(self.pidfile), str(self.config_toml), str(self.log)]
+        subprocess.run([*cmd, "--containerd", str(self.binary)], check=True)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                cri_version(self.endpoint, timeout=1.0)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"containerd did not start:\n{self.log_text()[-3000:]}") from None
+                time.sleep(0.1)
+
+    def log_text(self, since: int = 0) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def stop(self) -> None:
+        try:
+            pid = int(self.pidfile.read_text())
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError, ChildProcessError):
+            pass
+
+    def apply(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nodeagent", "apply", "--root", str(self.root), "--flavor", "generic"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    def pull(self, reference: str) -> str:
+        async def body() -> str:
+            async with CriClient(self.endpoint) as cri:
+                return await cri.pull_image(reference, timeout=120)
+
+        return asyncio.run(body())
+
+
+@pytest.fixture
+def slow_proxy_factory() -> Iterator[Callable[[Registry], SlowBlobProxy]]:
+    made: list[SlowBlobProxy] = []
+
+    def make(registry: Registry) -> SlowBlobProxy:
+        p = SlowBlobProxy(registry.host, HOLD)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def containerd_binary(line: str) -> Path:
+    if line == "1.6":
+        found = shutil.which("containerd")  # Debian's
+        assert found, "Debian's containerd is not installed (scripts/setup.sh)"
+        return Path(found)
+    return testbins.path("containerd")  # 2.2.x, as EKS AL2023 ships
+
+
+CASES = [
+    # (containerd line, CRI images settings the node had before apply, expected path)
+    pytest.param("2.2", {}, "transfer", id="2.2-stock"),
+    pytest.param("2.2", {"discard_unpacked_layers": True}, "local", id="2.2-nodeadm-discard"),
+    pytest.param("1.6", {}, "local", id="1.6-stock"),
+]
+
+
+@pytest.mark.parametrize(("line", "cri_images", "path"), CASES)
+def test_configured_layers_in_flight_on_the_path_containerd_takes(
+    sandbox: Sandbox,
+    registry: Registry,
+    image_factory: Callable[..., PushedImage],
+    slow_proxy_factory: Callable[[Registry], SlowBlobProxy],
+    line: str,
+    cri_images: dict[str, object],
+    path: str,
+) -> None:
+    node = PullNode(sandbox, containerd_binary(line), cri_images)
+    proxy = slow_proxy_factory(registry)
+    node.plain_http(proxy.host)
+    node.write_config(maxConcurrentDownloads=DOWNLOADS)
+    node.start()
+
+    mark = node.log_size()
+    r = node.apply()
+    assert r.returncode == 0, r.stderr
+    assert "containerd: restarted, CRI answers" in r.stdout
+    where = "io.containerd.transfer.v1.local" if path == "transfer" else "cri"
+    (note,) = [ln for ln in r.stdout.splitlines() if ln.startswith("note: containerd download concurrency")]
+    assert where in note, note
+    started = node.log_text(mark)
+    # never nodeagent's doing: no fallback at all on the transfer path, and on the local path only
+    # because of the setting nodeadm made (containerd names the first setting it found)
+    fallbacks = [ln for ln in started.splitlines() if FALLBACK in ln]
+    if path == "transfer" or line == "1.6":
+        assert fallbacks == []
+    else:
+        assert fallbacks and all("'DiscardUnpackedLayers'" in ln for ln in fallbacks), fallbacks
+    assert "Found 'MaxConcurrentDownloads'" not in started  # the fallback the old apply caused
+
+    img = image_factory(layers=LAYERS, layer_size=256 << 10, repository=f"pullpath/{line}-{path}")
+    ref = f"{proxy.host}/{img.repository}:{img.tag}"
+    mark = node.log_size()
+    t0 = time.monotonic()
+    assert node.pull(ref) == img.image_id
+    took = time.monotonic() - t0
+    assert proxy.blob_gets >= LAYERS  # every layer (and the config) went through the proxy
+    assert proxy.peak == DOWNLOADS, f"{proxy.peak} blob downloads at once, configured {DOWNLOADS}"
+    assert took >= 2 * HOLD  # 9 blobs, 5 at a time, 1 s each: at least two rounds
+    reported = node.log_text(mark)
+    if line != "1.6":  # 1.6 logs no pull path: it has only the local one
+        word = "using transfer service" if path == "transfer" else "using client.Pull()"
+        assert word in reported, reported[-3000:]
