@@ -241,7 +241,13 @@ def containerd_binary(line: str) -> Path:
         found = shutil.which("containerd")  # Debian's
         assert found, "Debian's containerd is not installed (scripts/setup.sh)"
         return Path(found)
-    return testbins.path("containerd")  # 2.2.x, as EKS AL2023 ships
+    return built("containerd")  # 2.2.x, as EKS AL2023 ships
+
+
+def built(name: str) -> Path:
+    """A test binary from the shared cache, built first when missing (tests/sandbox/testbins.py)."""
+    testbins.build([name])
+    return testbins.path(name)
 
 
 CASES = [

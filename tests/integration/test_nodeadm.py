@@ -32,9 +32,9 @@ import yaml
 
 from nodeagent.userdata import CONTENT_TYPE, NODECONFIG_CONTENT_TYPE, ClusterDetails, nodeconfig, render_mime
 from tests.fakes.imds import FakeImds
-from tests.integration.test_apply_pullpath import FALLBACK, PullNode
+from tests.integration.test_apply_pullpath import FALLBACK, PullNode, built
 from tests.integration.test_eks_userdata import apply_process
-from tests.sandbox import Sandbox, testbins
+from tests.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
 
@@ -112,8 +112,8 @@ def nodeadm_containerd_config(fragments: list[str], containerd: Path, work: Path
 
 @pytest.mark.parametrize("case", ["cluster", "v2", "v3", "maxpods"])
 def test_nodeadm_merge_keeps_user_and_nodeagent_values(sandbox: Sandbox, tmp_path: Path, case: str) -> None:
-    containerd = testbins.path("containerd")
-    nodeadm = testbins.path("nodeadm")
+    containerd = built("containerd")
+    nodeadm = built("nodeadm")
     root = tmp_path / "T"
     for d in ("etc/nodeagent", "etc/eks/nodeadm.d", "usr/bin"):
         (root / d).mkdir(parents=True)
