@@ -27,8 +27,12 @@ path it goes to the CRI table. The CRI ``max_concurrent_downloads`` is nodeagent
 counted as a reason for local pull. An unknown containerd version is treated as local pull (the CRI
 value is honoured on every version).
 
-An empty ``config_path`` is read as containerd reads it: from 2.2 the default
-``/etc/containerd/certs.d:/etc/docker/certs.d``; 1.6 to 2.1 no hosts directory at all.
+``config_path`` follows the path too. The local pull splits it at ':' and tries each directory:
+``hostsDir`` goes first and the directories already listed stay, an empty value being read as
+containerd reads it (from 2.2 the default ``/etc/containerd/certs.d:/etc/docker/certs.d``; 1.6 to
+2.1 no hosts directory at all). The transfer service takes the whole value as one directory (a list
+finds no hosts.toml at all; measured with 2.2.9), so there it is ``hostsDir`` alone, with a warning
+naming what was left out.
 
 Every other byte of the file (comments, order, keys we do not own) is kept, and a value that
 already holds what we want is not touched, so a patched file patches to itself. Version 1 files
@@ -189,20 +193,22 @@ def cri_image_settings(doc: Any, version: int) -> dict[str, Any]:
     """The CRI image settings that decide the pull path, under their version-3 names, from a
     version 2 or 3 document (containerd 2.x migrates the version-2 keys to these)."""
     out: dict[str, Any] = {}
+    snapshot_keys = ("discard_unpacked_layers", "disable_snapshot_annotations")
     if version >= 3:
-        t = get_in(doc, "plugins", V3_IMAGES)
+        pull_keys = (
+            "use_local_image_pull",
+            "image_pull_with_sync_fs",
+            "max_concurrent_downloads",
+            "registry",
+        )
         sources: list[tuple[Any, tuple[str, ...]]] = [
-            (t, ("use_local_image_pull", "image_pull_with_sync_fs", "max_concurrent_downloads", "registry")),
-            (t, ("discard_unpacked_layers", "disable_snapshot_annotations")),
+            (get_in(doc, "plugins", V3_IMAGES), pull_keys + snapshot_keys)
         ]
     else:
         cri = get_in(doc, "plugins", V2_CRI)
         sources = [
             (cri, ("image_pull_with_sync_fs", "max_concurrent_downloads", "registry")),
-            (
-                get_in(doc, "plugins", V2_CRI, "containerd"),
-                ("discard_unpacked_layers", "disable_snapshot_annotations"),
-            ),
+            (get_in(doc, "plugins", V2_CRI, "containerd"), snapshot_keys),
         ]
     for table, keys in sources:
         if isinstance(table, Mapping):
