@@ -15,14 +15,9 @@ default`` of each version, restarted through ``containerd.restartCommand``):
 
 from __future__ import annotations
 
-import asyncio
 import http.client
-import os
-import random
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,14 +26,10 @@ from pathlib import Path
 
 import pytest
 import tomlkit
-import yaml
 
-from nodeagent.cri.client import CriClient
+from tests.integration.test_apply import Node
 from tests.sandbox import PushedImage, Registry, Sandbox, testbins
-from tests.sandbox.containerd import cri_version
 
-RESTART = Path(__file__).with_name("restart_containerd.py")
-HEADER = {"apiVersion": "nodeagent.io/v1alpha1", "kind": "NodeAgentConfig"}
 FALLBACK = "Falling back to local image pull mode"
 HOLD = 1.0  # seconds every blob GET is held
 LAYERS = 8
@@ -111,25 +102,15 @@ class SlowBlobProxy:
         self.server.server_close()
 
 
-class PullNode:
-    """A rooted tree T holding the stock ``containerd config default`` of ``binary`` (its daemon
-    paths moved into the sandbox, debug log), ``T/usr/bin/containerd`` -> ``binary`` (apply reads the
-    version from it), and the containerd started from T's files by the restart helper."""
+class PullNode(Node):
+    """test_apply's node tree T, holding the stock ``containerd config default`` of ``binary`` instead
+    (daemon paths moved into the sandbox, debug log), with ``T/usr/bin/containerd`` -> ``binary``
+    (apply reads the version from it); started and restarted with that binary."""
 
     def __init__(self, sandbox: Sandbox, binary: Path, cri_images: dict[str, object] | None = None) -> None:
+        super().__init__(sandbox)
         self.binary = binary
-        self.work = sandbox.dir / f"pullpath-{random.randrange(1 << 30)}"
-        self.root = self.work / "T"
-        self.sock = self.work / "containerd.sock"
-        self.pidfile = self.work / "containerd.pid"
-        self.log = self.work / "containerd.log"
-        self.config_toml = self.root / "etc/containerd/config.toml"
-        self.config_yaml = self.root / "etc/nodeagent/config.yaml"
-        self.hosts_dir = self.work / "certs.d"  # a host path; its content lives under T (see test_apply)
-        (self.root / str(self.hosts_dir).lstrip("/")).mkdir(parents=True)
-        self.hosts_dir.symlink_to(self.root / str(self.hosts_dir).lstrip("/"))
-        for d in (self.config_toml.parent, self.config_yaml.parent, self.root / "usr/bin"):
-            d.mkdir(parents=True, exist_ok=True)
+        (self.root / "usr/bin").mkdir(parents=True)
         (self.root / "usr/bin/containerd").symlink_to(binary)
         stock = subprocess.run([str(binary), "config", "default"], capture_output=True, text=True, check=True)
         doc = tomlkit.parse(stock.stdout)
@@ -138,57 +119,22 @@ class PullNode:
         doc["grpc"]["address"] = str(self.sock)  # type: ignore[index]
         doc["ttrpc"]["address"] = str(self.sock) + ".ttrpc"  # type: ignore[index]
         doc["debug"]["level"] = "debug"  # type: ignore[index]
-        self.version = int(doc["version"])  # type: ignore[arg-type]
-        images = self.images_table(doc)
+        plugins = doc["plugins"]
+        if int(doc["version"]) >= 3:  # type: ignore[arg-type]
+            images = plugins["io.containerd.cri.v1.images"]  # type: ignore[index]
+        else:
+            images = plugins["io.containerd.grpc.v1.cri"]["containerd"]  # type: ignore[index]
         for k, v in (cri_images or {}).items():
-            images[k] = v
+            images[k] = v  # type: ignore[index]
         self.config_toml.write_text(tomlkit.dumps(doc))
-        sandbox.callback(self.stop)
 
-    def images_table(self, doc: object) -> dict[str, object]:
-        plugins = doc["plugins"]  # type: ignore[index]
-        if self.version >= 3:
-            return plugins["io.containerd.cri.v1.images"]  # type: ignore[no-any-return]
-        return plugins["io.containerd.grpc.v1.cri"]["containerd"]  # type: ignore[no-any-return]
-
-    @property
-    def endpoint(self) -> str:
-        return f"unix://{self.sock}"
-
-    def write_config(self, **containerd: object) -> None:
-        restart = [sys.executable, str(RESTART), str(self.pidfile), str(self.config_toml), str(self.log)]
-        doc = {
-            **HEADER,
-            "cri": {"endpoint": self.endpoint, "proxySocket": ""},
-            "containerd": {
-                "hostsDir": str(self.hosts_dir),
-                "restartCommand": [*restart, "--containerd", str(self.binary)],
-                **containerd,
-            },
-            "eviction": {"enabled": False},
-        }
-        self.config_yaml.write_text(yaml.safe_dump(doc))
+    def restart_command(self, *extra: str) -> list[str]:
+        return super().restart_command(*extra, "--containerd", str(self.binary))
 
     def plain_http(self, host: str) -> None:
         d = self.root / str(self.hosts_dir).lstrip("/") / host
         d.mkdir(parents=True, exist_ok=True)
         (d / "hosts.toml").write_text(f'server = "http://{host}"\n')
-
-    def start(self) -> None:
-        cmd = [sys.executable, str(RESTART), str(self.pidfile), str(self.config_toml), str(self.log)]
-        subprocess.run([*cmd, "--containerd", str(self.binary)], check=True)
-        self.wait_ready()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                cri_version(self.endpoint, timeout=1.0)
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"containerd did not start:\n{self.log_text()[-3000:]}") from None
-                time.sleep(0.1)
 
     def log_text(self, since: int = 0) -> str:
         with open(self.log, "rb") as f:
@@ -197,29 +143,6 @@ class PullNode:
 
     def log_size(self) -> int:
         return self.log.stat().st_size if self.log.exists() else 0
-
-    def stop(self) -> None:
-        try:
-            pid = int(self.pidfile.read_text())
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (FileNotFoundError, ValueError, ProcessLookupError, ChildProcessError):
-            pass
-
-    def apply(self) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "nodeagent", "apply", "--root", str(self.root), "--flavor", "generic"],
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-
-    def pull(self, reference: str) -> str:
-        async def body() -> str:
-            async with CriClient(self.endpoint) as cri:
-                return await cri.pull_image(reference, timeout=120)
-
-        return asyncio.run(body())
 
 
 @pytest.fixture
@@ -271,11 +194,11 @@ def test_configured_layers_in_flight_on_the_path_containerd_takes(
     node = PullNode(sandbox, containerd_binary(line), cri_images)
     proxy = slow_proxy_factory(registry)
     node.plain_http(proxy.host)
-    node.write_config(maxConcurrentDownloads=DOWNLOADS)
+    node.write_config({"restartCommand": node.restart_command(), "maxConcurrentDownloads": DOWNLOADS})
     node.start()
 
     mark = node.log_size()
-    r = node.apply()
+    r = node.apply("--flavor", "generic")
     assert r.returncode == 0, r.stderr
     assert "containerd: restarted, CRI answers" in r.stdout
     where = "io.containerd.transfer.v1.local" if path == "transfer" else "cri"
