@@ -90,7 +90,7 @@ def _cri_snapshotter(doc: dict[str, Any]) -> str:
     if not isinstance(plugins, dict):
         return DEFAULT_SNAPSHOTTER
     version = doc.get("version", 1)
-    if version == 3:
+    if isinstance(version, int) and version >= 3:
         section = plugins.get("io.containerd.cri.v1.images", {})
         value = section.get("snapshotter") if isinstance(section, dict) else None
     else:
@@ -104,7 +104,8 @@ def _config_sandbox_image(doc: dict[str, Any]) -> str | None:
     plugins = doc.get("plugins", {})
     if not isinstance(plugins, dict):
         return None
-    if doc.get("version") == 3:
+    version = doc.get("version", 1)
+    if isinstance(version, int) and version >= 3:
         images = plugins.get("io.containerd.cri.v1.images", {})
         pinned = images.get("pinned_images", {}) if isinstance(images, dict) else {}
         value = pinned.get("sandbox") if isinstance(pinned, dict) else None

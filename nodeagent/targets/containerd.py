@@ -6,7 +6,8 @@ read from the file:
 
 - version 2 (containerd 1.x, also read by 2.x): ``[plugins."io.containerd.grpc.v1.cri"]`` and its
   ``.registry`` table.
-- version 3 (containerd 2.x): ``[plugins."io.containerd.cri.v1.images"]`` and its ``.registry`` table.
+- version 3 (containerd 2.x) and 4 (containerd 2.4+): ``[plugins."io.containerd.cri.v1.images"]``
+  and its ``.registry`` table.
 
 **Where the download concurrency goes** follows the pull path containerd will use for CRI pulls
 (``pull_path``; read from containerd's source, ``internal/cri/config.CheckLocalImagePullConfigs``):
@@ -56,6 +57,9 @@ from nodeagent.tuning import resolve
 V2_CRI = "io.containerd.grpc.v1.cri"
 V3_IMAGES = "io.containerd.cri.v1.images"
 V3_TRANSFER = "io.containerd.transfer.v1.local"
+# config versions: 2 (containerd 1.x), 3 (2.0+), 4 (2.4+: the CRI image tables as in 3, the server
+# addresses moved under plugins)
+SUPPORTED_VERSIONS = (2, 3, 4)
 TRANSFER_FROM: ContainerdVersion = (2, 1, 0)  # CRI pulls go through the transfer service from 2.1
 DEFAULT_CONFIG_PATH_FROM: ContainerdVersion = (2, 2, 0)  # empty config_path means the default from 2.2
 DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d:/etc/docker/certs.d"
@@ -191,7 +195,7 @@ def dropped_dirs(current: str, hosts_dir: str, path: PullPath) -> list[str]:
 
 def cri_image_settings(doc: Any, version: int) -> dict[str, Any]:
     """The CRI image settings that decide the pull path, under their version-3 names, from a
-    version 2 or 3 document (containerd 2.x migrates the version-2 keys to these)."""
+    version 2, 3 or 4 document (containerd 2.x migrates the version-2 keys to these)."""
     out: dict[str, Any] = {}
     snapshot_keys = ("discard_unpacked_layers", "disable_snapshot_annotations")
     if version >= 3:
@@ -343,9 +347,9 @@ def patch(
         except tomllib.TOMLDecodeError as e:
             raise TargetError(f"not valid TOML: {e}") from None
         version = detect_version(doc)
-        if version not in (2, 3):
+        if version not in SUPPORTED_VERSIONS:
             raise TargetError(
-                f"version = {version}: only containerd config versions 2 and 3 are supported "
+                f"version = {version}: only containerd config versions 2, 3 and 4 are supported "
                 "(run `containerd config migrate` first)"
             )
     keys = image_table_keys(version)

@@ -108,12 +108,13 @@ def _installed_major(facts: NodeFacts, warnings: list[str]) -> int:
             v = tomllib.loads(text).get("version")
         except tomllib.TOMLDecodeError:
             v = None
-        if v in (2, 3):
+        if v in ctd.SUPPORTED_VERSIONS:
+            major = 1 if v == 2 else 2
             warnings.append(
                 f"containerd version unknown (no binary under the root answered --version); "
-                f"{facts.paths.containerd_config} is version {v}, so containerd {v - 1}.x is assumed"
+                f"{facts.paths.containerd_config} is version {v}, so containerd {major}.x is assumed"
             )
-            return int(v) - 1
+            return major
     warnings.append(
         "containerd version unknown (no binary under the root answered --version, no config.toml): "
         "containerd 2.x (what AL2023 ships) is assumed for the NodeConfig containerd fragment"

@@ -52,7 +52,9 @@ def main(argv: list[str]) -> int:
     fail_text = argv[4] if len(argv) > 4 and argv[3] == "--fail-if-contains" else None
     stop(pidfile)
     text = config.read_text()
-    sock = Path(tomllib.loads(text)["grpc"]["address"])
+    doc = tomllib.loads(text)
+    grpc = doc.get("grpc") or doc["plugins"]["io.containerd.server.v1.grpc"]  # version 4: a plugin
+    sock = Path(grpc["address"])
     if sock.exists():
         sock.unlink()
     cmd = [binary, "--config", str(config)]

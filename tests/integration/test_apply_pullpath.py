@@ -1,4 +1,4 @@
-"""Where ``nodeagent apply`` puts download concurrency, judged by real containerd 2.2 and 1.6.
+"""Where ``nodeagent apply`` puts download concurrency, judged by real containerd 2.2, 2.4 and 1.6.
 
 containerd 2.1+ pulls CRI images through its transfer service unless a CRI images setting forces
 its old local pull (it then logs "Falling back to local image pull mode" at start); 1.6 always pulls
@@ -116,10 +116,14 @@ class PullNode(Node):
         doc = tomlkit.parse(stock.stdout)
         doc["root"] = str(self.work / "root")
         doc["state"] = str(self.work / "state")
-        doc["grpc"]["address"] = str(self.sock)  # type: ignore[index]
-        doc["ttrpc"]["address"] = str(self.sock) + ".ttrpc"  # type: ignore[index]
-        doc["debug"]["level"] = "debug"  # type: ignore[index]
         plugins = doc["plugins"]
+        # version 4 (containerd 2.4) keeps the server addresses in plugins
+        server = (
+            doc if "grpc" in doc else {k: plugins[f"io.containerd.server.v1.{k}"] for k in ("grpc", "ttrpc")}
+        )  # type: ignore[index]
+        server["grpc"]["address"] = str(self.sock)  # type: ignore[index]
+        server["ttrpc"]["address"] = str(self.sock) + ".ttrpc"  # type: ignore[index]
+        doc["debug"]["level"] = "debug"  # type: ignore[index]
         if int(doc["version"]) >= 3:  # type: ignore[arg-type]
             images = plugins["io.containerd.cri.v1.images"]  # type: ignore[index]
         else:
@@ -164,6 +168,8 @@ def containerd_binary(line: str) -> Path:
         found = shutil.which("containerd")  # Debian's
         assert found, "Debian's containerd is not installed (scripts/setup.sh)"
         return Path(found)
+    if line == "2.4":
+        return built("containerd-latest")  # the newest 2.x
     return built("containerd")  # 2.2.x, as EKS AL2023 ships
 
 
@@ -177,6 +183,7 @@ CASES = [
     # (containerd line, CRI images settings the node had before apply, expected path)
     pytest.param("2.2", {}, "transfer", id="2.2-stock"),
     pytest.param("2.2", {"discard_unpacked_layers": True}, "local", id="2.2-nodeadm-discard"),
+    pytest.param("2.4", {}, "transfer", id="2.4-stock"),
     pytest.param("1.6", {}, "local", id="1.6-stock"),
 ]
 

@@ -95,6 +95,7 @@ def test_missing_file_becomes_minimal_owned_v2_config() -> None:
         ("[plugins.cri]\n  x = 1\n", "version = 1"),
         ("version = 2\n[broken", "not valid TOML"),
         ('version = "2"\n', "not a containerd config version"),
+        ("version = 5\n", "only containerd config versions 2, 3 and 4"),
     ],
 )
 def test_unsupported_files_refused(text: str, match: str) -> None:
@@ -289,3 +290,17 @@ def test_nodeadm_v2_template_order_is_patched() -> None:
         cri["sandbox_image"] == "localhost/kubernetes/pause" and cri["containerd"]["discard_unpacked_layers"]
     )
     assert ctd.patch(p.text, V, containerd=(2, 2, 9)).text == p.text
+
+
+def test_version_4_of_containerd_2_4_uses_the_version_3_image_tables() -> None:
+    """containerd 2.4's `config default` is version 4: server addresses under plugins, CRI images as in 3."""
+    text = (
+        "version = 4\n[plugins]\n  [plugins.'io.containerd.cri.v1.images']\n"
+        "    max_concurrent_downloads = 3\n"
+        "    [plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = ''\n"
+        "  [plugins.'io.containerd.server.v1.grpc']\n    address = '/run/containerd/containerd.sock'\n"
+    )
+    p = ctd.patch(text, V, containerd=(2, 4, 2))
+    assert p.version == 4 and p.pull.transfer
+    assert _downloads(p.text) == (3, 6) and p.config_path == "/etc/containerd/certs.d"
+    assert tomllib.loads(p.text)["plugins"]["io.containerd.server.v1.grpc"]["address"].endswith(".sock")
