@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import tomlkit
 
+from nodeagent.cri.client import CriError
 from tests.integration.test_apply import Node
 from tests.sandbox import PushedImage, Registry, Sandbox, testbins
 
@@ -234,3 +235,31 @@ def test_configured_layers_in_flight_on_the_path_containerd_takes(
     if line != "1.6":  # 1.6 logs no pull path: it has only the local one
         word = "using transfer service" if path == "transfer" else "using client.Pull()"
         assert word in reported, reported[-3000:]
+
+
+@pytest.mark.parametrize("line", ["2.2", "2.4"])
+def test_transfer_path_reads_config_path_as_one_directory(
+    sandbox: Sandbox, registry: Registry, image_factory: Callable[..., PushedImage], line: str
+) -> None:
+    """Why apply writes ``hostsDir`` alone on the transfer path: with a ':' list there containerd
+    finds no hosts.toml (it asks the registry name itself), with the directory alone it does."""
+    node = PullNode(sandbox, containerd_binary(line))
+    # a registry name only hosts.toml can resolve (containerd speaks plain HTTP to loopback by itself)
+    name = f"only-in-hosts-toml.invalid:{registry.host.rsplit(':', 1)[1]}"
+    d = node.root / str(node.hosts_dir).lstrip("/") / name
+    d.mkdir(parents=True)
+    (d / "hosts.toml").write_text(f'server = "{registry.url}"\n')
+    img = image_factory(layers=1, layer_size=64 << 10, repository=f"pullpath/config-path-{line}")
+    ref = f"{name}/{img.repository}:{img.tag}"
+    listed = f"{node.hosts_dir}:/etc/docker/certs.d"
+    for config_path, works in ((listed, False), (str(node.hosts_dir), True)):
+        doc = tomlkit.parse(node.config_toml.read_text())
+        doc["plugins"]["io.containerd.cri.v1.images"]["registry"]["config_path"] = config_path  # type: ignore[index]
+        node.config_toml.write_text(tomlkit.dumps(doc))
+        node.start()  # the restart helper stops the previous one first
+        if works:
+            assert node.pull(ref) == img.image_id
+        else:
+            with pytest.raises(CriError, match=r"https://only-in-hosts-toml\.invalid"):
+                node.pull(ref)  # no hosts.toml found: containerd asks the name itself, over HTTPS
+    assert FALLBACK not in node.log_text()  # all of it on the transfer path
