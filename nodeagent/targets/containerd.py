@@ -32,9 +32,8 @@ value is honoured on every version).
 ``hostsDir`` goes first and the directories already listed stay, an empty value being read as
 containerd reads it (from 2.2 the default ``/etc/containerd/certs.d:/etc/docker/certs.d``; 1.6 to
 2.1 no hosts directory at all). The transfer service takes the whole value as one directory (a list
-finds no hosts.toml at all; measured with 2.2.9 and 2.4.2), so there it is ``hostsDir`` alone, with a
-warning
-naming what was left out.
+finds no hosts.toml at all; measured with 2.2.9 and 2.4.2), so there it is ``hostsDir`` alone, with
+a warning naming what was left out.
 
 Every other byte of the file (comments, order, keys we do not own) is kept, and a value that
 already holds what we want is not touched, so a patched file patches to itself. Version 1 files
