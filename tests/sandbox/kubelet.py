@@ -8,7 +8,10 @@ pods from a directory, next to a sandbox containerd that can run pods (``Sandbox
 
 Settings known to work on these VMs (../shared/notes/sandbox-node.md): cgroupfs driver, no QoS
 cgroups, ``enforceNodeAllocatable: []`` (restated in a ``--config-dir`` drop-in, since the kubelet
-re-encodes the main file and drops empty lists), swap allowed, host-network pods (no CNI). Every
+re-encodes the main file and drops empty lists), swap allowed, host-network pods (no CNI), and
+``localStorageCapacityIsolation: true``: with a CRI stats provider (containerd) the kubelet's
+cAdvisor keeps filesystem stats only then, and without them ``/stats/summary``, image GC and the
+eviction manager fail ("cannot find filesystem info for device"). Every
 port is ephemeral (``port``, ``healthzPort``; ``readOnlyPort: 0``), the root, cert, pod-log and
 volume-plugin dirs are private, and the node name (``--hostname-override``) is unique, so several
 kubelets can run on one machine. The kubelet creates no iptables chains here
@@ -34,6 +37,8 @@ import json
 import os
 import shutil
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -45,6 +50,7 @@ import psutil
 import yaml
 
 from tests.sandbox import testbins
+from tests.sandbox.agent import REPO, NodeAgent
 from tests.sandbox.containerd import Containerd
 from tests.sandbox.net import free_port
 from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
@@ -61,6 +67,7 @@ SYSCTLS = (
 )
 STATE_DIR = Path("/run/nodeagent-sandbox-kubelet")
 API_VERSION = "kubelet.config.k8s.io/v1beta1"
+DROPIN = Path("etc/kubernetes/kubelet.conf.d/90-nodeagent.conf")
 
 
 # --- host state shared by every sandbox kubelet on the machine ------------------------------------
@@ -208,7 +215,9 @@ class Kubelet:
             "cgroupsPerQOS": False,
             "enforceNodeAllocatable": [],
             "failSwapOn": False,
-            "localStorageCapacityIsolation": False,
+            # also what makes the kubelet's cAdvisor keep filesystem stats (with a CRI stats
+            # provider): without it /stats/summary, image GC and the eviction manager all fail
+            "localStorageCapacityIsolation": True,
             "makeIPTablesUtilChains": False,
             "staticPodPath": str(self.manifests),
             "fileCheckFrequency": "5s",
@@ -386,3 +395,29 @@ def start_kubelet(
         if kl.pid is not None:
             sb.pids.append(kl.pid)
     return kl
+
+
+def nodeagent_dropin(workdir: Path, agent: NodeAgent, config: Mapping[str, Any] | None = None) -> Path:
+    """The kubelet drop-in ``nodeagent apply --flavor generic`` writes for ``agent`` (its real socket
+    as ``cri.proxySocket``), on a root of its own; ``config`` entries are merged into apply's config."""
+    root = workdir / "apply-root"
+    cfg = root / "etc/nodeagent/config.yaml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {
+        "apiVersion": "nodeagent.io/v1alpha1",
+        "kind": "NodeAgentConfig",
+        "cri": {"endpoint": agent.config["cri"]["endpoint"], "proxySocket": str(agent.proxy_socket)},
+        **(config or {}),
+    }
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    argv = [sys.executable, "-m", "nodeagent", "apply", "--root", str(root), "--flavor", "generic"]
+    r = subprocess.run(
+        [*argv, "--imds", "off"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)},
+    )
+    if r.returncode != 0:
+        raise SandboxError(f"nodeagent apply --flavor generic: exit {r.returncode}\n{r.stdout}{r.stderr}")
+    return root / DROPIN
