@@ -58,7 +58,8 @@ CONTAINERS = 3
 # fieldPath="spec.containers{c0}" ... reason="Pulling" ...
 _EVENT = re.compile(
     r"^I(?P<mon>\d\d)(?P<day>\d\d) (?P<time>\d\d:\d\d:\d\d\.\d+)\s.*\"Event occurred\".*"
-    r'fieldPath="spec\.containers\{(?P<container>[^}]+)\}".*reason="(?P<reason>Pulling|Pulled)"'
+    r'fieldPath="spec\.containers\{(?P<container>[^}]+)\}".*reason="(?P<reason>Pulling|Pulled)"',
+    re.M,
 )
 
 
