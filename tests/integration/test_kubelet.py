@@ -111,7 +111,8 @@ def test_nodeagent_crash_and_restart_while_the_kubelet_runs(
             (c.get("state") or {}).get("waiting", {}).get("reason")
             for c in ((pod or {}).get("status") or {}).get("containerStatuses") or []
         ]
-        return any(r and r != "ContainerCreating" for r in waiting)
+        # ImageStatus (asked first) fails: ImageInspectError; a failed PullImage: ErrImagePull
+        return bool({"ImageInspectError", "ErrImagePull", "ImagePullBackOff"} & set(waiting))
 
     wait_until("the kubelet's pull fails while nodeagent is down", kubelet_saw_the_outage, 60)
     agent.start()  # same root, same socket path (the stale socket is replaced)
