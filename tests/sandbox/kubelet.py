@@ -11,22 +11,24 @@ cgroups, ``enforceNodeAllocatable: []`` (restated in a ``--config-dir`` drop-in,
 re-encodes the main file and drops empty lists), swap allowed, host-network pods (no CNI), and
 ``localStorageCapacityIsolation: true``: with a CRI stats provider (containerd) the kubelet's
 cAdvisor keeps filesystem stats only then, and without them ``/stats/summary``, image GC and the
-eviction manager fail ("cannot find filesystem info for device"). Every
-port is ephemeral (``port``, ``healthzPort``; ``readOnlyPort: 0``), the root, cert, pod-log and
-volume-plugin dirs are private, and the node name (``--hostname-override``) is unique, so several
-kubelets can run on one machine. The kubelet creates no iptables chains here
+eviction manager fail ("cannot find filesystem info for device"). Every port is ephemeral
+(``port``, ``healthzPort``; ``readOnlyPort: 0``), the root, cert, pod-log and volume-plugin dirs
+are private, and the node name (``--hostname-override``) is unique, so several kubelets can run
+on one machine. The kubelet creates no iptables chains here
 (``makeIPTablesUtilChains: false``).
 
 Host state the kubelet changes whatever its flags say, restored by the last fixture to stop:
 
-- it creates ``/var/lib/kubelet``, ``/usr/libexec/kubernetes`` and ``/var/log/containers``;
+- it creates ``/var/lib/kubelet`` (its device manager's socket is always
+  ``/var/lib/kubelet/device-plugins/kubelet.sock``: a second kubelet replaces the first one's, which
+  no test here uses), ``/usr/libexec/kubernetes`` and ``/var/log/containers``;
 - it sets six kernel sysctls (``vm.overcommit_memory``, ``kernel.panic``, ...) to its own values.
 
 What the host had before the first sandbox kubelet started is recorded once in
 ``/run/nodeagent-sandbox-kubelet/host.json``; every fixture registers its kubelet there, and when
 the last one stops, and no other kubelet process runs on the machine, the recorded sysctls are
-restored and only the dirs that did not exist before are removed. Symlinks the kubelet left in an
-existing ``/var/log/containers`` that point into this kubelet's dir are removed at each stop.
+restored and only the dirs that did not exist before are removed. The links the kubelet left in
+``/var/log/containers`` that point into this kubelet's dir are removed at each stop.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import shutil
 import ssl
 import subprocess
 import sys
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -86,14 +87,12 @@ def _read_sysctls() -> dict[str, str]:
     return {k: (Path("/proc/sys") / k).read_text().strip() for k in SYSCTLS}
 
 
-def _kubelet_pids(exclude: set[int]) -> list[int]:
+def _kubelet_pids() -> list[int]:
     """Running processes whose program is a kubelet (any kubelet, ours or anybody's)."""
     found = []
     for p in psutil.process_iter(["pid", "name", "cmdline"]):
         cmd = p.info.get("cmdline") or []
-        if p.info["pid"] in exclude or not cmd:
-            continue
-        if p.info.get("name") == "kubelet" or os.path.basename(cmd[0]) == "kubelet":
+        if p.info.get("name") == "kubelet" or (cmd and os.path.basename(cmd[0]) == "kubelet"):
             found.append(p.info["pid"])
     return found
 
@@ -138,7 +137,7 @@ def _unregister(owner: str, own_logs: Path) -> None:
         state = json.loads(path.read_text())
         users = [u for u in state["users"] if u != owner and _alive(u)]
         state["users"] = users
-        if users or _kubelet_pids(exclude=set()):
+        if users or _kubelet_pids():
             path.write_text(json.dumps(state, indent=2))
             return
         for key, value in state["sysctls"].items():
