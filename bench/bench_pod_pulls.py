@@ -9,8 +9,9 @@ present and a kubelet that has already started one pod (so only the pod's own pu
 - ``nodeagent``: the kubelet's ``imageServiceEndpoint`` is ``nodeagent run`` (the drop-in written by
   ``nodeagent apply --flavor generic``); the timeline comes from nodeagent's pull records
   (start time and duration of each PullImage it proxied);
-- ``kubelet-alone``: the kubelet talks to containerd directly; the timeline comes from the kubelet's
-  own ``Pulling`` / ``Pulled`` events (its log, at level 3).
+- ``kubelet-alone``: the same drop-in (``serializeImagePulls: false``, ``maxParallelImagePulls``)
+  and a later one putting ``imageServiceEndpoint`` back on containerd; the timeline comes from the
+  kubelet's own ``Pulling`` / ``Pulled`` events (its log, at level 3).
 
 Printed and written to ``<bench results dir>/pod_pulls.json`` (``bench.write_results``; the dir is
 ``$NODEAGENT_BENCH_RESULTS`` or ``bench/results/``). Format (schema 1), all times in seconds
@@ -48,8 +49,15 @@ from typing import Any
 
 from bench import write_results
 from nodeagent.cri.client import CriClient
-from tests.sandbox import Sandbox, testbins
-from tests.sandbox.kubelet import Kubelet, nodeagent_dropin, pod_running, start_kubelet, static_pod
+from tests.sandbox import NodeAgent, Sandbox, testbins
+from tests.sandbox.kubelet import (
+    API_VERSION,
+    Kubelet,
+    nodeagent_dropin,
+    pod_running,
+    start_kubelet,
+    static_pod,
+)
 from tests.sandbox.process import SandboxError, wait_until
 
 MiB = 1 << 20
@@ -179,7 +187,14 @@ def one_run(sb: Sandbox, label: str, args: argparse.Namespace, seq: int) -> tupl
         agent = sb.nodeagent(node)
         kl = start_kubelet(sb, node, dropins=[nodeagent_dropin(sb.dir / f"apply{seq}", agent)])
     else:
-        kl = start_kubelet(sb, node, image_endpoint=node.endpoint)
+        # the same pull settings (nodeagent's drop-in), with the image service put back on containerd
+        work = sb.dir / f"apply{seq}"
+        dropin = nodeagent_dropin(work, NodeAgent(work / "not-started", node.endpoint))
+        direct = work / "99-direct.conf"
+        direct.write_text(
+            f"apiVersion: {API_VERSION}\nkind: KubeletConfiguration\nimageServiceEndpoint: {node.endpoint}\n"
+        )
+        kl = start_kubelet(sb, node, dropins=[dropin, direct])
     kl.add_pod(static_pod("warmup", [("app", pause.reference)]))  # the kubelet is up and starting pods
     kl.wait_running("warmup", timeout=300)
 
