@@ -91,6 +91,9 @@ def test_three_container_static_pod_pulls_through_nodeagent(
     log = kl.log_text()  # the kubelet's own events say the same
     for img in images:
         assert f'reason="Pulled" message="Successfully pulled image \\"{img.reference}\\" in ' in log
+    # and none of its image-service calls through nodeagent (ImageStatus, PullImage, ListImages,
+    # ImageFsInfo for its stats) failed: the kubelet logs each failure as "... from image service failed"
+    assert "from image service failed" not in log
 
 
 def test_nodeagent_crash_and_restart_while_the_kubelet_runs(
