@@ -187,8 +187,9 @@ def test_nodeagent_evicts_before_the_kubelet_image_gc_on_a_small_imagefs(
     print(f"nodeagent evicted {evicted:.0f} images; the kubelet saw its imagefs at most {max(seen):.0%} full")
     assert evicted > 0
     assert pulls_of(agent).get(late.reference) == "success"
-    kept = kl.pod("keep")
+    kept = kl.pod("keep")  # the running pod and its image were left alone
     assert kept is not None and kept["status"]["containerStatuses"][0]["restartCount"] == 0
+    assert crictl.run("inspecti", "-q", keep.reference).returncode == 0
     # the kubelet measured this small filesystem, and never saw it past its GC threshold (85 %)
     total = fs.usage()[1]
     assert capacity and all(abs(c - total) < 0.05 * total for c in capacity), (capacity[:3], total)
