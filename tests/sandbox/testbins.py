@@ -141,8 +141,9 @@ SPECS: dict[str, Spec] = {
         Spec(
             name="nodeadm",
             module="github.com/awslabs/amazon-eks-ami/nodeadm",
-            # the newest (pseudo-)version the module proxy serves
-            version="v0.0.0-20240229193347-cfab22a10647",
+            # 2026-02-13 main (config check + dump; v2/v3 containerd templates). The proxy lists only a
+            # 2024 pseudo-version as latest, but serves this one by its exact name.
+            version="v0.0.0-20260213141146-147b13ea3f4a",
             packages={"github.com/awslabs/amazon-eks-ami/nodeadm/cmd/nodeadm": "nodeadm"},
         ),
         Spec(
@@ -219,8 +220,20 @@ def _go_version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
 
 
+def go_command() -> str:
+    """The go command: on PATH, else Go's default install place."""
+    found = shutil.which("go") or (
+        "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
+    )
+    if found is None:
+        raise RuntimeError("no `go` command (Go 1.26 or newer) on PATH or in /usr/local/go/bin")
+    return found
+
+
 def _local_go() -> str:
-    out = subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [go_command(), "env", "GOVERSION"], capture_output=True, text=True, check=True
+    ).stdout
     return out.strip()
 
 
@@ -228,7 +241,7 @@ def _go(args: Sequence[str], cwd: Path, env: dict[str, str], log: Path) -> None:
     with open(log, "a") as f:
         f.write(f"$ go {' '.join(args)}\n")
         f.flush()
-        r = subprocess.run(["go", *args], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        r = subprocess.run([go_command(), *args], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode != 0:
         raise RuntimeError(
             f"go {' '.join(args)} failed in {cwd} (exit {r.returncode}):\n{log.read_text()[-4000:]}"
