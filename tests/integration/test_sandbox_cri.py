@@ -39,6 +39,7 @@ async def image_fs_used(cri: CriClient, at_least: int = 0, wait: float = 5.0) ->
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.containerd_smoke
 def test_pull_list_fsinfo_remove_round_trip(containerd: Containerd, image_factory) -> None:
     img: PushedImage = image_factory(layers=2, layer_size=2 << 20)
 
@@ -106,6 +107,7 @@ def test_layers_come_from_the_local_registry(
     assert fetched == {*img.layer_digests, img.image_id}
 
 
+@pytest.mark.containerd_smoke
 def test_real_pod_and_container_are_listed(pod_node: Containerd, image_factory, sandbox: Sandbox) -> None:
     app = image_factory(layers=1, layer_size=64 << 10, busybox=True)
 

@@ -33,6 +33,7 @@ def gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.containerd_smoke
 def test_containerd_answers_cri_and_survives_kill_and_restart(containerd: Containerd) -> None:
     assert containerd.endpoint == f"unix://{containerd.socket}"
     assert b"containerd" in cri_version(containerd.endpoint)
@@ -135,6 +136,7 @@ def test_loopfs_is_a_small_real_filesystem(sandbox: Sandbox) -> None:
     assert fs.loop_devices() == []
 
 
+@pytest.mark.containerd_smoke
 def test_sandbox_cleans_up_everything_even_when_the_body_fails(containerd_line: ContainerdLine) -> None:
     with (
         pytest.raises(RuntimeError, match="test body failed"),

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.sandbox import testbins
 from tests.sandbox.process import Daemon, SandboxError, kill_tree, pids_mentioning, tail, wait_until
 
 CRI_VERSION_METHOD = "/runtime.v1.RuntimeService/Version"
@@ -78,6 +77,9 @@ class ContainerdLine:
         """The program (``containerd``, ``ctr``, ``containerd-shim-runc-v2``) of this line."""
         if self.testbin is None:
             return f"/usr/bin/{name}"
+        # imported here: `python -m tests.sandbox.testbins` must not find itself already imported
+        from tests.sandbox import testbins
+
         return str(testbins.path(self.testbin, name))
 
     def env(self) -> dict[str, str]:
@@ -106,23 +108,13 @@ exec /usr/bin/crun --cgroup-manager=disabled "$@"
 """
 
 
-def _minor_of(version: str) -> str:
-    return ".".join(version.lstrip("v").split(".")[:2])
-
-
 # Debian 12's containerd (1.6.20, the oldest line nodeagent supports); the 2.x line current EKS AL2023
-# AMIs ship; the newest 2.x release.
-LINES: dict[str, ContainerdLine] = {
-    ln.name: ln
-    for ln in (
-        ContainerdLine("1.6"),
-        ContainerdLine(_minor_of(testbins.spec("containerd").version), "containerd"),
-        ContainerdLine(_minor_of(testbins.spec("containerd-latest").version), "containerd-latest"),
-    )
-}
-DEBIAN_LINE = LINES["1.6"]
-EKS_LINE = LINES[_minor_of(testbins.spec("containerd").version)]
-LATEST_LINE = LINES[_minor_of(testbins.spec("containerd-latest").version)]
+# AMIs ship (testbins "containerd"); the newest 2.x release (testbins "containerd-latest"). The names
+# are the pins' major.minor (a unit test keeps them equal).
+DEBIAN_LINE = ContainerdLine("1.6")
+EKS_LINE = ContainerdLine("2.2", "containerd")
+LATEST_LINE = ContainerdLine("2.4", "containerd-latest")
+LINES: dict[str, ContainerdLine] = {ln.name: ln for ln in (DEBIAN_LINE, EKS_LINE, LATEST_LINE)}
 
 
 def line(name: str) -> ContainerdLine:
