@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -193,8 +194,22 @@ def path(name: str, binary: str | None = None) -> Path:
     return p
 
 
+def recipe(s: Spec) -> str:
+    """A digest of how ``s`` is built: a cached entry built another way (tags, flags, packages) is
+    rebuilt, not reused."""
+    fields = [s.module, s.version, sorted(s.packages.items()), list(s.tags), s.cgo, sorted(s.xflags.items())]
+    return hashlib.sha256(json.dumps([*fields, s.staging_version]).encode()).hexdigest()[:16]
+
+
 def is_cached(s: Spec) -> bool:
-    return not s.unavailable and all((cache_dir() / s.key / "bin" / b).is_file() for b in s.binaries)
+    if s.unavailable:
+        return False
+    entry = cache_dir() / s.key
+    try:
+        built = json.loads((entry / "BUILD.json").read_text()).get("recipe")
+    except (OSError, ValueError):
+        return False
+    return built == recipe(s) and all((entry / "bin" / b).is_file() for b in s.binaries)
 
 
 @contextlib.contextmanager
@@ -332,6 +347,7 @@ def build_one(s: Spec, *, force: bool = False) -> tuple[float, bool]:
                 "go": env["GOTOOLCHAIN"] if env["GOTOOLCHAIN"] != "local" else _local_go(),
                 "seconds": round(seconds, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "recipe": recipe(s),
             },
             indent=2,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,15 @@ def test_containerd_line_names_are_the_pinned_minors() -> None:
         if ln.testbin is not None:
             version = testbins.spec(ln.testbin).version
             assert ln.name == ".".join(version.lstrip("v").split(".")[:2]), (ln, version)
+
+
+def test_an_entry_built_another_way_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODEAGENT_TESTBIN_CACHE", str(tmp_path))
+    s = testbins.spec("crictl")
+    (tmp_path / s.key / "bin").mkdir(parents=True)
+    (tmp_path / s.key / "bin" / "crictl").write_text("")
+    assert not testbins.is_cached(s)  # no BUILD.json: an interrupted or foreign directory
+    (tmp_path / s.key / "BUILD.json").write_text(json.dumps({"recipe": testbins.recipe(s)}))
+    assert testbins.is_cached(s)
+    other = dataclasses.replace(s, tags=("netgo",))
+    assert testbins.recipe(other) != testbins.recipe(s) and not testbins.is_cached(other)
