@@ -165,6 +165,13 @@ class Metrics:
             ["registry", "mirror", "direction"],
             registry=r,
         )
+        self.mirror_auth_ok = Gauge(
+            "nodeagent_mirror_auth_ok",
+            "0 while the mirror refuses this node (401/403 with its configured credentials, or none) "
+            "or its credentials cannot be had, else 1",
+            ["registry", "mirror"],
+            registry=r,
+        )
 
     def registry_label(self, registry: str) -> str:
         """``registry`` as a label value, at most ``REGISTRY_LABEL_LIMIT`` distinct ones (then
