@@ -133,11 +133,13 @@ def render_hosts_toml(
 ) -> str:
     """The full text of ``<hosts_dir>/<registry>/hosts.toml``: marker, ``server``, mirrors in order.
 
-    ``server`` defaults to ``server_for(registry)``. With ``mirror_only`` there is no upstream: the
-    last mirror is written as ``server`` with its settings at the top level (containerd always
-    appends the top-level host last, and fills in the registry itself when ``server`` is missing,
-    so leaving ``server`` out would not keep pulls off the upstream). Deterministic: the same input
-    gives the same bytes.
+    ``server`` defaults to ``server_for(registry)``. With ``mirror_only`` there is no upstream: every
+    mirror is a ``[host]`` as usual and the last one is also the ``server``, with its settings at the
+    top level. containerd always appends the top-level host last and fills in the registry itself
+    when ``server`` is missing, so leaving ``server`` out would not keep pulls off the upstream; and
+    containerd 1.6 cannot read a hosts.toml without a ``[host]`` table ("invalid `host` tree") and
+    then uses the registry itself too, so the last mirror stays a ``[host]`` as well (on failure it
+    is tried twice). Deterministic: the same input gives the same bytes.
     """
     validate_registry_name(registry)
     for i, m in enumerate(mirrors):
@@ -147,7 +149,7 @@ def render_hosts_toml(
     if mirror_only:
         if not hosts:
             raise TargetError(f"containerd.mirrors.{registry}: mirror-only registry without a mirror")
-        last = hosts.pop()
+        last = hosts[-1]
         out.append(f"server = {_q(last.endpoint)}\n")
         out.extend(_host_body("", last, ""))
     else:
