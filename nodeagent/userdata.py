@@ -273,7 +273,7 @@ def size_report(document: str) -> tuple[int, str | None]:
 
 
 def render_al2023(config_text: str, cluster: ClusterDetails | None = None) -> str:
-    parts = [(CONTENT_TYPE, compact_config(config_text))]
+    parts = [(CONTENT_TYPE, config_text)]
     if cluster is not None:
         parts.append((NODECONFIG_CONTENT_TYPE, "---\n" + _dump(nodeconfig(cluster))))
     return render_mime(parts)

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INVALID_CONFIG
 
     try:
+        # the part carries the settings, not the file's comments (EC2 caps user-data at 16 KiB)
+        text = userdata.compact_config(text)
         if args.format == "al2023":
             cluster, problems = _cluster(args)
             if problems:

@@ -179,7 +179,7 @@ MIRROR_CREDENTIALS = CheckedObject(
             "path",
             "path",
             Str(fmt.ABS_PATH),
-            '`dockerConfig`: the config.json (unset: `images.dockerConfig`); `file`: the credentials '
+            "`dockerConfig`: the config.json (unset: `images.dockerConfig`); `file`: the credentials "
             "file (required).",
         ),
     ],

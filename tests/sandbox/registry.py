@@ -134,8 +134,9 @@ class Registry:
             user, password = self.auth
             # -i: password from stdin, so it never appears in a process list
             proc.run(["htpasswd", "-iBc", str(self.htpasswd_path), user], stdin=password.encode(), timeout=30)
-            for user, password in self.more_users:
-                proc.run(["htpasswd", "-iB", str(self.htpasswd_path), user], stdin=password.encode(), timeout=30)
+            for more, secret in self.more_users:
+                argv = ["htpasswd", "-iB", str(self.htpasswd_path), more]
+                proc.run(argv, stdin=secret.encode(), timeout=30)
         self.config_path.write_text(self.render_config())
         self.config_path.chmod(0o600)
         self._daemon = Daemon(
