@@ -174,9 +174,8 @@ def test_a_failing_provider_keeps_the_credentials_until_they_expire_then_the_mir
     assert "credentials: unavailable (credential provider test-provider: exit 1)" in line
     assert CANARY not in json.dumps(mh.status())
     plugin.fail = False
-    step(mh, net, 2)  # credentials back, two good probes: up (the hold applies only after the first change)
-    step(mh, net, 30)
-    assert [m.endpoint for m in w.files["r.example"]][0] == M.endpoint
+    step(mh, net, 32)  # credentials back: up again once the hold time (60 s) after going down is over
+    assert [m.endpoint for m in w.files["r.example"]] == [M.endpoint, N.endpoint]
 
 
 def test_401_with_credentials_is_a_failure_counted_like_a_dead_mirror() -> None:
