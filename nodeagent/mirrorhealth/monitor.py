@@ -178,7 +178,7 @@ class MirrorHealth:
             self.metrics.mirror_auth_ok.labels(e.registry, e.label).set(1 if ok else 0)
 
     # --- credentials ----------------------------------------------------------------------------
-    async def refresh_credentials(self, e: _Mirror) -> None:
+    async def refresh_credentials(self, e: _Mirror, *, rewrite: bool = True) -> None:
         """Fetch the mirror's credentials when due (half their lifetime, or the file changed). A
         new value is written into hosts.toml at once, atomically; containerd reads the file per
         pull, and the old value stays valid for the other half of its lifetime, so no pull fails
@@ -215,7 +215,9 @@ class MirrorHealth:
         e.auth_refreshes += 1
         assert e.make is not None
         e.target = e.make(e.written())
-        rewritten = self._rewrite(e.registry) if e.in_file else False
+        rewritten = False
+        if rewrite and (e.in_file or e.state.health is Health.UP):
+            rewritten = self._rewrite(e.registry)
         event(
             log,
             "mirror credentials refreshed",
@@ -348,8 +350,12 @@ class MirrorHealth:
             successes_before_up=self.settings.successes_before_up,
             hold_time=self.settings.hold_time,
         )
-        # credentials first: a rewrite by one mirror's loop must not drop another's header
-        await asyncio.gather(*(self.refresh_credentials(e) for e in self._mirrors if e.source is not None))
+        # credentials first, all of them, then one rewrite per registry: a rewrite while another
+        # mirror's first fetch is still running would leave that mirror out
+        with_creds = [e for e in self._mirrors if e.source is not None]
+        await asyncio.gather(*(self.refresh_credentials(e, rewrite=False) for e in with_creds))
+        for registry in dict.fromkeys(e.registry for e in with_creds):
+            self._rewrite(registry)
         async with asyncio.TaskGroup() as tg:
             for e in self._mirrors:
                 tg.create_task(self._loop(e), name=f"mirrorhealth:{e.registry}:{e.label}")

@@ -69,7 +69,7 @@ class Plugin:
             "kind": "CredentialProviderResponse",
             "cacheKeyType": "Registry",
             "cacheDuration": self.cache,
-            "auth": {"mirror:5000": {"username": "robot", "password": f"{CANARY}-{self.runs}"}},
+            "auth": {"*:5000": {"username": "robot", "password": f"{CANARY}-{self.runs}"}},
         }
         return proc.Result(0, json.dumps(body).encode(), b"")
 
@@ -103,7 +103,7 @@ def make(
             {
                 "name": "test-provider",
                 "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
-                "matchImages": ["mirror:5000"],
+                "matchImages": ["*:5000"],
                 "defaultCacheDuration": "1m",
             }
         ],
@@ -243,3 +243,17 @@ def test_a_pull_stuck_when_the_last_mirror_of_a_mirror_only_registry_dies_fails_
 
     asyncio.run(scenario())
     assert calls == 1
+
+
+def test_at_start_every_mirror_gets_its_credentials_before_the_file_is_rewritten() -> None:
+    m2 = Mirror("http://mirror2:5000", credentials=MirrorCredentials("provider"))
+    mh, net, w, plugin = make(mirrors=(M, m2))
+
+    async def stop(_: float) -> None:
+        raise asyncio.CancelledError
+
+    mh._sleep = stop  # each probe loop ends after its first probe
+    asyncio.run(mh.run())
+    assert plugin.runs >= 2
+    assert [m.endpoint for m in w.files["r.example"]] == [M.endpoint, m2.endpoint]
+    assert all(w.header("r.example", m.endpoint) for m in (M, m2))
