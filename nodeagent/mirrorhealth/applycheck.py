@@ -32,7 +32,7 @@ Fetch = Callable[[Mirror], str]  # the Authorization value of a mirror with cred
 
 def _fetcher(config: Config, paths: Paths) -> Fetch:
     def fetch(m: Mirror) -> str:
-        source = auth.source_for(config, paths, m, timeout=auth.APPLY_PROVIDER_TIMEOUT)
+        source = auth.source_for(config, paths, m)
         assert source is not None
         return source.fetch().header
 

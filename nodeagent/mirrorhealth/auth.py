@@ -22,8 +22,9 @@ from nodeagent.credentials import MirrorCredentialSource, ProviderPlugins
 from nodeagent.paths import Paths
 
 AUTH_HEADER = "Authorization"
-# a provider plugin on the boot path (apply): bounded well below the unit's start timeout
-APPLY_PROVIDER_TIMEOUT = 15.0
+# one provider plugin run for a mirror, at apply time (the boot path: well below the unit's start
+# timeout) and in the daemon (a hung plugin holds only that mirror's probe loop, this long)
+PROVIDER_TIMEOUT = 15.0
 
 
 def with_authorization(mirror: Mirror, value: str) -> Mirror:
@@ -33,18 +34,18 @@ def with_authorization(mirror: Mirror, value: str) -> Mirror:
 
 
 def source_for(
-    config: Config, paths: Paths, mirror: Mirror, *, timeout: float | None = None
+    config: Config, paths: Paths, mirror: Mirror, *, timeout: float = PROVIDER_TIMEOUT
 ) -> MirrorCredentialSource | None:
     """The credential source of ``mirror`` (None when it has no ``credentials``)."""
     c = mirror.credentials
     if c is None:
         return None
     images = config.images
-    kw = {} if timeout is None else {"timeout": timeout}
 
     def plugins() -> ProviderPlugins:
         config_file = paths.host(images.credential_provider_config)
-        return ProviderPlugins.from_files(config_file, paths.host(images.credential_provider_bin_dir), **kw)
+        bin_dir = paths.host(images.credential_provider_bin_dir)
+        return ProviderPlugins.from_files(config_file, bin_dir, timeout=timeout)
 
     path = None
     if c.source == "dockerConfig":
