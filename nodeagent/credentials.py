@@ -610,7 +610,12 @@ class MirrorCredentialSource:
         if self.kind == "provider":
             if self._plugins is None:
                 raise CredentialError("no credential provider configuration")
-            found = self._plugins().fetch_target(self.target)
+            plugins = self._plugins()
+            if not plugins.providers:
+                raise CredentialError(
+                    "no credential provider plugins (images.credentialProviderConfig is missing or lists none)"
+                )
+            found = plugins.fetch_target(self.target)
             if found is None:
                 raise CredentialError(f"no credential provider matches {self.target}")
             auth, ttl = found

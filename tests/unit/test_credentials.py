@@ -344,3 +344,10 @@ def test_docker_config_source_matches_the_mirror_host(tmp_path: Path) -> None:
     missing = MirrorCredentialSource("http://nowhere:1", "dockerConfig", path=f)
     with pytest.raises(CredentialError, match="no auths entry matches nowhere:1"):
         missing.fetch()
+
+
+def test_provider_source_without_any_plugin_says_so() -> None:
+    empty = ProviderPlugins((), Path("/etc/eks/image-credential-provider"), run=Runner(response()))
+    src = MirrorCredentialSource(ECR_MIRROR, "provider", plugins=lambda: empty)
+    with pytest.raises(CredentialError, match="no credential provider plugins"):
+        src.fetch()
