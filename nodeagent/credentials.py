@@ -613,7 +613,7 @@ class MirrorCredentialSource:
             plugins = self._plugins()
             if not plugins.providers:
                 raise CredentialError(
-                    "no credential provider plugins (images.credentialProviderConfig is missing or lists none)"
+                    "no credential provider plugins (images.credentialProviderConfig: missing or empty)"
                 )
             found = plugins.fetch_target(self.target)
             if found is None:

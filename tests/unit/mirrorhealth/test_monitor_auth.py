@@ -247,7 +247,7 @@ def test_a_pull_stuck_when_the_last_mirror_of_a_mirror_only_registry_dies_fails_
 
 def test_at_start_every_mirror_gets_its_credentials_before_the_file_is_rewritten() -> None:
     m2 = Mirror("http://mirror2:5000", credentials=MirrorCredentials("provider"))
-    mh, net, w, plugin = make(mirrors=(M, m2))
+    mh, _, w, plugin = make(mirrors=(M, m2))
 
     async def stop(_: float) -> None:
         raise asyncio.CancelledError
