@@ -44,6 +44,12 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
         daemon.add_worker("eviction", evictor.run)
         daemon.add_pull_listener(evictor.on_pull)
         daemon.add_status_hook("eviction", evictor.status)
+    if config.pod_pulls.enabled:  # pod-aware pulls (issue 14): nodeagent/podpulls
+        from nodeagent.podpulls import PodPulls
+
+        pod_pulls = PodPulls(config, paths, daemon)
+        daemon.add_worker("podpulls", pod_pulls.run)
+        daemon.add_status_hook("podPulls", pod_pulls.status)
     return daemon
 
 
