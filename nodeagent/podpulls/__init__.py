@@ -32,11 +32,12 @@ def _import_client() -> None:
 
 
 class PodPulls:
-    def __init__(self, config: Any, paths: Any, daemon: Any) -> None:
+    def __init__(self, config: Any, paths: Any, daemon: Any, evictor: Any = None) -> None:
         self.config = config
         self.settings = config.pod_pulls
         self.paths = paths
         self.daemon = daemon
+        self.evictor = evictor  # the eviction loop: what it could free (the disk check); None = no check
         self.kubeconfig = paths.host(self.settings.kubeconfig)
         self.node = self.settings.node_name
         self.state = "starting"
@@ -167,6 +168,11 @@ class PodPulls:
         async def handler(name: str) -> str:
             return await kube.runtime_handler(client, name)
 
+        disk = None
+        if self.evictor is not None:
+            from nodeagent.podpulls.disk import DiskGuard
+
+            disk = DiskGuard(self.evictor, self.paths.hosts_dir(self.config.containerd.hosts_dir))
         return PodPuller(
             pull=pull,
             present=present,
@@ -175,6 +181,7 @@ class PodPulls:
             credentials=credentials,
             secrets=secrets,
             handler=handler,
+            disk=disk,
             on_change=daemon.mark_status_dirty,
         )
 

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from nodeagent.credentials import Auth, CredentialError, Credentials, best_match
 from nodeagent.log import event, get_logger
@@ -46,8 +46,15 @@ MAX_REASON_CHARS = 300
 PullFn = Callable[[bytes], Awaitable[bytes]]
 # image_present(image) -> bool
 PresentFn = Callable[[str], Awaitable[bool]]
-# disk_check(image, auth) -> a reason to skip, or None
-DiskFn = Callable[[str, Any], Awaitable[str | None]]
+
+
+class DiskCheck(Protocol):
+    """nodeagent/podpulls/disk.py's DiskGuard: ``check`` -> (reason to skip, None) or (None, ticket)."""
+
+    async def check(self, image: str, auth: Any) -> tuple[str | None, int | None]: ...
+    def done(self, ticket: int | None) -> None: ...
+
+
 SecretsFn = Callable[[str, Sequence[str]], Awaitable[list[dict[str, Auth]]]]
 HandlerFn = Callable[[str], Awaitable[str]]
 
@@ -112,7 +119,7 @@ class PodPuller:
         credentials: Credentials | None = None,
         secrets: SecretsFn | None = None,
         handler: HandlerFn | None = None,
-        disk_check: DiskFn | None = None,
+        disk: DiskCheck | None = None,
         log_dir: str = "/var/log/pods",
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] | None = None,
@@ -126,7 +133,7 @@ class PodPuller:
         self.credentials = credentials
         self._secrets = secrets
         self._handler = handler
-        self._disk_check = disk_check
+        self._disk = disk
         self.log_dir = log_dir
         self._clock = clock
         self._on_change = on_change
@@ -313,9 +320,11 @@ class PodPuller:
                         return PRESENT, ""
                 except Exception as e:  # cannot tell: the pull says what is wrong
                     event(log, "image status failed", level=30, image=img.image, error=_short(str(e)))
-            if self._disk_check is not None:
-                reason = await self._disk_check(img.image, auth)
+            ticket = None
+            if self._disk is not None:
+                reason, ticket = await self._disk.check(img.image, auth)
                 if reason:
+                    event(log, "pod image skipped", origin="pod", image=img.image, reason=reason)
                     return SKIPPED_DISK, reason
             try:
                 await self._pull(req.SerializeToString())
@@ -329,6 +338,9 @@ class PodPuller:
                     for s in auth.secrets():
                         details = details.replace(s, "***")
                 return FAILED, _short(f"{classify(name, details)}: {details}")
+            finally:
+                if self._disk is not None:
+                    self._disk.done(ticket)
             return PULLED, ""
 
     def status(self) -> dict[str, Any]:

@@ -205,10 +205,17 @@ def test_disk_check_skips_an_image_with_its_reason() -> None:
     async def main() -> None:
         rt = Runtime()
 
-        async def disk(image: str, auth: Any) -> str | None:
-            return "would fill the image filesystem" if "big" in image else None
+        class Disk:
+            tickets: list[int | None] = []
 
-        p, m = puller(rt, disk_check=disk)
+            async def check(self, image: str, auth: Any) -> tuple[str | None, int | None]:
+                return ("would fill the image filesystem", None) if "big" in image else (None, 7)
+
+            def done(self, ticket: int | None) -> None:
+                self.tickets.append(ticket)
+
+        disk = Disk()
+        p, m = puller(rt, disk=disk)
         p.submit(
             pod([("container:a", "r/big:1", "IfNotPresent"), ("container:b", "r/small:1", "IfNotPresent")])
         )
@@ -219,5 +226,6 @@ def test_disk_check_skips_an_image_with_its_reason() -> None:
             ("pulled", ""),
         ]
         assert count(m, "nodeagent_pod_pulls_images_total", result="skipped_disk") == 1
+        assert disk.tickets == [7]  # the admitted pull's reservation is given back
 
     asyncio.run(main())
