@@ -204,16 +204,43 @@ class PodPulls:
             self._set("watching" if ok else "disconnected", error)
 
     def status(self) -> dict[str, Any]:
+        """The ``podPulls`` section of the status file: state, node, API server, the last pods handled
+        (names, images and outcomes; never credentials). ``error`` (a bad kubeconfig, the API server
+        not answering) makes ``nodeagent status`` report a problem; waiting for a kubeconfig does not."""
+        waiting = self.state == "waiting"
         out: dict[str, Any] = {
             "state": self.state,
             "node": self.node,
             "kubeconfig": str(self.kubeconfig),
             "apiServerOk": self.api_ok,
-            "error": self.error,
+            "error": "" if waiting else self.error,
         }
+        if waiting:
+            out["waiting"] = self.error
         if self.watch is not None:
             out["lists"] = self.watch.lists
             out["watches"] = self.watch.watches
         if self.puller is not None:
             out.update(self.puller.status())
+        out["summary"] = self._summary(out)
         return out
+
+    @staticmethod
+    def _summary(st: dict[str, Any]) -> list[str]:
+        api = {True: "answering", False: "NOT ANSWERING", None: "not contacted yet"}[st["apiServerOk"]]
+        lines = [f"{st['state']}; node {st['node'] or '?'}; API server {api}; {st['kubeconfig']}"]
+        if st.get("error") or st.get("waiting"):
+            lines.append(f"  {st.get('error') or st.get('waiting')}")
+        recent = st.get("recent") or []
+        if recent:
+            lines.append(
+                f"pods handled {st.get('podsHandled', 0)}, in progress {st.get('inProgress', 0)}; last:"
+            )
+        for p in recent[:10]:
+            secs = p.get("readySeconds")
+            took = f"{secs:.1f}s" if isinstance(secs, int | float) else "-"
+            lines.append(f"  {p['pod']}: {p['result']} in {took}")
+            for i in p.get("images", []):
+                reason = f" ({i['reason']})" if i.get("reason") else ""
+                lines.append(f"    {i['result']:<15} {i['image']}{reason}")
+        return lines
