@@ -156,3 +156,18 @@ def test_the_last_caller_leaving_cancels_the_upstream_and_errors_reach_every_cal
             )
 
     run(main())
+
+
+def test_a_client_naming_itself_prefetch_is_recorded_as_prefetch_anything_else_as_kubelet() -> None:
+    async def main() -> None:
+        async with fake_runtime() as (_rt, up), proxy_for(up) as p:
+            async with CriClient(p.endpoint, pull_timeout=None, retry=NO_RETRY) as c:
+                await c.pull_image("reg.local/a:1", metadata=(("x-nodeagent-origin", "prefetch"),))
+                await c.pull_image("reg.local/b:1", metadata=(("x-nodeagent-origin", "made-up"),))
+            await p.proxy.drain_records()
+            assert {r.image: r.origin for r in p.records} == {
+                "reg.local/a:1": "prefetch",
+                "reg.local/b:1": "kubelet",
+            }
+
+    run(main())
