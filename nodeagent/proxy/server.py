@@ -378,6 +378,11 @@ class ImageProxy:
             response, retry_reason = await self.pull_wrapper(registry, attempt)
         except RpcError as e:
             self._flight_done(flight, None, e, None)
+        except Exception as e:  # a bug in the wrapper must not leave callers waiting forever
+            log.exception("pull wrapper failed")
+            self._flight_done(
+                flight, None, RpcError(grpc.StatusCode.UNKNOWN, f"nodeagent: {type(e).__name__}"), None
+            )
         else:
             self._flight_done(flight, response, None, retry_reason)
 
