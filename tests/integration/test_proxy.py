@@ -119,7 +119,13 @@ def test_pull_results_counts_durations_and_bytes(sandbox: Sandbox, two_registrie
         result="success",
         origin="kubelet",
     )
-    total = value(text, "nodeagent_image_pull_duration_seconds_sum", registry=plain.host, result="success")
+    total = value(
+        text,
+        "nodeagent_image_pull_duration_seconds_sum",
+        registry=plain.host,
+        result="success",
+        origin="kubelet",
+    )
     assert count == 2 and 0 < total < 60
     assert value(text, "nodeagent_image_cache_requests_total", result="hit") == 1
     assert value(text, "nodeagent_image_cache_requests_total", result="miss") == 1
