@@ -121,7 +121,12 @@ def test_pod_with_init_and_two_containers_gets_all_images_at_once(env: dict[str,
     recs = [r for r in c.agent.status()["pulls"]["recent"] if r["origin"] == "pod" and r["image"] in refs]  # type: ignore[union-attr]
     assert len(recs) == 3
     assert max(r["started_at"] for r in recs) < min(r["started_at"] + r["duration"] for r in recs)
-    # the kubelet never pulled on its own: one upstream fetch of each image's layer in all
+    # the kubelet never pulled on its own: its PullImage joined nodeagent's pull in flight, or it found
+    # the image already present (ImageStatus, IfNotPresent) and did not call PullImage at all
+    for r in refs:
+        kubelet_pulls = [p for p in pulls(c, r) if p["origin"] == "kubelet"]
+        assert all(p.get("joined") for p in kubelet_pulls), kubelet_pulls
+    # and the registry served each image's layer once
     for img in imgs:
         layer = img.image.layers[-1].digest
         gets = [
@@ -130,6 +135,8 @@ def test_pod_with_init_and_two_containers_gets_all_images_at_once(env: dict[str,
         assert len(gets) == 1, (img.reference, gets)
     text = c.agent.scrape()  # type: ignore[union-attr]
     assert 'nodeagent_pod_pulls_pods_total{result="ready"}' in text
+    lead = re.search(r"^nodeagent_pod_pulls_lead_seconds_count (\S+)$", text, re.M)
+    assert lead is not None and float(lead.group(1)) >= 1  # images present before the kubelet asked
     assert re.search(
         r'nodeagent_image_pulls_total\{origin="pod",registry="[^"]+",result="success"\} [1-9]', text
     )
