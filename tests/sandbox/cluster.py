@@ -69,6 +69,10 @@ def one_node_cluster(
     cp.start()
     sb.pids.extend(cp.pids)
     if agent is not None:
+        # nodeagent reads registry endpoints from containerd's hosts dir (its default path under --root)
+        hosts = agent.root / "etc/containerd/certs.d"
+        hosts.parent.mkdir(parents=True, exist_ok=True)
+        hosts.symlink_to(node.hosts_dir, target_is_directory=True)
         target = agent.root / NODE_KUBECONFIG.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cp.node_kubeconfig, target)
