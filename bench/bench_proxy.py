@@ -18,13 +18,13 @@ import asyncio
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
 
 from nodeagent.cri.client import CriClient
-from tests.sandbox import PushedImage, Registry, Sandbox, build_image, push_image
+from tests.sandbox import Sandbox
+from tests.sandbox.oci import push_many
 
 ADDED_MS_TARGET = 1.0
 LIST_RATIO_TARGET = 1.2
@@ -61,14 +61,6 @@ async def compare(
         statistics.median(p),
         statistics.median(b - a for a, b in zip(d, p, strict=True)),
     )
-
-
-def push_many(registry: Registry, count: int) -> list[PushedImage]:
-    """``count`` distinct small images (own config each, one shared 256-byte layer)."""
-    images = [build_image(layers=1, layer_size=256, seed=1, labels={"n": str(i)}) for i in range(count)]
-    push_image(registry, "bench/many", "t0", images[0])  # the shared layer once
-    with ThreadPoolExecutor(16) as ex:
-        return list(ex.map(lambda i: push_image(registry, "bench/many", f"t{i}", images[i]), range(count)))
 
 
 async def pull_all(endpoint: str, refs: list[str], concurrency: int = 24) -> None:
@@ -150,7 +142,7 @@ def main(argv: list[str]) -> int:
         )
 
         t0 = time.monotonic()
-        many = push_many(reg, args.images)
+        many = push_many(reg, "bench/many", args.images)
         asyncio.run(pull_all(node.endpoint, [m.reference for m in many]))
         print(f"set-up: {args.images} images pushed and pulled in {time.monotonic() - t0:.0f} s")
 

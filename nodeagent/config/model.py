@@ -143,6 +143,16 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class PodPullsConfig:
+    """``podPulls``: pull every image of a pod bound to this node at once (nodeagent/podpulls)."""
+
+    enabled: bool = True
+    kubeconfig: str = "/var/lib/kubelet/kubeconfig"
+    node_name: str = ""  # "" = the kubeconfig identity's name (system:node:NAME)
+    concurrency: int = 4
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "0.0.0.0:9847"
     per_image_series_limit: int = 100
@@ -155,4 +165,5 @@ class Config:
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    pod_pulls: PodPullsConfig = field(default_factory=PodPullsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -565,6 +565,45 @@ EVICTION = Object(
     "Disk-aware image eviction by the daemon (`nodeagent run`).",
 )
 
+POD_PULLS = Object(
+    [
+        Field(
+            "enabled",
+            "enabled",
+            Bool(),
+            "Watch the pods bound to this node through the Kubernetes API and pull every image a new pod "
+            "needs at once, before the kubelet asks for them one by one (docs/pod-pulls.md). Without a "
+            "usable kubeconfig this part waits and says why; the proxy is never affected.",
+            default=True,
+        ),
+        Field(
+            "kubeconfig",
+            "kubeconfig",
+            Str(fmt.ABS_PATH),
+            "The kubeconfig whose identity reads pods and their pull secrets: the kubelet's own (the node "
+            "authorizer allows a node exactly this; no RBAC to install).",
+            default="/var/lib/kubelet/kubeconfig",
+        ),
+        Field(
+            "nodeName",
+            "node_name",
+            Str(fmt.OPTIONAL_NODE_NAME),
+            "This node's name in the cluster. `\"\"`: the kubeconfig identity's name "
+            "(`system:node:NAME`, as the API server reports it).",
+            default="",
+        ),
+        Field(
+            "concurrency",
+            "concurrency",
+            Int(minimum=1, maximum=64),
+            "Image pulls nodeagent runs at once for pods (a pod's images are started before the next pod's).",
+            default=4,
+        ),
+    ],
+    m.PodPullsConfig,
+    "Pod-aware pulls by the daemon (`nodeagent run`).",
+)
+
 METRICS = Object(
     [
         Field(
@@ -610,6 +649,7 @@ SCHEMA = Object(
         Field("containerd", "containerd", CONTAINERD, CONTAINERD.description),
         Field("images", "images", IMAGES, IMAGES.description),
         Field("eviction", "eviction", EVICTION, EVICTION.description),
+        Field("podPulls", "pod_pulls", POD_PULLS, POD_PULLS.description),
         Field("metrics", "metrics", METRICS, METRICS.description),
     ],
     _build_config,

@@ -288,3 +288,14 @@ def push_image(
 def make_image(registry: object, repository: str, tag: str = "v1", **build: object) -> PushedImage:
     """``build_image(**build)`` then ``push_image`` in one call."""
     return push_image(registry, repository, tag, build_image(**build))  # type: ignore[arg-type]
+
+
+def push_many(registry: object, repository: str, count: int, threads: int = 16) -> list[PushedImage]:
+    """``count`` distinct small images as ``repository:t0..t<count-1>`` (own config each, one shared
+    256-byte layer): a long image list at little cost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [build_image(layers=1, layer_size=256, seed=1, labels={"n": str(i)}) for i in range(count)]
+    push_image(registry, repository, "t0", images[0])  # the shared layer once
+    with ThreadPoolExecutor(threads) as ex:
+        return list(ex.map(lambda i: push_image(registry, repository, f"t{i}", images[i]), range(count)))
