@@ -103,7 +103,7 @@ def render_all(config: Config, facts: NodeFacts, flavor: str) -> tuple[list[Targ
 
 # --- diffs -----------------------------------------------------------------------------------
 
-_HEADER_TABLE = re.compile(r"^\s*\[host\..*\.header\]\s*$")
+_HEADER_TABLE = re.compile(r"^\s*\[(host\..*\.)?header\]\s*$")
 _TABLE = re.compile(r"^\s*\[")
 
 
@@ -369,4 +369,5 @@ def config_warnings(config: Config) -> list[str]:
             f"kubelet.imageGCHighThresholdPercent ({kl.image_gc_high_threshold_percent}): the kubelet's "
             "image GC acts first and nodeagent's eviction (which protects pinned and baked images) never does"
         )
+    w.extend(mirrors_target.config_warnings(config))
     return w

@@ -137,7 +137,11 @@ def image_for_matching(image: str) -> str:
 
 def best_match(keys: Sequence[str], image: str) -> str | None:
     """The most specific key matching ``image`` (longer keys and literal keys before wildcards)."""
-    target = image_for_matching(image)
+    return best_match_target(keys, image_for_matching(image))
+
+
+def best_match_target(keys: Sequence[str], target: str) -> str | None:
+    """``best_match`` for a schemeless ``host[:port]/path`` that is already expanded."""
     for key in sorted(keys, reverse=True):
         if urls_match(_fold_docker_hub(key), target):
             return key
@@ -165,7 +169,9 @@ class Provider:
     env: tuple[tuple[str, str], ...] = ()
 
     def matches(self, image: str) -> bool:
-        target = image_for_matching(image)
+        return self.matches_target(image_for_matching(image))
+
+    def matches_target(self, target: str) -> bool:
         return any(urls_match(p, target) for p in self.match_images)
 
 
@@ -330,6 +336,10 @@ class ProviderPlugins:
         return None
 
     def _exec(self, provider: Provider, image: str) -> dict[str, Auth]:
+        return self._exec_ttl(provider, image)[0]
+
+    def _exec_ttl(self, provider: Provider, image: str) -> tuple[dict[str, Auth], float]:
+        """Run the plugin; its answer and how long it may be used (cacheDuration or the default)."""
         try:
             exe = child(self.bin_dir, provider.name)
         except UnsafePathError as e:
@@ -360,7 +370,20 @@ class ProviderPlugins:
                 self._cache[self._cache_key(provider, key_type, image)] = _CacheEntry(
                     self._clock() + ttl, auths
                 )
-        return auths
+        return auths, ttl
+
+    def fetch_target(self, target: str) -> tuple[Auth, float] | None:
+        """Fresh credentials for a schemeless ``host[:port]/path`` (a mirror), never from the cache:
+        ``(auth, lifetime in seconds)`` from the first provider that matches and answers for it, or
+        None when no provider matches. Raises CredentialError (no secret inside)."""
+        for provider in self.providers:
+            if not provider.matches_target(target):
+                continue
+            auths, ttl = self._exec_ttl(provider, target)
+            key = best_match_target(list(auths), target)
+            if key is not None:
+                return auths[key], ttl
+        return None
 
     def lookup(self, image: str) -> Auth | None:
         """Credentials for ``image`` from the first matching provider that has a matching auth key
@@ -439,6 +462,10 @@ class DockerConfig:
         key = best_match(list(self.auths), image)
         return self.auths[key] if key is not None else None
 
+    def lookup_target(self, target: str) -> Auth | None:
+        key = best_match_target(list(self.auths), target)
+        return self.auths[key] if key is not None else None
+
 
 class Credentials:
     """All credential sources, in the kubelet's order: provider plugins, then docker config."""
@@ -474,3 +501,147 @@ class Credentials:
     def forget(self, image: str) -> None:
         if self.plugins is not None:
             self.plugins.forget(image)
+
+
+# --- mirror credentials (containerd.mirrors.<registry>[i].credentials) -------------------------------
+# A provider answer without a cacheDuration of its own and a default of 0 ("do not cache") is
+# fetched again this often; a file or docker config is re-read when it changes.
+UNCACHED_REFRESH = 300.0
+
+
+def mirror_target(endpoint: str) -> str:
+    """The schemeless ``host[:port]/path`` credentials are looked up for: the mirror's host and its
+    path without the registry API root (``https://1111.dkr.ecr.us-west-2.amazonaws.com/v2/docker-hub``
+    -> ``1111.dkr.ecr.us-west-2.amazonaws.com/docker-hub``)."""
+    rest = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", endpoint.strip())
+    hostport, _, path = rest.partition("/")
+    hostport = hostport.rpartition("@")[2]
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["v2"]:
+        parts = parts[1:]
+    return "/".join([hostport.lower(), *parts])
+
+
+def authorization(auth: Auth) -> str:
+    """The ``Authorization`` header value for ``auth``, as a registry client sends it without a
+    challenge: Basic for username/password (or docker config ``auth``), Bearer for a registry token."""
+    if auth.registry_token:
+        return f"Bearer {auth.registry_token}"
+    if auth.username or auth.password:
+        return "Basic " + base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
+    if auth.auth:
+        return f"Basic {auth.auth}"
+    if auth.identity_token:
+        raise CredentialError(f"{auth.source}: an identity token cannot be sent as a header")
+    raise CredentialError(f"{auth.source}: no username, password or token")
+
+
+@dataclass(frozen=True)
+class MirrorAuth:
+    """One credential for one mirror. ``header`` is a secret: never printed (``repr`` hides it)."""
+
+    header: str = field(repr=False)
+    obtained: float  # clock time
+    lifetime: float | None  # seconds the source vouches for it; None: until the source changes
+    source: str  # safe to print: "provider ecr-credential-provider", "file /etc/..."
+    stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file it came from
+
+    def expires(self) -> float | None:
+        return None if self.lifetime is None else self.obtained + self.lifetime
+
+    def refresh_at(self) -> float | None:
+        """Fetch again at half the lifetime: a pull that started with this value still finishes with
+        it (containerd reads hosts.toml once per pull), long before it expires."""
+        return None if self.lifetime is None else self.obtained + self.lifetime / 2
+
+
+class MirrorCredentialSource:
+    """Gets the ``Authorization`` value of one mirror from its configured source.
+
+    ``fetch`` runs the kubelet's credential provider plugins (a fresh answer, not the prefetch
+    cache), reads a docker config.json or a ``username:password`` file. Errors are CredentialError
+    without a secret inside."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        source: str,
+        *,
+        image: str = "",
+        path: Path | None = None,
+        plugins: Callable[[], ProviderPlugins] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoint = endpoint
+        self.kind = source
+        self.target = image_for_matching(image) if image else mirror_target(endpoint)
+        self.path = path
+        self._plugins = plugins
+        self._clock = clock
+
+    def describe(self) -> str:
+        if self.kind == "provider":
+            return f"credential provider for {self.target}"
+        return f"{'docker config' if self.kind == 'dockerConfig' else 'file'} {self.path}"
+
+    def _stamp(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def changed_since(self, auth: MirrorAuth) -> bool:
+        """A file source whose file changed since ``auth`` was read from it."""
+        return self.kind != "provider" and self._stamp() != auth.stamp
+
+    def refresh_due(self, auth: MirrorAuth | None, now: float) -> bool:
+        if auth is None:
+            return True
+        at = auth.refresh_at()
+        if at is not None:
+            return now >= at
+        return self.changed_since(auth)
+
+    def fetch(self) -> MirrorAuth:
+        now = self._clock()
+        if self.kind == "provider":
+            if self._plugins is None:
+                raise CredentialError("no credential provider configuration")
+            plugins = self._plugins()
+            if not plugins.providers:
+                raise CredentialError(
+                    "no credential provider plugins (images.credentialProviderConfig: missing or empty)"
+                )
+            found = plugins.fetch_target(self.target)
+            if found is None:
+                raise CredentialError(f"no credential provider matches {self.target}")
+            auth, ttl = found
+            lifetime = ttl if ttl > 0 else None
+            mauth = MirrorAuth(authorization(auth), now, lifetime, auth.source)
+            if lifetime is None:  # "do not cache": fetch again regularly
+                mauth = MirrorAuth(mauth.header, now, UNCACHED_REFRESH * 2, auth.source)
+            return mauth
+        assert self.path is not None
+        stamp = self._stamp()
+        if self.kind == "dockerConfig":
+            try:
+                text = self.path.read_text()
+            except OSError as e:
+                raise CredentialError(f"{self.path}: cannot read: {e.strerror}") from None
+            found_auth = DockerConfig(parse_docker_config(text, str(self.path))).lookup_target(self.target)
+            if found_auth is None:
+                raise CredentialError(f"{self.path}: no auths entry matches {self.target}")
+            return MirrorAuth(authorization(found_auth), now, None, f"docker config {self.path}", stamp)
+        try:
+            text = self.path.read_text()
+        except OSError as e:
+            raise CredentialError(f"{self.path}: cannot read: {e.strerror}") from None
+        line = text.strip()
+        user, sep, password = line.partition(":")
+        if not sep or not user or "\n" in line:
+            raise CredentialError(f"{self.path}: expected one line username:password")
+        value = authorization(Auth(username=user, password=password, source=f"file {self.path}"))
+        return MirrorAuth(value, now, None, f"file {self.path}", stamp)

@@ -149,6 +149,16 @@ class Daemon:
         if self._proxy is not None:
             self._proxy.pull_wrapper = fn
 
+    @property
+    def proxy(self) -> Any:
+        """The running CRI proxy (``nodeagent.proxy.server.ImageProxy``), or None."""
+        return self._proxy
+
+    @property
+    def cri(self) -> Any:
+        """The daemon's CRI client to the upstream image service (``cri.endpoint``)."""
+        return self._cri
+
     def mark_status_dirty(self) -> None:
         if self._dirty_event is not None:
             self._dirty_event.set()

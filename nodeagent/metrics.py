@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.process_collector import ProcessCollector
 
 from nodeagent import __version__
+from nodeagent.proxy.records import ORIGINS
 
 RESULTS = ("success", "not_found", "unauthorized", "rate_limited", "network", "no_space", "canceled", "other")
 
@@ -22,6 +23,11 @@ RESULTS = ("success", "not_found", "unauthorized", "rate_limited", "network", "n
 # least-recently-used; kept images are not counted here (see `nodeagent evict --dry-run`).
 EVICTION_REASONS = ("lru",)
 EVICTION_ERROR_STAGES = ("usage", "list", "manifest", "remove", "state", "internal")
+
+# Pod pulls: outcome of a pod, and of each of its images (nodeagent/podpulls).
+POD_RESULTS = ("ready", "partial", "failed")
+POD_IMAGE_RESULTS = ("pulled", "present", "skipped_policy", "skipped_disk", "failed")
+LEAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 
@@ -74,13 +80,25 @@ class Metrics:
         self.pull_duration = Histogram(
             "nodeagent_image_pull_duration_seconds",
             "Time of PullImage calls seen by the proxy",
-            ["registry", "result"],
+            ["registry", "result", "origin"],
             buckets=PULL_BUCKETS,
             registry=r,
         )
         self.pulls = Counter(
-            "nodeagent_image_pulls", "PullImage calls seen by the proxy", ["registry", "result"], registry=r
+            "nodeagent_image_pulls",
+            "PullImage calls seen by the proxy",
+            ["registry", "result", "origin"],
+            registry=r,
         )
+        self.pull_joins = Counter(
+            "nodeagent_image_pull_joins",
+            "PullImage calls that shared an identical pull already in flight (same image, credentials "
+            "and runtime handler) instead of starting their own, by the joining caller's origin",
+            ["origin"],
+            registry=r,
+        )
+        for origin in ORIGINS:
+            self.pull_joins.labels(origin=origin)
         self.pull_bytes = Counter(
             "nodeagent_image_pull_bytes", "Size of successfully pulled images", ["registry"], registry=r
         )
@@ -163,6 +181,38 @@ class Metrics:
         self._registries: set[str] = set()
         self._proxy_children: dict[tuple[str, str], Any] = {}
 
+        # --- pod-aware pulls (nodeagent/podpulls) ---
+        self.pod_pulls_pods = Counter(
+            "nodeagent_pod_pulls_pods",
+            "Pods bound to this node whose images nodeagent handled, by outcome (ready: every image "
+            "present or pulled; partial: some skipped or failed; failed: none could be made present)",
+            ["result"],
+            registry=r,
+        )
+        for result in POD_RESULTS:
+            self.pod_pulls_pods.labels(result=result)
+        self.pod_pulls_images = Counter(
+            "nodeagent_pod_pulls_images",
+            "Images of pods handled by nodeagent, by outcome",
+            ["result"],
+            registry=r,
+        )
+        for result in POD_IMAGE_RESULTS:
+            self.pod_pulls_images.labels(result=result)
+        self.pod_images_ready = Histogram(
+            "nodeagent_pod_images_ready_seconds",
+            "From nodeagent seeing a pod to every image it handled for the pod being present",
+            buckets=PULL_BUCKETS,
+            registry=r,
+        )
+        self.pod_pulls_lead = Histogram(
+            "nodeagent_pod_pulls_lead_seconds",
+            "How long an image nodeagent pulled for a pod had been present when the kubelet first asked "
+            "for it (ImageStatus or PullImage)",
+            buckets=LEAD_BUCKETS,
+            registry=r,
+        )
+
         # --- mirror health (nodeagent/mirrorhealth); mirror label values come from operator config ---
         self.mirror_up = Gauge(
             "nodeagent_mirror_up",
@@ -182,6 +232,13 @@ class Metrics:
             "nodeagent_mirror_failovers",
             "Mirror state changes that rewrote hosts.toml (down: mirror taken out, up: put back)",
             ["registry", "mirror", "direction"],
+            registry=r,
+        )
+        self.mirror_auth_ok = Gauge(
+            "nodeagent_mirror_auth_ok",
+            "0 while the mirror refuses this node (401/403 with its configured credentials, or none) "
+            "or its credentials cannot be had, else 1",
+            ["registry", "mirror"],
             registry=r,
         )
 

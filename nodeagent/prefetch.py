@@ -26,7 +26,7 @@ from typing import Any, Protocol, TextIO
 from nodeagent import humanize
 from nodeagent.config.model import PrefetchImage
 from nodeagent.credentials import Auth, CredentialError, Credentials
-from nodeagent.proxy.records import classify
+from nodeagent.proxy.records import ORIGIN_PREFETCH, classify
 
 PRESENT = "present"
 PULLED = "pulled"
@@ -36,6 +36,8 @@ OK_RESULTS = (PRESENT, PULLED)
 RETRYABLE = frozenset({"network", "rate_limited", "other"})
 BUDGET_SPENT = "prefetch budget spent"
 MAX_ERROR_CHARS = 300
+# Through nodeagent's proxy (``cri.endpoint`` pointing at it), prefetch's pulls are recorded as its own.
+ORIGIN_METADATA = (("x-nodeagent-origin", ORIGIN_PREFETCH),)
 
 
 @dataclass
@@ -215,7 +217,11 @@ class Prefetcher:
             self.progress.update(o, "pulling", f"attempt {attempt}" if attempt > 1 else "")
             try:
                 ref = await self.cri.pull_image(
-                    o.image, auth=auth.cri_fields() if auth else None, timeout=remaining, retry=False
+                    o.image,
+                    auth=auth.cri_fields() if auth else None,
+                    timeout=remaining,
+                    retry=False,
+                    metadata=ORIGIN_METADATA,
                 )
             except CriError as e:
                 code = e.code.name if e.code is not None else "UNKNOWN"

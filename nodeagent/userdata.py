@@ -19,7 +19,13 @@ and, when cluster details are given, a NodeConfig part (``application/node.eks.a
 ``node.eks.aws/v1alpha1``) carrying the four fields nodeadm requires (name, apiServerEndpoint,
 certificateAuthority, cidr). ``render_karpenter`` builds an EC2NodeClass (``karpenter.k8s.aws/v1``)
 whose ``userData`` is that MIME document without a NodeConfig (Karpenter appends its own, last), and
-an example NodePool with a startup taint for image-readiness gating.
+an example NodePool without a startup taint: the node's own identity may not remove a taint from its
+Node (the NodeRestriction admission plugin refuses any taint change by a node after registration),
+and the kubelet already starts only after prefetch (docs/boot-sequence.md), so a taint would only
+keep the node empty.
+
+The nodeagent part carries the node's settings without the comments and blank lines of the file they
+come from (``compact_config``): EC2 caps user-data at 16 KiB (``EC2_USERDATA_LIMIT``).
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ MAX_LAYERS = 4  # gzip/base64 wrappers we unwrap at most
 
 # The AMI tag the Packer template puts on a baked image, selected by the EC2NodeClass.
 DEFAULT_AMI_TAG = ("nodeagent.io/baked", "true")
-STARTUP_TAINT_KEY = "nodeagent.io/images-not-ready"
+EC2_USERDATA_LIMIT = 16 * 1024  # bytes of user-data EC2 accepts (before base64)
+# Karpenter appends its own NodeConfig part (~1 KiB and more with spec.kubelet): warn well before.
+USERDATA_WARN_BYTES = 12 * 1024
 
 _B64 = re.compile(rb"^[A-Za-z0-9+/\r\n]+={0,2}\s*$")
 
@@ -260,6 +268,29 @@ def render_mime(parts: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def compact_config(config_text: str) -> str:
+    """The config's settings as YAML without comments, blank lines or layout: the same document for
+    ``nodeagent.config`` (keys in their order), in fewer bytes."""
+    try:
+        doc = yaml.safe_load(config_text)
+    except yaml.YAMLError as e:
+        raise UserDataError(f"config: not valid YAML ({e})") from None
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=False)
+
+
+def size_report(document: str) -> tuple[int, str | None]:
+    """The size in bytes of rendered user-data and a warning when it is near or over EC2's limit."""
+    n = len(document.encode())
+    if n > EC2_USERDATA_LIMIT:
+        return n, f"user-data is {n} bytes: more than EC2's limit of {EC2_USERDATA_LIMIT} bytes"
+    if n > USERDATA_WARN_BYTES:
+        return n, (
+            f"user-data is {n} bytes, near EC2's limit of {EC2_USERDATA_LIMIT} bytes (Karpenter appends "
+            "its own NodeConfig part): move fleet-wide settings into the baked config"
+        )
+    return n, None
+
+
 def render_al2023(config_text: str, cluster: ClusterDetails | None = None) -> str:
     parts = [(CONTENT_TYPE, config_text)]
     if cluster is not None:
@@ -308,16 +339,20 @@ def render_karpenter(
                         {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
                         {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]},
                     ],
-                    # Image-readiness gate: pods that do not tolerate this taint wait until it is
-                    # removed, i.e. until the node's prefetch finished (see docs/eks.md). Karpenter
-                    # does not wait for startup taints before it considers the node launched.
-                    "startupTaints": [{"key": STARTUP_TAINT_KEY, "value": "true", "effect": "NoSchedule"}],
                 }
             },
         },
     }
     pool_note = (
-        "# Example NodePool. The startup taint keeps pods that do not tolerate it off the node until it is\n"
-        "# removed once the node's images are ready (prefetch done): docs/eks.md, 'Image-readiness gate'.\n"
+        "# Example NodePool. No startup taint: the kubelet starts only after nodeagent-prefetch, so a node\n"
+        "# gets pods once prefetch finished or ran out of its budget (docs/eks.md, 'Image readiness').\n"
     )
     return "---\n" + _dump(node_class) + "---\n" + pool_note + _dump(node_pool)
+
+
+def karpenter_user_data(rendered: str) -> str:
+    """The ``userData`` of the EC2NodeClass in ``render_karpenter``'s output."""
+    for doc in yaml.safe_load_all(rendered):
+        if isinstance(doc, dict) and doc.get("kind") == "EC2NodeClass":
+            return str(doc["spec"]["userData"])
+    raise UserDataError("no EC2NodeClass in the output")

@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # this checkout's nodeagent, not another installed copy
 
 from nodeagent.config import schema  # noqa: E402
-from nodeagent.config.types import Field, List, Map, Object  # noqa: E402
+from nodeagent.config.types import Field, List, ListOrObject, Map, Object  # noqa: E402
 
 JSON_FILE = REPO / "docs/config.schema.json"
 MD_FILE = REPO / "docs/configuration.md"
@@ -57,6 +57,11 @@ def _sections(obj: Object, path: str, out: list[tuple[str, Object]]) -> None:
             _sections(t.item, f"{sub}[]", out)
         elif isinstance(t, Map) and isinstance(t.value, List) and isinstance(t.value.item, Object):
             _sections(t.value.item, f"{sub}.<{t.key.name}>[]", out)
+        elif isinstance(t, Map) and isinstance(t.value, ListOrObject):
+            # long form ({mirrors: [...], mirrorOnly: ...}; its list is the short form), then the items
+            out.append((f"{sub}.<{t.key.name}>", t.value.long))
+            if isinstance(t.value.short.item, Object):
+                _sections(t.value.short.item, f"{sub}.<{t.key.name}>[]", out)
 
 
 def _cell(text: str) -> str:
@@ -100,6 +105,8 @@ def render_markdown() -> str:
                 typ = "list of mappings (below)"
             elif isinstance(t, Map) and isinstance(t.value, List) and isinstance(t.value.item, Object):
                 typ = f"map of {t.key.name} to list of mappings (below)"
+            elif isinstance(t, Map) and isinstance(t.value, ListOrObject):
+                typ = f"map of {t.key.name} to a list of mappings, or a mapping (below)"
             else:
                 typ = t.doc()
             lines.append(f"| `{f.key}` | {_cell(typ)} | {_default_text(f)} | {_cell(f.description)} |")

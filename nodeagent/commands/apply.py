@@ -27,11 +27,12 @@ def run(args: argparse.Namespace) -> int:
     config = loaded.config
     facts = gather(paths, config.containerd.hosts_dir, user_data=loaded.user_data)
     mirror_check: MirrorCheck | None = None
-    if config.containerd.mirrors and config.containerd.mirror_health.enabled:
-        # imported only when there is something to probe (asyncio, ssl): apply is on the boot path
-        from nodeagent.mirrorhealth.applycheck import leave_out_dead_mirrors
+    if config.containerd.mirrors:
+        # imported only when there are mirrors (asyncio, ssl): apply is on the boot path.
+        # Resolves mirror credentials, and with mirror health on, leaves out the dead mirrors.
+        from nodeagent.mirrorhealth.applycheck import prepare_mirrors
 
-        mirror_check = leave_out_dead_mirrors
+        mirror_check = prepare_mirrors
 
     report = run_apply(config, facts, flavor=args.flavor, dry_run=args.dry_run, mirror_check=mirror_check)
     # bad user-data: the baked config has been applied above; exit 1 and keep the error for `status`

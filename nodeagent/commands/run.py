@@ -37,6 +37,7 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
         daemon.add_worker("mirrorhealth", mirrors.run)
         daemon.set_pull_wrapper(mirrors.run_with_failover)
         daemon.add_status_hook("mirrorHealth", mirrors.status)
+    evictor = None
     if config.eviction.enabled:  # disk-aware image eviction (issue 5)
         from nodeagent.eviction.loop import EvictionLoop
 
@@ -46,6 +47,12 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
         daemon.add_worker("eviction", evictor.run)
         daemon.add_pull_listener(evictor.on_pull)
         daemon.add_status_hook("eviction", evictor.status)
+    if config.pod_pulls.enabled:  # pod-aware pulls (issue 14): nodeagent/podpulls
+        from nodeagent.podpulls import PodPulls
+
+        pod_pulls = PodPulls(config, paths, daemon, evictor)
+        daemon.add_worker("podpulls", pod_pulls.run)
+        daemon.add_status_hook("podPulls", pod_pulls.status)
     return daemon
 
 

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INVALID_CONFIG
 
     try:
+        # the part carries the settings, not the file's comments (EC2 caps user-data at 16 KiB)
+        text = userdata.compact_config(text)
         if args.format == "al2023":
             cluster, problems = _cluster(args)
             if problems:
@@ -74,5 +76,13 @@ def run(args: argparse.Namespace) -> int:
     except userdata.UserDataError as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID_CONFIG
+    document = out if args.format == "al2023" else userdata.karpenter_user_data(out)
+    size, problem = userdata.size_report(document)
+    if problem is not None and size > userdata.EC2_USERDATA_LIMIT:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
     sys.stdout.write(out)
+    print(f"user-data: {size} bytes (EC2 limit {userdata.EC2_USERDATA_LIMIT})", file=sys.stderr)
+    if problem is not None:
+        print(f"warning: {problem}", file=sys.stderr)
     return EXIT_OK

@@ -60,4 +60,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{what}: OK" + (f", {len(diffs)} settings differ from defaults:" if diffs else ", all defaults"))
     for key, value, default in diffs:
         print(f"  {key}: {value} (default: {default})")
+    from nodeagent.targets.mirrors import config_warnings  # valid settings that have a price
+
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK

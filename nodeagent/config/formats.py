@@ -229,6 +229,24 @@ OPTIONAL_ABS_PATH = Format(
     'an absolute path without `..`, or `""`',
 )
 
+_NODE_NAME = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+_NODE_NAME_RE = re.compile(rf"^{_NODE_NAME}$")
+
+
+def check_optional_node_name(name: str) -> str | None:
+    """A Kubernetes node name (a lower-case DNS subdomain, at most 253 characters) or ``""``."""
+    if name == "" or (len(name) <= 253 and _NODE_NAME_RE.match(name)):
+        return None
+    return f"{name!r} is not a node name (lower-case DNS subdomain, at most 253 characters)"
+
+
+OPTIONAL_NODE_NAME = Format(
+    "optional-node-name",
+    check_optional_node_name,
+    rf"^$|^(?=.{{1,253}}$){_NODE_NAME}$",
+    'a Kubernetes node name (lower-case DNS subdomain), or `""`',
+)
+
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 

@@ -34,6 +34,22 @@ class KubeletConfig:
     image_maximum_gc_age: float = 0.0
 
 
+CredentialsFrom = Literal["provider", "dockerConfig", "file"]
+
+
+@dataclass(frozen=True)
+class MirrorCredentials:
+    """``containerd.mirrors.<registry>[i].credentials``: where the mirror's credentials come from.
+
+    nodeagent turns them into an ``Authorization`` header of that mirror's ``[host]`` section only
+    (``nodeagent.mirrorcreds``), refreshed by the daemon before they expire.
+    """
+
+    source: CredentialsFrom  # "from" in YAML
+    image: str | None = None  # what the provider / docker config is asked for; None: the mirror's host/path
+    path: str | None = None  # dockerConfig: the config.json (None: images.dockerConfig); file: required
+
+
 @dataclass(frozen=True)
 class Mirror:
     endpoint: str
@@ -43,6 +59,15 @@ class Mirror:
     override_path: bool = False
     header: tuple[tuple[str, tuple[str, ...]], ...] = ()
     dial_timeout: float | None = None
+    credentials: MirrorCredentials | None = None
+
+
+@dataclass(frozen=True)
+class RegistryMirrors:
+    """The long form of one ``containerd.mirrors`` entry: ``{mirrors: [...], mirrorOnly: true}``."""
+
+    mirrors: tuple[Mirror, ...] = ()
+    mirror_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +95,8 @@ class ContainerdConfig:
     # registry host (or "_default") -> ordered mirrors; order of registries as written
     mirrors: tuple[tuple[str, tuple[Mirror, ...]], ...] = ()
     mirror_health: MirrorHealthConfig = field(default_factory=MirrorHealthConfig)
+    # registries written without `server = <upstream>`: pulls never leave their mirrors
+    mirror_only: frozenset[str] = frozenset()
     # generic flavor: how `nodeagent apply` restarts containerd after changing its config (argv, no shell)
     restart_command: tuple[str, ...] = ("systemctl", "restart", "containerd")
 
@@ -78,6 +105,9 @@ class ContainerdConfig:
             if name == registry:
                 return mirrors
         return ()
+
+    def is_mirror_only(self, registry: str) -> bool:
+        return registry in self.mirror_only
 
 
 @dataclass(frozen=True)
@@ -113,6 +143,16 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class PodPullsConfig:
+    """``podPulls``: pull every image of a pod bound to this node at once (nodeagent/podpulls)."""
+
+    enabled: bool = True
+    kubeconfig: str = "/var/lib/kubelet/kubeconfig"
+    node_name: str = ""  # "" = the kubeconfig identity's name (system:node:NAME)
+    concurrency: int = 4
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "0.0.0.0:9847"
     per_image_series_limit: int = 100
@@ -125,4 +165,5 @@ class Config:
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    pod_pulls: PodPullsConfig = field(default_factory=PodPullsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

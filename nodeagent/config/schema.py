@@ -24,10 +24,14 @@ from nodeagent.config.formats import format_duration
 from nodeagent.config.types import (
     JSON,
     Bool,
+    CheckedObject,
+    Ctx,
     Duration,
     Field,
     Int,
     List,
+    ListOrObject,
+    Loc,
     Map,
     Object,
     Str,
@@ -136,6 +140,54 @@ KUBELET = Object(
     "Image-pull settings written into the kubelet's configuration by `nodeagent apply`.",
 )
 
+
+def _check_credentials(c: m.MirrorCredentials, loc: Loc, ctx: Ctx) -> None:
+    if c.source == "file" and not c.path:
+        ctx.add(loc.field("path"), "required with from: file (a file holding username:password)")
+    elif c.source == "provider" and c.path:
+        ctx.add(
+            loc.field("path"),
+            "not used with from: provider (the plugins come from images.credentialProviderConfig)",
+        )
+    elif c.source == "file" and c.image:
+        ctx.add(loc.field("image"), "not used with from: file")
+
+
+MIRROR_CREDENTIALS = CheckedObject(
+    [
+        Field(
+            "from",
+            "source",
+            Str(enum=("provider", "dockerConfig", "file")),
+            "Where the credentials come from: `provider` (the kubelet's image credential provider "
+            "plugins, `images.credentialProviderConfig`, e.g. the ECR provider with the instance role), "
+            "`dockerConfig` (an `auths` entry of a docker config.json) or `file` (one line "
+            "`username:password`, re-read when it changes). They become an `Authorization` header of "
+            "this mirror's `[host]` section only (file mode 0600), refreshed by `nodeagent run` before "
+            "they expire.",
+            required=True,
+        ),
+        Field(
+            "image",
+            "image",
+            Str(fmt.IMAGE_REFERENCE),
+            "`provider`/`dockerConfig`: the image name the credentials are looked up for (matched "
+            "against `matchImages` / `auths` keys). Default: the mirror's host and path, e.g. "
+            "`111122223333.dkr.ecr.us-west-2.amazonaws.com/docker-hub`.",
+        ),
+        Field(
+            "path",
+            "path",
+            Str(fmt.ABS_PATH),
+            "`dockerConfig`: the config.json (unset: `images.dockerConfig`); `file`: the credentials "
+            "file (required).",
+        ),
+    ],
+    m.MirrorCredentials,
+    "Credentials nodeagent writes for this mirror (never logged, masked in diffs).",
+    rule=_check_credentials,
+)
+
 MIRROR = Object(
     [
         Field(
@@ -200,6 +252,12 @@ MIRROR = Object(
             Duration(minimum=0.001, maximum=300.0),
             "Connect timeout for this mirror (hosts.toml `dial_timeout`); unset uses containerd's.",
         ),
+        Field(
+            "credentials",
+            "credentials",
+            MIRROR_CREDENTIALS,
+            MIRROR_CREDENTIALS.description,
+        ),
     ],
     m.Mirror,
     "One mirror of a registry.",
@@ -261,6 +319,53 @@ def _mirror_endpoint(mirror: m.Mirror) -> str:
     return mirror.endpoint.rstrip("/")
 
 
+MIRROR_LIST = List(
+    MIRROR,
+    min_items=1,
+    max_items=32,
+    unique=_mirror_endpoint,
+    unique_message="duplicate endpoint (same as {first})",
+    unique_at="endpoint",
+    noun="mirror",
+)
+
+REGISTRY_MIRRORS = ListOrObject(
+    MIRROR_LIST,
+    Object(
+        [
+            Field("mirrors", "mirrors", MIRROR_LIST, "The registry's mirrors, in order.", required=True),
+            Field(
+                "mirrorOnly",
+                "mirror_only",
+                Bool(),
+                "Never go to the registry itself: hosts.toml gets no upstream `server` (the last "
+                "mirror is written as `server`), so pulls use only the mirrors. Mirror health then "
+                "never takes the last mirror out (it reports it down) and pulls fail fast while no "
+                "mirror is up. The trade-off: a mirror outage stops every pull from this registry.",
+                default=False,
+            ),
+        ],
+        m.RegistryMirrors,
+        "A registry's mirrors, long form.",
+    ),
+    lambda mirrors: m.RegistryMirrors(mirrors=mirrors),
+    # the typed config holds each registry's mirrors as a tuple (mirror-only registries apart)
+    shown=lambda e: MIRROR_LIST.show(e.mirrors if isinstance(e, m.RegistryMirrors) else e),
+)
+
+
+def _build_containerd(**kwargs: Any) -> m.ContainerdConfig:
+    entries = kwargs.pop("mirrors", ())
+    kwargs["mirrors"] = tuple((name, e.mirrors) for name, e in entries)
+    kwargs["mirror_only"] = frozenset(name for name, e in entries if e.mirror_only)
+    return m.ContainerdConfig(**kwargs)
+
+
+# for the schema's own tests: the model it builds, and the model fields derived from other keys
+_build_containerd.model = m.ContainerdConfig  # type: ignore[attr-defined]
+_build_containerd.derived = frozenset({"mirror_only"})  # type: ignore[attr-defined]
+
+
 CONTAINERD = Object(
     [
         Field(
@@ -290,22 +395,10 @@ CONTAINERD = Object(
         Field(
             "mirrors",
             "mirrors",
-            Map(
-                fmt.REGISTRY_HOST,
-                List(
-                    MIRROR,
-                    min_items=1,
-                    max_items=32,
-                    unique=_mirror_endpoint,
-                    unique_message="duplicate endpoint (same as {first})",
-                    unique_at="endpoint",
-                    noun="mirror",
-                ),
-                max_items=256,
-                key_identity=str.lower,
-            ),
-            "Registry host (or `_default` for all registries) to its ordered list of mirrors. Each "
-            "becomes `<hostsDir>/<registry>/hosts.toml`; mirrors are tried in order, then the registry.",
+            Map(fmt.REGISTRY_HOST, REGISTRY_MIRRORS, max_items=256, key_identity=str.lower),
+            "Registry host (or `_default` for all registries) to its ordered list of mirrors, or to "
+            "`{mirrors: [...], mirrorOnly: true}`. Each becomes `<hostsDir>/<registry>/hosts.toml`; "
+            "mirrors are tried in order, then the registry (never, with `mirrorOnly`).",
             default={},
         ),
         Field("mirrorHealth", "mirror_health", MIRROR_HEALTH, MIRROR_HEALTH.description),
@@ -319,7 +412,7 @@ CONTAINERD = Object(
             default=["systemctl", "restart", "containerd"],
         ),
     ],
-    m.ContainerdConfig,
+    _build_containerd,
     "containerd image settings and registry mirrors written by `nodeagent apply`.",
 )
 
@@ -472,6 +565,45 @@ EVICTION = Object(
     "Disk-aware image eviction by the daemon (`nodeagent run`).",
 )
 
+POD_PULLS = Object(
+    [
+        Field(
+            "enabled",
+            "enabled",
+            Bool(),
+            "Watch the pods bound to this node through the Kubernetes API and pull every image a new pod "
+            "needs at once, before the kubelet asks for them one by one (docs/pod-pulls.md). Without a "
+            "usable kubeconfig this part waits and says why; the proxy is never affected.",
+            default=True,
+        ),
+        Field(
+            "kubeconfig",
+            "kubeconfig",
+            Str(fmt.ABS_PATH),
+            "The kubeconfig whose identity reads pods and their pull secrets: the kubelet's own (the node "
+            "authorizer allows a node exactly this; no RBAC to install).",
+            default="/var/lib/kubelet/kubeconfig",
+        ),
+        Field(
+            "nodeName",
+            "node_name",
+            Str(fmt.OPTIONAL_NODE_NAME),
+            "This node's name in the cluster. `\"\"`: the kubeconfig identity's name "
+            "(`system:node:NAME`, as the API server reports it).",
+            default="",
+        ),
+        Field(
+            "concurrency",
+            "concurrency",
+            Int(minimum=1, maximum=64),
+            "Image pulls nodeagent runs at once for pods (a pod's images are started before the next pod's).",
+            default=4,
+        ),
+    ],
+    m.PodPullsConfig,
+    "Pod-aware pulls by the daemon (`nodeagent run`).",
+)
+
 METRICS = Object(
     [
         Field(
@@ -517,6 +649,7 @@ SCHEMA = Object(
         Field("containerd", "containerd", CONTAINERD, CONTAINERD.description),
         Field("images", "images", IMAGES, IMAGES.description),
         Field("eviction", "eviction", EVICTION, EVICTION.description),
+        Field("podPulls", "pod_pulls", POD_PULLS, POD_PULLS.description),
         Field("metrics", "metrics", METRICS, METRICS.description),
     ],
     _build_config,

@@ -515,3 +515,43 @@ def unknown_key_message(key: str, known: list[str]) -> str:
     if close:
         return f"unknown key (did you mean {close[0]!r}?)"
     return "unknown key (expected one of: " + ", ".join(known) + ")"
+
+
+@dataclass
+class CheckedObject(Object):
+    """An ``Object`` with a rule over its own keys (``rule(built, loc, ctx)`` adds problems)."""
+
+    rule: Callable[[Any, Loc, Ctx], None] | None = None
+
+    def check(self, value: object, loc: Loc, ctx: Ctx) -> Any:
+        before = len(ctx.problems)
+        built = super().check(value, loc, ctx)
+        if built is not None and self.rule is not None and len(ctx.problems) == before:
+            self.rule(built, loc, ctx)
+        return built
+
+
+@dataclass
+class ListOrObject(Type):
+    """Either a short form (a YAML sequence, ``short``) or a long form (a mapping, ``long``); both are
+    built into what ``long`` builds (``from_short`` wraps the short form's value)."""
+
+    short: List
+    long: Object
+    from_short: Callable[[Any], Any]
+    shown: Callable[[Any], str] | None = None
+
+    def check(self, value: object, loc: Loc, ctx: Ctx) -> Any:
+        if isinstance(value, dict):
+            return self.long.check(value, loc, ctx)
+        checked = self.short.check(value, loc, ctx)
+        return None if checked is None else self.from_short(checked)
+
+    def json_schema(self) -> JSON:
+        return {"anyOf": [self.short.json_schema(), self.long.json_schema()]}
+
+    def doc(self) -> str:
+        return f"{self.short.doc()}, or a mapping"
+
+    def show(self, value: Any) -> str:
+        return self.shown(value) if self.shown is not None else self.long.show(value)

@@ -335,10 +335,12 @@ class CriClient(GrpcCaller):
         sandbox_config: Any = None,
         timeout: float | None = None,  # noqa: ASYNC109  (the gRPC deadline, not an asyncio timeout)
         retry: bool = True,
+        metadata: Sequence[tuple[str, str]] | None = None,
     ) -> str:
         """Pull ``image``; returns the image ref (id). ``auth`` is a runtime.v1.AuthConfig or a
         mapping of its fields. ``timeout`` None uses ``pull_timeout``. ``retry=False`` for a caller
-        with its own retry loop (prefetch), so that the two do not multiply."""
+        with its own retry loop (prefetch), so that the two do not multiply. ``metadata``: gRPC
+        metadata (prefetch names itself to nodeagent's proxy: ``x-nodeagent-origin``)."""
         if isinstance(auth, Mapping):
             auth = pb.AuthConfig(**auth)
         req = pb.PullImageRequest(image=pb.ImageSpec(image=image), auth=auth, sandbox_config=sandbox_config)
@@ -348,6 +350,7 @@ class CriClient(GrpcCaller):
             req,
             deadline=timeout if timeout is not None else self.pull_timeout,
             retry=retry,
+            metadata=metadata,
             secrets=auth_secrets(auth),
         )
         return str(resp.image_ref)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -327,6 +328,25 @@ class EvictionLoop:
         users = await self._users()
         self._record_first_seen_and_in_use(images, users)
         return self._plan(images, users, fs, continuing)
+
+    async def make_plan_if_full(self) -> Plan:
+        """Plan as if the image filesystem were full, with the usage measured now in ``usage``: its
+        ``removal_bytes`` is what eviction could free at most right now (pod pulls' disk check,
+        nodeagent/podpulls/disk.py). Changes nothing and records nothing. Raises ``StageError``."""
+        fs = await self.measure()
+        images = await self._list_images(fs)
+        users = await self._users()
+        p = plan(
+            images,
+            users,
+            usage=FsUsage(fs.total_bytes, fs.total_bytes),
+            thresholds=self.thresholds,
+            now=self._clock(),
+            last_used=self.last_used.items(),
+            protect=self.protect,
+            baked=self._baked(),
+        )
+        return dataclasses.replace(p, usage=fs)
 
     async def _act(self, p: Plan, result: CycleResult) -> None:
         fs = p.usage

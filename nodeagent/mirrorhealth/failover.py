@@ -49,7 +49,14 @@ class HostsFileWriter:
 
     # The defaults are the apply target's own (one renderer, one marker, one path rule).
     def _renderer(self) -> Render:
-        return self._render or mirrors_target.render_hosts_toml
+        if self._render is not None:
+            return self._render
+        cd = self.containerd
+
+        def render(registry: str, active: tuple[Mirror, ...]) -> str:
+            return mirrors_target.render_hosts_toml(registry, active, mirror_only=cd.is_mirror_only(registry))
+
+        return render
 
     def owned(self, text: str) -> bool:
         return (self._is_owned or mirrors_target.is_owned)(text)
@@ -85,9 +92,17 @@ class HostsFileWriter:
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: {e}") from None
         hosts = doc.get("host", {})
-        return frozenset(_normalize(k) for k in hosts) if isinstance(hosts, dict) else frozenset()
+        found = {_normalize(k) for k in hosts} if isinstance(hosts, dict) else set()
+        server = doc.get("server")
+        if self.containerd.is_mirror_only(registry) and isinstance(server, str):
+            found.add(_normalize(server))  # a mirror-only registry's last mirror is its server
+        return frozenset(found)
 
     def write(self, registry: str, active: tuple[Mirror, ...]) -> bool:
+        """Rewrite the file with ``active`` (mirrors with their credentials' headers); a file that
+        holds a header (a token) is mode 0600 whatever it was, else its mode is kept."""
         path, _ = self._owned_text(registry)
         mode = path.stat().st_mode & 0o7777
+        if mirrors_target.has_headers(active):
+            mode = 0o600
         return write_atomic(path, self._renderer()(registry, active), mode=mode)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from nodeagent.config.model import Config, Mirror, MirrorHealthConfig
+from nodeagent.credentials import CredentialError, MirrorAuth, MirrorCredentialSource
 from nodeagent.log import event, get_logger
 from nodeagent.mirrorhealth import probe as probes
 from nodeagent.mirrorhealth.state import Health, MirrorState, Thresholds
@@ -64,6 +66,23 @@ class _Mirror:
     last: probes.ProbeResult | None = None
     last_probe_wall: float | None = None
     last_change_wall: float | None = None
+    source: MirrorCredentialSource | None = None  # its credentials, when configured
+    auth: MirrorAuth | None = None  # the current credential (a secret: never logged)
+    auth_error: str = ""  # why the last fetch failed (no secret inside)
+    auth_wall: float | None = None  # when the current credential was fetched
+    auth_refreshes: int = 0
+    make: Callable[[Mirror], probes.ProbeTarget] | None = None
+
+    def written(self) -> Mirror:
+        """The mirror as hosts.toml gets it: with its credentials' Authorization header."""
+        if self.auth is None:
+            return self.mirror
+        from nodeagent.mirrorhealth.auth import with_authorization
+
+        return with_authorization(self.mirror, self.auth.header)
+
+    def writable(self) -> bool:
+        return self.source is None or self.auth is not None
 
 
 def display_endpoint(endpoint: str) -> str:
@@ -94,8 +113,11 @@ class MirrorHealth:
         wall: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        mirror_only: frozenset[str] = frozenset(),
+        source_for: Callable[[Mirror], MirrorCredentialSource | None] | None = None,
     ) -> None:
         self.settings = settings
+        self.mirror_only = mirror_only
         self.writer = writer
         self.metrics = metrics
         self._prober: Prober = prober or probes.probe
@@ -119,12 +141,14 @@ class MirrorHealth:
                     def ca(path: str, reg: str = reg) -> Path:
                         return resolve_ca(reg, path)
 
-                    target = probes.make_target(registry, m, ca)
+                    make = functools.partial(probes.make_target, registry, resolve_ca=ca)
                 else:
-                    target = probes.make_target(registry, m)
+                    make = functools.partial(probes.make_target, registry)
                 entry = _Mirror(
-                    registry, m, target, MirrorState(self._thresholds), display_endpoint(m.endpoint)
+                    registry, m, make(m), MirrorState(self._thresholds), display_endpoint(m.endpoint)
                 )
+                entry.make = make
+                entry.source = source_for(m) if source_for is not None else None
                 self._mirrors.append(entry)
                 self._registries.setdefault(registry, []).append(entry)
         self._load_initial_state()
@@ -149,11 +173,71 @@ class MirrorHealth:
         if self.metrics is not None:
             self.metrics.mirror_up.labels(e.registry, e.label).set(1 if e.state.health is Health.UP else 0)
 
+    def _set_auth_metric(self, e: _Mirror, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.mirror_auth_ok.labels(e.registry, e.label).set(1 if ok else 0)
+
+    # --- credentials ----------------------------------------------------------------------------
+    async def refresh_credentials(self, e: _Mirror, *, rewrite: bool = True) -> None:
+        """Fetch the mirror's credentials when due (half their lifetime, or the file changed). A
+        new value is written into hosts.toml at once, atomically; containerd reads the file per
+        pull, and the old value stays valid for the other half of its lifetime, so no pull fails
+        at rotation. A failed fetch keeps the current value until it expires."""
+        if e.source is None:
+            return
+        now = self._clock()
+        if not e.source.refresh_due(e.auth, now):
+            return
+        try:
+            new = await asyncio.to_thread(e.source.fetch)
+        except CredentialError as err:
+            msg = str(err)
+            if msg != e.auth_error:
+                event(
+                    log,
+                    "mirror credentials unavailable",
+                    logging.WARNING,
+                    registry=e.registry,
+                    mirror=e.label,
+                    source=e.source.describe(),
+                    error=msg,
+                )
+            e.auth_error = msg
+            expires = e.auth.expires() if e.auth is not None else None
+            if e.auth is not None and expires is not None and now >= expires:
+                e.auth = None  # expired: nothing usable is left to write
+            return
+        e.auth_error = ""
+        changed = e.auth is None or e.auth.header != new.header
+        e.auth, e.auth_wall = new, self._wall()
+        if not changed:
+            return
+        e.auth_refreshes += 1
+        assert e.make is not None
+        e.target = e.make(e.written())
+        rewritten = False
+        if rewrite and (e.in_file or e.state.health is Health.UP):
+            rewritten = self._rewrite(e.registry)
+        event(
+            log,
+            "mirror credentials refreshed",
+            registry=e.registry,
+            mirror=e.label,
+            source=new.source,
+            lifetime=new.lifetime,
+            hosts_toml="rewritten" if rewritten else "unchanged",
+        )
+
     # --- probing ------------------------------------------------------------------------------
     async def probe_once(self, e: _Mirror) -> Health | None:
         """Probe one mirror, feed its state; on a transition rewrite hosts.toml. Returns the new health
         on a transition."""
-        result = await self._prober(e.target, self.settings.timeout)
+        await self.refresh_credentials(e)
+        if e.writable():
+            result = await self._prober(e.target, self.settings.timeout)
+        else:
+            result = probes.ProbeResult(False, 0.0, None, f"credentials unavailable: {e.auth_error}", False)
+        self._set_auth_metric(e, result.auth_ok is not False)
         now = self._clock()
         e.last, e.last_probe_wall = result, self._wall()
         if self.metrics is not None:
@@ -167,7 +251,7 @@ class MirrorHealth:
                 mirror=e.label,
                 error=result.error,
             )
-        new = e.state.observe(result.alive, now)
+        new = e.state.observe(result.alive, now) if e.writable() else e.state.force_down(now)
         if new is None:
             # retry a write that failed earlier; pulls waiting on this registry go again once it lands
             if (
@@ -193,7 +277,7 @@ class MirrorHealth:
             error=result.error or None,
             hosts_toml="rewritten" if changed else "unchanged",
         )
-        if new is Health.DOWN and changed:
+        if new is Health.DOWN and (changed or self.unavailable(e.registry) is not None):
             self._wake(e.registry)
         if self._on_change is not None:
             self._on_change()
@@ -205,7 +289,12 @@ class MirrorHealth:
         from nodeagent.mirrorhealth.failover import NotOwnedError
 
         entries = self._registries[registry]
-        active = tuple(e.mirror for e in entries if e.state.health is Health.UP)
+        keep = [e for e in entries if e.state.health is Health.UP and e.writable()]
+        if not keep and registry in self.mirror_only:
+            # never the last mirror of a mirror-only registry: without one, containerd would fall
+            # back to the registry itself. Keep what the file lists now (reported down).
+            keep = [e for e in entries if e.in_file] or list(entries)
+        active = tuple(e.written() for e in keep)
         try:
             changed = self.writer.write(registry, active)
         except NotOwnedError as err:
@@ -225,7 +314,7 @@ class MirrorHealth:
             return False
         self._write_failed.discard(registry)
         for e in entries:
-            e.in_file = e.state.health is Health.UP
+            e.in_file = any(e is k for k in keep)
         return changed
 
     async def _loop(self, e: _Mirror) -> None:
@@ -261,6 +350,12 @@ class MirrorHealth:
             successes_before_up=self.settings.successes_before_up,
             hold_time=self.settings.hold_time,
         )
+        # credentials first, all of them, then one rewrite per registry: a rewrite while another
+        # mirror's first fetch is still running would leave that mirror out
+        with_creds = [e for e in self._mirrors if e.source is not None]
+        await asyncio.gather(*(self.refresh_credentials(e, rewrite=False) for e in with_creds))
+        for registry in dict.fromkeys(e.registry for e in with_creds):
+            self._rewrite(registry)
         async with asyncio.TaskGroup() as tg:
             for e in self._mirrors:
                 tg.create_task(self._loop(e), name=f"mirrorhealth:{e.registry}:{e.label}")
@@ -293,11 +388,40 @@ class MirrorHealth:
         for ev in self._watchers.get(registry, ()):
             ev.set()
 
+    def unavailable(self, registry: str) -> str | None:
+        """Why a pull from ``registry`` cannot succeed now, or None: a mirror-only registry whose every
+        mirror is down and failed its last probe (a mirror that answers again is given its chance)."""
+        key = self.registry_key(registry)
+        if key is None or key not in self.mirror_only:
+            return None
+        entries = self._registries[key]
+        if any(e.state.health is Health.UP or (e.last is not None and e.last.alive) for e in entries):
+            return None
+        why = "; ".join(
+            f"{e.label}: {e.last.error if e.last is not None else 'not probed yet'}" for e in entries
+        )
+        return (
+            f"nodeagent: {key} is mirror-only (containerd.mirrors.{key}.mirrorOnly) and no mirror is up "
+            f"({why}); the registry itself is never used, so the pull fails now instead of waiting"
+        )
+
+    @staticmethod
+    def _fail(message: str) -> BaseException:
+        import grpc
+
+        from nodeagent.proxy.h2grpc import RpcError
+
+        return RpcError(grpc.StatusCode.UNAVAILABLE, message)
+
     async def run_with_failover(
         self, registry: str, call: Callable[[], Awaitable[T]]
     ) -> tuple[T, str | None]:
         """Run ``call`` (an upstream PullImage); if a mirror of ``registry`` goes down meanwhile,
-        cancel it and run it once more. Returns the result and the retry reason (None: no retry)."""
+        cancel it and run it once more. Returns the result and the retry reason (None: no retry).
+        A pull from a mirror-only registry without a usable mirror fails at once (UNAVAILABLE, the
+        reason in the message), also when that happens while it runs."""
+        if (why := self.unavailable(registry)) is not None:
+            raise self._fail(why)
         with self.watch(registry) as down:
             if down is None:
                 return await call(), None
@@ -312,6 +436,8 @@ class MirrorHealth:
                 if not pull.done():
                     pull.cancel()
                     await asyncio.gather(pull, return_exceptions=True)
+        if (why := self.unavailable(registry)) is not None:
+            raise self._fail(why)
         event(log, "pull retried: a mirror went down while it ran", registry=registry)
         return await call(), "mirror_down"
 
@@ -329,7 +455,16 @@ class MirrorHealth:
                 "consecutiveSuccesses": e.state.successes,
                 "transitions": e.state.transitions,
                 "since": e.last_change_wall,
+                "authOk": e.last is None or e.last.auth_ok is not False,
             }
+            if e.source is not None:  # where the credentials come from and how they fare; no secret
+                item["credentials"] = {
+                    "source": e.source.describe(),
+                    "present": e.auth is not None,
+                    "fetchedAt": e.auth_wall,
+                    "refreshes": e.auth_refreshes,
+                    "error": e.auth_error,
+                }
             if e.last is not None:
                 item["lastProbe"] = {
                     "at": e.last_probe_wall,
@@ -365,7 +500,12 @@ class MirrorHealth:
             else f"{e.state.successes} good in a row"
         )
         where = "in hosts.toml" if e.in_file else "out of hosts.toml"
-        return f"{e.registry}  {e.label}  {state}{since}; {probe}; {streak}; {where}"
+        if e.in_file and e.state.health is Health.DOWN and e.registry in self.mirror_only:
+            where += " (mirror-only: the last mirror is never taken out; pulls fail fast)"
+        auth = ""
+        if e.last is not None and e.last.auth_ok is False:
+            auth = "; credentials: " + ("refused" if e.writable() else f"unavailable ({e.auth_error})")
+        return f"{e.registry}  {e.label}  {state}{since}; {probe}{auth}; {streak}; {where}"
 
 
 def ca_resolver(paths: Paths, hosts_dir: str) -> Callable[[str, str], Path]:
@@ -394,6 +534,8 @@ def from_config(
     cd = config.containerd
     if not cd.mirror_health.enabled or not any(ms for _, ms in cd.mirrors):
         return None
+    from nodeagent.mirrorhealth.auth import source_for
+
     return MirrorHealth(
         cd.mirrors,
         cd.mirror_health,
@@ -401,4 +543,6 @@ def from_config(
         metrics,
         resolve_ca=ca_resolver(paths, cd.hosts_dir),
         on_change=on_change,
+        mirror_only=cd.mirror_only,
+        source_for=lambda m: source_for(config, paths, m),
     )

@@ -5,10 +5,12 @@ The request goes where containerd would send its first request to that host (see
 (``/v2`` appended unless the path already ends in it); for an ``overridePath`` mirror the endpoint's
 path *is* the API root. We ask for ``<api root>/``, as a registry client's ping does.
 
-Any HTTP answer below 500 means alive: 200, 401 (auth required), 404 and redirects all prove that
-something is serving HTTP there. No answer within ``timeout`` (connect + TLS + first response
-line), a refused or reset connection, a TLS failure, or a 5xx means dead. Only the status line is
-read; the body is never downloaded.
+An HTTP answer below 500 means alive (200, 404, redirects prove that something serves there),
+except an authentication answer: 401/403 means the mirror cannot serve this node's pulls (wrong,
+expired or missing credentials), unless a 401 carries a Bearer challenge whose realm hands out a
+token for the same headers, as containerd would get one. No answer within ``timeout`` (connect +
+TLS + the answer, token request included), a refused or reset connection, a TLS failure, or a 5xx
+means dead. Only the status line (and, for 401/403, the headers) is read; never a body.
 
 Stdlib only (asyncio streams + ssl), so ``apply`` can probe on the boot path without grpc or
 prometheus_client. Header values from the config (which may hold credentials) are sent but never
@@ -21,12 +23,13 @@ import asyncio
 import contextlib
 import posixpath
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from nodeagent import __version__
 from nodeagent.config.model import Mirror
@@ -126,12 +129,17 @@ class ProbeResult:
     duration: float  # seconds, from connect to status line (or failure)
     status: int | None = None  # HTTP status when one was read
     error: str = ""  # why it counts as dead: "timeout", "connection refused", "HTTP 503", ...
+    auth_ok: bool | None = None  # False: the mirror refused the credentials (or wants some); None: unknown
 
 
-def _request(target: ProbeTarget) -> bytes:
+_MAX_HEADER_BYTES = 16 * 1024
+_PARAM = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+
+
+def _request(target: ProbeTarget, path: str | None = None, host_header: str | None = None) -> bytes:
     lines = [
-        f"GET {target.path} HTTP/1.1",
-        f"Host: {target.host_header}",
+        f"GET {path or target.path} HTTP/1.1",
+        f"Host: {host_header or target.host_header}",
         f"User-Agent: nodeagent/{__version__} (mirror health probe)",
         "Accept: */*",
         "Connection: close",
@@ -156,34 +164,46 @@ def _describe(e: BaseException) -> str:
         return f"TLS: {e.reason or type(e).__name__}"
     if isinstance(e, asyncio.IncompleteReadError):
         return "connection closed before an HTTP answer"
+    if isinstance(e, asyncio.LimitOverrunError):
+        return "HTTP answer headers too large"
     if isinstance(e, OSError):
         return e.strerror or type(e).__name__
     return type(e).__name__
 
 
-async def probe(target: ProbeTarget, timeout_s: float, clock: Clock = time.monotonic) -> ProbeResult:
-    """Probe ``target`` once; never raises (except cancellation), never takes much longer than
-    ``timeout_s``."""
-    start = clock()
-    if target.setup_error:
-        return ProbeResult(False, 0.0, None, target.setup_error)
+def bearer_challenge(headers: list[tuple[str, str]]) -> dict[str, str] | None:
+    """The parameters of a ``WWW-Authenticate: Bearer realm=...`` challenge, if there is one."""
+    for name, value in headers:
+        if name.lower() == "www-authenticate" and value[:7].lower() == "bearer ":
+            params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+                      for m in _PARAM.finditer(value[7:])}  # fmt: skip
+            if params.get("realm"):
+                return params
+    return None
+
+
+async def _exchange(
+    target: ProbeTarget, host: str, port: int, ctx: ssl.SSLContext | None, request: bytes
+) -> tuple[int | None, list[tuple[str, str]]]:
+    """One request; the status and the response headers (never the body). Raises on I/O errors."""
     writer: asyncio.StreamWriter | None = None
     try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(
-                target.host,
-                target.port,
-                ssl=target.ssl_context,
-                server_hostname=target.host if target.ssl_context is not None else None,
-                limit=_MAX_STATUS_LINE * 4,
-            )
-            writer.write(_request(target))
-            await writer.drain()
-            line = await reader.readuntil(b"\n")
-    except TimeoutError:
-        return ProbeResult(False, clock() - start, None, f"timeout after {timeout_s:g}s")
-    except (OSError, EOFError, ssl.SSLError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as e:
-        return ProbeResult(False, clock() - start, None, _describe(e))
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ctx, server_hostname=host if ctx is not None else None, limit=_MAX_HEADER_BYTES
+        )
+        writer.write(request)
+        await writer.drain()
+        line = await reader.readuntil(b"\n")
+        status = _parse_status(line[:_MAX_STATUS_LINE])
+        headers: list[tuple[str, str]] = []
+        if status is not None and status in (401, 403):
+            # only an auth answer needs its headers (the challenge); bounded by the stream limit
+            head = await reader.readuntil(b"\r\n\r\n") if not line.endswith(b"\r\n\r\n") else b""
+            for raw in head.decode("latin-1").split("\r\n"):
+                name, sep, value = raw.partition(":")
+                if sep:
+                    headers.append((name.strip(), value.strip()))
+        return status, headers
     finally:
         if writer is not None:
             writer.close()
@@ -191,13 +211,71 @@ async def probe(target: ProbeTarget, timeout_s: float, clock: Clock = time.monot
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(0.2):
                     await writer.wait_closed()
+
+
+async def _token(target: ProbeTarget, challenge: dict[str, str]) -> int | None:
+    """GET the Bearer realm with the mirror's headers, as containerd's authorizer does (the host's
+    configured headers go to the realm too); its HTTP status."""
+    realm = urlsplit(challenge["realm"])
+    scheme = realm.scheme.lower()
+    if scheme not in ("http", "https") or not realm.hostname:
+        return None
+    port = realm.port or (443 if scheme == "https" else 80)
+    query = [(k, challenge[k]) for k in ("service", "scope") if challenge.get(k)]
+    path = (realm.path or "/") + ("?" + urlencode(query) if query else "")
+    ctx = None
+    if scheme == "https":
+        ctx = target.ssl_context if target.ssl_context is not None else ssl.create_default_context()
+    host_header = realm.netloc.rpartition("@")[2]
+    status, _ = await _exchange(
+        target, realm.hostname, port, ctx, _request(target, path=path, host_header=host_header)
+    )
+    return status
+
+
+async def probe(target: ProbeTarget, timeout_s: float, clock: Clock = time.monotonic) -> ProbeResult:
+    """Probe ``target`` once; never raises (except cancellation), never takes much longer than
+    ``timeout_s``.
+
+    Authenticates as containerd will: the configured headers (with the mirror's credentials) go with
+    the request; a 401 with a Bearer challenge is followed by a token request to the realm with the
+    same headers. 401/403 otherwise means the mirror cannot serve a pull from this node: dead, with
+    ``auth_ok`` False."""
+    start = clock()
+    if target.setup_error:
+        return ProbeResult(False, 0.0, None, target.setup_error)
+    try:
+        async with asyncio.timeout(timeout_s):
+            status, headers = await _exchange(
+                target, target.host, target.port, target.ssl_context, _request(target)
+            )
+            token_status = None
+            challenge = bearer_challenge(headers) if status == 401 else None
+            if challenge is not None:
+                token_status = await _token(target, challenge)
+    except TimeoutError:
+        return ProbeResult(False, clock() - start, None, f"timeout after {timeout_s:g}s")
+    except (OSError, EOFError, ssl.SSLError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as e:
+        return ProbeResult(False, clock() - start, None, _describe(e))
     duration = clock() - start
-    status = _parse_status(line[:_MAX_STATUS_LINE])
     if status is None:
         return ProbeResult(False, duration, None, "not an HTTP answer")
     if status >= 500:
         return ProbeResult(False, duration, status, f"HTTP {status}")
-    return ProbeResult(True, duration, status)
+    sends_auth = any(name.lower() == "authorization" for name, _ in target.headers)
+    if status == 401 and challenge is not None:
+        if token_status == 200:
+            return ProbeResult(True, duration, status, "", True)
+        what = "refused the credentials" if sends_auth else "refused an anonymous token"
+        return ProbeResult(
+            False, duration, status, f"HTTP 401: token realm {what} (HTTP {token_status})", False
+        )
+    if status == 401:
+        what = "credentials refused" if sends_auth else "authentication required (no credentials configured)"
+        return ProbeResult(False, duration, status, f"HTTP 401: {what}", False)
+    if status == 403:
+        return ProbeResult(False, duration, status, "HTTP 403: access denied", False)
+    return ProbeResult(True, duration, status, "", True)
 
 
 def next_interval(interval: float, rng: random.Random | None = None, jitter: float = JITTER) -> float:

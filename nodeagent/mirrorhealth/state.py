@@ -73,3 +73,15 @@ class MirrorState:
         self.last_change = now
         self.transitions += 1
         return want
+
+    def force_down(self, now: float) -> Health | None:
+        """A failure that needs no confirmation (the mirror's credentials cannot be had: nothing
+        usable can be written for it). Goes down at once, whatever the streak or the hold."""
+        self.failures = max(self.failures + 1, self.thresholds.failures_before_down)
+        self.successes = 0
+        if self.health is Health.DOWN:
+            return None
+        self.health = Health.DOWN
+        self.last_change = now
+        self.transitions += 1
+        return Health.DOWN

@@ -14,6 +14,12 @@ from typing import Any
 from nodeagent.imageref import DOCKER_HUB_ALIASES, split_domain
 
 DOCKER_HUB = "docker.io"
+# Who asked for a pull (a bounded label on the pull metrics): the kubelet through the proxy, nodeagent's
+# pod watcher (nodeagent/podpulls), or `nodeagent prefetch`.
+ORIGIN_KUBELET = "kubelet"
+ORIGIN_POD = "pod"
+ORIGIN_PREFETCH = "prefetch"
+ORIGINS = (ORIGIN_KUBELET, ORIGIN_POD, ORIGIN_PREFETCH)
 _DOCKER_HUB_ALIASES = {DOCKER_HUB, *DOCKER_HUB_ALIASES}
 _DIGEST = re.compile(r"@[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
 _IMAGE_ID = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
@@ -132,6 +138,8 @@ class PullRecord:
     code: str = "OK"
     error: str = ""
     retry_reason: str | None = None
+    origin: str = ORIGIN_KUBELET
+    joined: bool = False  # answered by an upstream pull another caller started (single-flight)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -155,6 +163,8 @@ class PullRecord:
             "code": self.code,
             "error": self.error,
             "retry_reason": self.retry_reason,
+            "origin": self.origin,
+            "joined": self.joined,
             "throughput": round(self.throughput, 1),
         }
         if self.extra:

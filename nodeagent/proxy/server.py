@@ -4,12 +4,16 @@ Every RPC is forwarded as raw bytes: requests and responses are never re-seriali
 this build does not know survive. A generic handler serves any method name, so RPCs we do not
 inspect (and ones added to CRI later) pass through untouched. Three are inspected on the side:
 
-- PullImage: timed and recorded (``PullRecord``) -> metrics, one JSON log line, pull listeners;
+- PullImage: single-flight (``nodeagent.proxy.singleflight``: concurrent pulls of the same image with
+  the same credentials and runtime handler share one upstream pull, the kubelet's and nodeagent's own
+  pod pulls through ``ImageProxy.pull`` alike), timed and recorded per caller (``PullRecord`` with its
+  ``origin``) -> metrics, one JSON log line, pull listeners;
 - ImageStatus: cache hit/miss counting and last-used times;
 - RemoveImage: logged.
 
-The caller's deadline becomes the upstream deadline; a cancelled caller cancels the upstream call;
-the upstream's status code and message go back to the caller. Calls are not serialized: every
+The caller's deadline becomes the upstream deadline (PullImage: the proxy keeps each caller's deadline
+and the shared upstream pull ends when its last caller left); a cancelled caller cancels the upstream
+call; the upstream's status code and message go back to the caller. Calls are not serialized: every
 RPC runs in its own task. With the upstream down, calls fail with UNAVAILABLE at once (the
 channel does not wait for readiness) and succeed again as soon as it is back.
 
@@ -21,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +44,17 @@ from nodeagent.log import event, get_logger
 from nodeagent.metrics import Metrics
 from nodeagent.proxy import sockets
 from nodeagent.proxy.h2grpc import Channel, Context, OnDone, RpcError, Server, ServerCall
-from nodeagent.proxy.records import PullRecord, classify, image_label, is_image_id, registry_of
+from nodeagent.proxy.records import (
+    ORIGIN_KUBELET,
+    ORIGIN_POD,
+    ORIGINS,
+    PullRecord,
+    classify,
+    image_label,
+    is_image_id,
+    registry_of,
+)
+from nodeagent.proxy.singleflight import Flight, Flights, Key, Waiting, pull_key
 
 log = get_logger(__name__)
 
@@ -68,6 +84,10 @@ MAX_ERROR_CHARS = 2000
 # kubelet's default 8 KiB soft limit grpc drops the whole status at random ("Stream removed"), so a
 # longer upstream message reaches the caller cut to this many bytes, with a marker.
 MAX_CALLER_ERROR_BYTES = 4096
+# gRPC metadata by which a client of the proxy says what it is (``prefetch``); anything else is the kubelet.
+ORIGIN_METADATA = "x-nodeagent-origin"
+# Images pulled for pods whose "lead" (pull end -> the kubelet's first question) is still to be seen.
+LEAD_ENTRIES = 1024
 
 
 class ImageProxy:
@@ -95,6 +115,8 @@ class ImageProxy:
         self._sizes: dict[str, int] = {}  # image id -> size
         self._background: set[asyncio.Task[None]] = set()
         self.in_flight = 0
+        self.flights = Flights()
+        self._pod_ready: OrderedDict[str, float] = OrderedDict()  # image -> monotonic time pulled
         self._bound = False  # only a socket we bound is ever removed
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -226,89 +248,178 @@ class ImageProxy:
 
     # --- inspected calls -----------------------------------------------------------------------
     @staticmethod
-    def _read_pull(request: bytes) -> tuple[str, list[str]] | None:
-        """The image and the credentials' secrets (for masking) of a PullImageRequest; None if it
-        does not decode (then it is forwarded untouched and the runtime answers)."""
+    def _read_pull(request: bytes) -> tuple[str, list[str], Key] | None:
+        """The image, the credentials' secrets (for masking) and the single-flight key of a
+        PullImageRequest; None if it does not decode (then it is forwarded untouched and the runtime
+        answers)."""
         try:
             req = pb.PullImageRequest.FromString(request)
-            return req.image.image, [s for s in auth_secrets(req.auth) if s]
+            return req.image.image, [s for s in auth_secrets(req.auth) if s], pull_key(req)
         except Exception:
             return None
 
     def _pull(self, call: ServerCall) -> None:
-        if self.pull_wrapper is not None:  # mirror health may cancel and retry it: a coroutine
-            self._pull_with_wrapper(call)
-            return
-        pull = _Pull("", "", time.time(), time.monotonic())
-
-        def done(message: bytes | None, error: RpcError | None) -> None:
-            if not pull.known:
-                self._answer(call, message, error)
-            elif error is None:
-                assert message is not None
-                call.reply(message)
-                self._note(PULL, grpc.StatusCode.OK)
-                self._pull_ended(pull, "OK", "", message, None)
-            else:
-                details = redact(error.details(), pull.secrets)
-                call.fail(error.code(), for_caller(details))
-                self._note(PULL, error.code())
-                self._pull_ended(pull, error.code().name, details, b"", None)
-
-        self._relay(call, done)  # the request is on its way upstream; the bookkeeping comes after
-        read = self._read_pull(call.message)
-        if read is None:
-            return
-        pull.image, pull.secrets = read
-        pull.registry = registry_of(pull.image)
-        pull.known = True
-        self._pull_started()
-        cancel_upstream = call.on_cancel
-        assert cancel_upstream is not None
-
-        def cancelled() -> None:
-            cancel_upstream()
-            self._pull_ended(pull, "CANCELLED", "the caller cancelled the pull", b"", None)
-
-        call.on_cancel = cancelled
-
-    def _pull_with_wrapper(self, call: ServerCall) -> None:
         read = self._read_pull(call.message)
         if read is None:
             self._passthrough(call)
             return
-        image, secrets = read
-        pull = _Pull(image, registry_of(image), time.time(), time.monotonic(), secrets, True)
-        self._pull_started()
-        task = asyncio.get_running_loop().create_task(self._pull_wrapped(call, pull))
 
-        def cancel_task() -> None:
+        def deliver(message: bytes | None, error: Any) -> None:
+            if error is None:
+                assert message is not None
+                call.reply(message)
+            else:
+                call.fail(error.code(), for_caller(error.details()))
+
+        call.on_cancel = self._enter(
+            call.message, call.metadata, read, origin_of(call.metadata), call.time_remaining(), deliver
+        )
+
+    async def pull(
+        self,
+        request: bytes,
+        *,
+        origin: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> bytes:
+        """A PullImage from inside nodeagent (pod pulls): through the same single-flight table, pull
+        records and metrics as the kubelet's calls. Raises RpcError; cancelling the awaiting task
+        leaves the flight (the upstream pull goes on while others wait for it)."""
+        read = self._read_pull(request)
+        if read is None:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "not a PullImageRequest")
+        fut: asyncio.Future[tuple[bytes | None, Any]] = asyncio.get_running_loop().create_future()
+
+        def deliver(message: bytes | None, error: Any) -> None:
+            if not fut.done():
+                fut.set_result((message, error))
+
+        leave = self._enter(request, metadata, read, origin, None, deliver)
+        try:
+            message, error = await fut
+        except asyncio.CancelledError:
+            leave()
+            raise
+        if error is not None:
+            raise RpcError(error.code(), error.details())
+        assert message is not None
+        return message
+
+    def _enter(
+        self,
+        request: bytes,
+        metadata: tuple[tuple[str, str], ...],
+        read: tuple[str, list[str], Key],
+        origin: str,
+        remaining: float | None,
+        deliver: Callable[[bytes | None, Any], None],
+    ) -> Callable[[], None]:
+        """Join the flight of an identical pull or start one; returns what to call when the caller
+        goes away. The caller's own deadline is kept here (the upstream call has none: it ends when
+        it answers or when its last caller left)."""
+        image, secrets, key = read
+        pull = _Pull(image, registry_of(image), time.time(), time.monotonic(), secrets, True, origin)
+        self._pull_started()
+        if origin == ORIGIN_KUBELET:
+            self._observe_lead(image)
+        flight = self.flights.get(key)
+        if flight is None:
+            flight = self.flights.begin(key)
+            self._start_upstream(flight, request, metadata, pull.registry)
+        else:
+            pull.joined = True
+            self.metrics.pull_joins.labels(origin=origin).inc()
+        waiting = Waiting(self._deliverer(pull, deliver), pull)
+        flight.waiting.append(waiting)
+        if remaining is not None:
+            waiting.timer = asyncio.get_running_loop().call_later(
+                remaining, self._leave, flight, waiting, "DEADLINE_EXCEEDED"
+            )
+        return functools.partial(self._leave, flight, waiting, "CANCELLED")
+
+    def _deliverer(
+        self, pull: _Pull, deliver: Callable[[bytes | None, Any], None]
+    ) -> Callable[[bytes | None, Any], None]:
+        def answer(message: bytes | None, error: Any) -> None:
+            if error is None:
+                assert message is not None
+                deliver(message, None)
+                self._note(PULL, grpc.StatusCode.OK)
+                self._pull_ended(pull, "OK", "", message, pull.retry_reason)
+            else:
+                details = redact(error.details(), pull.secrets)
+                deliver(None, RpcError(error.code(), details))
+                self._note(PULL, error.code())
+                self._pull_ended(pull, error.code().name, details, b"", pull.retry_reason)
+
+        return answer
+
+    def _start_upstream(
+        self, flight: Flight, request: bytes, metadata: tuple[tuple[str, str], ...], registry: str
+    ) -> None:
+        assert self._channel is not None
+        if self.pull_wrapper is None:  # the callback path: no task on the way
+            pending = self._channel.start(
+                PULL, request, lambda m, e: self._flight_done(flight, m, e, None), metadata=metadata
+            )
+            flight.cancel_upstream = pending.cancel
+            return
+        # mirror health may cancel and retry it: a coroutine
+        task = asyncio.get_running_loop().create_task(self._wrapped(flight, request, metadata, registry))
+
+        def cancel() -> None:
             task.cancel()
 
-        call.on_cancel = cancel_task
+        flight.cancel_upstream = cancel
+
+    async def _wrapped(
+        self, flight: Flight, request: bytes, metadata: tuple[tuple[str, str], ...], registry: str
+    ) -> None:
+        assert self.pull_wrapper is not None and self._channel is not None
+        channel = self._channel
+
+        async def attempt() -> bytes:
+            return await channel.unary(PULL, request, timeout=None, metadata=metadata)
+
+        try:
+            response, retry_reason = await self.pull_wrapper(registry, attempt)
+        except RpcError as e:
+            self._flight_done(flight, None, e, None)
+        except Exception as e:  # a bug in the wrapper must not leave callers waiting forever
+            log.exception("pull wrapper failed")
+            self._flight_done(
+                flight, None, RpcError(grpc.StatusCode.UNKNOWN, f"nodeagent: {type(e).__name__}"), None
+            )
+        else:
+            self._flight_done(flight, response, None, retry_reason)
+
+    def _flight_done(
+        self, flight: Flight, message: bytes | None, error: RpcError | None, retry_reason: str | None
+    ) -> None:
+        for w in self.flights.end(flight):
+            w.state.retry_reason = retry_reason
+            w.deliver(message, error)
+
+    def _leave(self, flight: Flight, waiting: Waiting, code: str) -> None:
+        if not self.flights.leave(flight, waiting):
+            return
+        pull: _Pull = waiting.state
+        if code == "DEADLINE_EXCEEDED":
+            waiting.deliver(None, RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            return
+        self._pull_ended(pull, "CANCELLED", "the caller cancelled the pull", b"", None)
 
     def _pull_started(self) -> None:
         self.metrics.pulls_in_flight.inc()
         self.in_flight += 1
 
-    async def _pull_wrapped(self, call: ServerCall, pull: _Pull) -> None:
-        assert self.pull_wrapper is not None
-        code, details, response, retry_reason = "OK", "", b"", None
-        try:
-
-            async def attempt() -> bytes:
-                return await self._forward(PULL, call.message, call)
-
-            response, retry_reason = await self.pull_wrapper(pull.registry, attempt)
-            call.reply(response)
-        except RpcError as e:
-            code, details = e.code().name, redact(e.details(), pull.secrets)
-            call.fail(e.code(), for_caller(details))
-        except asyncio.CancelledError:
-            code, details = "CANCELLED", "the caller cancelled the pull"
-            raise
-        finally:
-            self._pull_ended(pull, code, details, response, retry_reason)
+    def _observe_lead(self, image: str) -> None:
+        """The kubelet asks about an image nodeagent pulled for a pod: how long it had been there."""
+        if not self._pod_ready:
+            return
+        t = self._pod_ready.pop(_lead_key(image), None)
+        if t is not None:
+            self.metrics.pod_pulls_lead.observe(max(0.0, time.monotonic() - t))
 
     def _pull_ended(
         self, pull: _Pull, code: str, details: str, response: bytes, retry_reason: str | None
@@ -316,23 +427,24 @@ class ImageProxy:
         duration = time.monotonic() - pull.t0
         self.metrics.pulls_in_flight.dec()
         self.in_flight -= 1
-        self._spawn(
-            self._record_pull(
-                pull.image, pull.registry, pull.started_at, duration, code, details, response, retry_reason
-            )
-        )
+        if code == "OK" and pull.origin == ORIGIN_POD and not pull.joined:
+            key = _lead_key(pull.image)
+            self._pod_ready[key] = time.monotonic()
+            self._pod_ready.move_to_end(key)
+            while len(self._pod_ready) > LEAD_ENTRIES:
+                self._pod_ready.popitem(last=False)
+        self._spawn(self._record_pull(pull, duration, code, details, response, retry_reason))
 
     async def _record_pull(
         self,
-        image: str,
-        registry: str,
-        started_at: float,
+        pull: _Pull,
         duration: float,
         code: str,
         details: str,
         response: bytes,
         retry_reason: str | None,
     ) -> None:
+        image, registry = pull.image, pull.registry
         result = "success" if code == "OK" else classify(code, details)
         if len(details) > MAX_ERROR_CHARS:  # bounded log lines and status file
             details = details[: MAX_ERROR_CHARS - 15] + "... (truncated)"
@@ -341,10 +453,12 @@ class ImageProxy:
             registry=registry,
             result=result,
             duration=duration,
-            started_at=started_at,
+            started_at=pull.started_at,
             code=code,
             error=details,
             retry_reason=retry_reason,
+            origin=pull.origin,
+            joined=pull.joined,
         )
         if code == "OK":
             with contextlib.suppress(Exception):  # a malformed answer only loses the ref
@@ -355,19 +469,22 @@ class ImageProxy:
                 self.last_used.touch(rec.image_ref)
         m = self.metrics
         reg = m.registry_label(registry)
-        m.pulls.labels(registry=reg, result=rec.result).inc()
-        m.pull_duration.labels(registry=reg, result=rec.result).observe(duration)
+        m.pulls.labels(registry=reg, result=rec.result, origin=rec.origin).inc()
+        m.pull_duration.labels(registry=reg, result=rec.result, origin=rec.origin).observe(duration)
         if rec.ok:
             m.pull_bytes.labels(registry=reg).inc(rec.bytes)
         m.observe_last_pull(image_label(image), duration)
         fields: dict[str, Any] = {
             "image": image,
             "registry": registry,
+            "origin": rec.origin,
             "result": rec.result,
             "duration_seconds": round(duration, 4),
             "bytes": rec.bytes,
             "throughput_bytes_per_second": round(rec.throughput, 1),
         }
+        if rec.joined:
+            fields["joined"] = True
         if rec.image_ref:
             fields["image_ref"] = rec.image_ref
         if not rec.ok:
@@ -423,6 +540,7 @@ class ImageProxy:
         hit = status.HasField("image")
         self.metrics.cache_requests.labels(result="hit" if hit else "miss").inc()
         if hit:
+            self._observe_lead(image)
             self.last_used.touch(image)
             if status.image.id:
                 self.last_used.touch(status.image.id)
@@ -454,6 +572,26 @@ class _Pull:
     t0: float  # monotonic
     secrets: list[str] = field(default_factory=list)  # only to mask them in error text
     known: bool = False  # the request decoded: this pull is recorded
+    origin: str = ORIGIN_KUBELET
+    joined: bool = False  # shared the upstream pull another caller started
+    retry_reason: str | None = None
+
+
+def origin_of(metadata: tuple[tuple[str, str], ...]) -> str:
+    """``kubelet`` unless the caller names another origin nodeagent knows (``prefetch``)."""
+    for k, v in metadata:
+        if k == ORIGIN_METADATA:
+            return v if v in ORIGINS else ORIGIN_KUBELET
+    return ORIGIN_KUBELET
+
+
+def _lead_key(image: str) -> str:
+    from nodeagent.imageref import normalize
+
+    try:
+        return normalize(image)
+    except Exception:
+        return image
 
 
 def for_caller(details: str) -> str:

@@ -107,40 +107,95 @@ def _check_mirror(registry: str, i: int, m: Mirror) -> None:
         raise TargetError(f"{where}.capabilities: {bad[0]!r} is not one of {', '.join(CAPABILITIES)}")
 
 
-def render_hosts_toml(registry: str, mirrors: Sequence[Mirror], *, server: str | None = None) -> str:
+def _host_body(key: str, m: Mirror, indent: str) -> list[str]:
+    """The settings of one host: under ``[host."<url>"]`` (``indent`` two spaces), or at the top of
+    the file for the ``server`` of a mirror-only registry (``key`` "" and no indent)."""
+    out = [f"{indent}capabilities = [{', '.join(_q(c) for c in m.capabilities)}]\n"]
+    if m.skip_verify:
+        out.append(f"{indent}skip_verify = true\n")
+    if len(m.ca) == 1:
+        out.append(f"{indent}ca = {_q(m.ca[0])}\n")
+    elif m.ca:
+        out.append(f"{indent}ca = [{', '.join(_q(c) for c in m.ca)}]\n")
+    if m.override_path:
+        out.append(f"{indent}override_path = true\n")
+    if m.dial_timeout is not None:
+        out.append(f"{indent}dial_timeout = {_q(go_duration(m.dial_timeout))}\n")
+    if m.header:
+        out.append(f"{indent}[{key}.header]\n" if key else "\n[header]\n")
+        for name, values in m.header:
+            out.append(f"{indent}  {_q(name)} = [{', '.join(_q(v) for v in values)}]\n")
+    return out
+
+
+def render_hosts_toml(
+    registry: str, mirrors: Sequence[Mirror], *, server: str | None = None, mirror_only: bool = False
+) -> str:
     """The full text of ``<hosts_dir>/<registry>/hosts.toml``: marker, ``server``, mirrors in order.
 
-    ``server`` defaults to ``server_for(registry)``. Deterministic: the same input gives the same bytes.
+    ``server`` defaults to ``server_for(registry)``. With ``mirror_only`` there is no upstream: every
+    mirror is a ``[host]`` as usual and the last one is also the ``server``, with its settings at the
+    top level. containerd always appends the top-level host last and fills in the registry itself
+    when ``server`` is missing, so leaving ``server`` out would not keep pulls off the upstream; and
+    containerd 1.6 cannot read a hosts.toml without a ``[host]`` table ("invalid `host` tree") and
+    then uses the registry itself too, so the last mirror stays a ``[host]`` as well (on failure it
+    is tried twice). Deterministic: the same input gives the same bytes.
     """
     validate_registry_name(registry)
-    server = server if server is not None else server_for(registry)
-    out = [owned_header(f"registry mirrors for {registry}")]
-    if server:
-        out.append(f"server = {_q(server)}\n")
     for i, m in enumerate(mirrors):
         _check_mirror(registry, i, m)
+    out = [owned_header(f"registry mirrors for {registry}" + (" (mirror-only)" if mirror_only else ""))]
+    hosts = list(mirrors)
+    if mirror_only:
+        if not hosts:
+            raise TargetError(f"containerd.mirrors.{registry}: mirror-only registry without a mirror")
+        last = hosts[-1]
+        out.append(f"server = {_q(last.endpoint)}\n")
+        out.extend(_host_body("", last, ""))
+    else:
+        server = server if server is not None else server_for(registry)
+        if server:
+            out.append(f"server = {_q(server)}\n")
+    for m in hosts:
         key = f"host.{_q(m.endpoint)}"
         out.append(f"\n[{key}]\n")
-        out.append(f"  capabilities = [{', '.join(_q(c) for c in m.capabilities)}]\n")
-        if m.skip_verify:
-            out.append("  skip_verify = true\n")
-        if len(m.ca) == 1:
-            out.append(f"  ca = {_q(m.ca[0])}\n")
-        elif m.ca:
-            out.append(f"  ca = [{', '.join(_q(c) for c in m.ca)}]\n")
-        if m.override_path:
-            out.append("  override_path = true\n")
-        if m.dial_timeout is not None:
-            out.append(f"  dial_timeout = {_q(go_duration(m.dial_timeout))}\n")
-        if m.header:
-            out.append(f"  [{key}.header]\n")
-            for name, values in m.header:
-                out.append(f"    {_q(name)} = [{', '.join(_q(v) for v in values)}]\n")
+        out.extend(_host_body(key, m, "  "))
     return "".join(out)
 
 
 def has_headers(mirrors: Sequence[Mirror]) -> bool:
     return any(m.header for m in mirrors)
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What ``validate`` and ``apply`` say about mirror settings that are valid but have a price."""
+    out = []
+    cd = config.containerd
+    for registry, mirrors in cd.mirrors:
+        if cd.is_mirror_only(registry):
+            n = len(mirrors)
+            out.append(
+                f"containerd.mirrors.{registry}.mirrorOnly: pulls from {registry} never go to the registry "
+                f"itself: while {'its mirror is' if n == 1 else f'all {n} of its mirrors are'} down every "
+                f"pull from {registry} fails (fast, with the reason in the pull record); "
+                + ("add a second mirror, or " if n == 1 else "")
+                + "leave mirrorOnly out to fall back to the registry"
+            )
+        if any(m.credentials and any(n.lower() == "authorization" for n, _ in m.header) for m in mirrors):
+            out.append(
+                f"containerd.mirrors.{registry}: a mirror has both credentials and an Authorization header; "
+                "the credentials win"
+            )
+    if (
+        cd.mirrors
+        and not cd.mirror_health.enabled
+        and any(m.credentials is not None for _, ms in cd.mirrors for m in ms)
+    ):
+        out.append(
+            "containerd.mirrorHealth.enabled is false: mirror credentials are written at apply time but "
+            "never refreshed (the daemon's mirror health refreshes them)"
+        )
+    return out
 
 
 def spegel_mirrors(config: Config) -> list[str]:
@@ -167,11 +222,11 @@ def render(config: Config, facts: NodeFacts) -> TargetPlan:
     for registry, mirrors in config.containerd.mirrors:
         path = hosts_toml_path(facts.paths, hosts_dir, registry)
         wanted.add(path)
-        secret = has_headers(mirrors)
+        secret = has_headers(mirrors) or any(m.credentials is not None for m in mirrors)
         plan.files.append(
             DesiredFile(
                 path,
-                render_hosts_toml(registry, mirrors),
+                render_hosts_toml(registry, mirrors, mirror_only=config.containerd.is_mirror_only(registry)),
                 mode=0o600 if secret else 0o644,
                 secret=secret,
             )

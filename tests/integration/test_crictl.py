@@ -128,8 +128,14 @@ def test_pull_variants_are_identical_and_recorded(
         (slow_ref, "canceled"),
     ]
     text = c.agent.scrape()
-    assert value(text, "nodeagent_image_pulls_total", registry=private.host, result="success") == 2
-    assert value(text, "nodeagent_image_pulls_total", registry=slow.address, result="canceled") == 1
+    assert (
+        value(text, "nodeagent_image_pulls_total", registry=private.host, result="success", origin="kubelet")
+        == 2
+    )
+    assert (
+        value(text, "nodeagent_image_pulls_total", registry=slow.address, result="canceled", origin="kubelet")
+        == 1
+    )
     assert CANARY not in text and auth not in text
     assert c.agent.stop() == 0  # the final status file and last-used state are written
     leaked = [
@@ -294,5 +300,8 @@ def test_20_parallel_pulls(sandbox: Sandbox, registry: Registry, containerd: Con
     assert sorted(line["image"] for line in lines) == sorted(img.reference for img in images)
     assert {line["result"] for line in lines} == {"success"}
     text = c.agent.scrape()
-    assert value(text, "nodeagent_image_pulls_total", registry=registry.host, result="success") == 20
+    assert (
+        value(text, "nodeagent_image_pulls_total", registry=registry.host, result="success", origin="kubelet")
+        == 20
+    )
     assert value(text, "nodeagent_image_pulls_in_flight") == 0

@@ -94,12 +94,39 @@ def test_pull_results_counts_durations_and_bytes(sandbox: Sandbox, two_registrie
     size, n = asyncio.run(body())
     lines = wait_for_pull_lines(agent, n)
     text = agent.scrape()
-    assert value(text, "nodeagent_image_pulls_total", registry=plain.host, result="success") == 2
-    assert value(text, "nodeagent_image_pulls_total", registry=plain.host, result="not_found") == 1
-    assert value(text, "nodeagent_image_pulls_total", registry=private.host, result="unauthorized") == 1
+    assert (
+        value(text, "nodeagent_image_pulls_total", registry=plain.host, result="success", origin="kubelet")
+        == 2
+    )
+    assert (
+        value(text, "nodeagent_image_pulls_total", registry=plain.host, result="not_found", origin="kubelet")
+        == 1
+    )
+    assert (
+        value(
+            text,
+            "nodeagent_image_pulls_total",
+            registry=private.host,
+            result="unauthorized",
+            origin="kubelet",
+        )
+        == 1
+    )
     assert value(text, "nodeagent_image_pull_bytes_total", registry=plain.host) == 2 * size
-    count = value(text, "nodeagent_image_pull_duration_seconds_count", registry=plain.host, result="success")
-    total = value(text, "nodeagent_image_pull_duration_seconds_sum", registry=plain.host, result="success")
+    count = value(
+        text,
+        "nodeagent_image_pull_duration_seconds_count",
+        registry=plain.host,
+        result="success",
+        origin="kubelet",
+    )
+    total = value(
+        text,
+        "nodeagent_image_pull_duration_seconds_sum",
+        registry=plain.host,
+        result="success",
+        origin="kubelet",
+    )
     assert count == 2 and 0 < total < 60
     assert value(text, "nodeagent_image_cache_requests_total", result="hit") == 1
     assert value(text, "nodeagent_image_cache_requests_total", result="miss") == 1

@@ -2,6 +2,7 @@
 
     reg = Registry(tmp / "reg")                                  # plain HTTP, own storage dir
     reg = Registry(tmp / "auth", auth=("alice", "s3cret"))       # htpasswd (bcrypt) basic auth
+                                                                # (more_users=[(u, p), ...]: more logins)
     reg = Registry(tmp / "mirror", proxy_of=upstream)           # pull-through cache of upstream
                                                                 # (upstream without auth: 2.8's proxy
                                                                 # only authenticates to Bearer realms)
@@ -19,6 +20,7 @@ import re
 import secrets
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,7 @@ class Registry:
         auth: tuple[str, str] | None = None,
         proxy_of: Registry | str | None = None,
         proxy_auth: tuple[str, str] | None = None,
+        more_users: Sequence[tuple[str, str]] = (),
         port: int | None = None,
         binary: str = "docker-registry",
     ) -> None:
@@ -64,6 +67,7 @@ class Registry:
         self.log_path = workdir / "registry.log"
         self.htpasswd_path = workdir / "htpasswd"
         self.auth = auth
+        self.more_users = tuple(more_users)  # further htpasswd users (auth must be set)
         self.proxy_url = proxy_of.url if isinstance(proxy_of, Registry) else proxy_of
         if isinstance(proxy_of, Registry) and proxy_of.auth is not None:
             # distribution 2.8 sends proxy credentials only to upstreams that issue Bearer tokens;
@@ -130,6 +134,9 @@ class Registry:
             user, password = self.auth
             # -i: password from stdin, so it never appears in a process list
             proc.run(["htpasswd", "-iBc", str(self.htpasswd_path), user], stdin=password.encode(), timeout=30)
+            for more, secret in self.more_users:
+                argv = ["htpasswd", "-iB", str(self.htpasswd_path), more]
+                proc.run(argv, stdin=secret.encode(), timeout=30)
         self.config_path.write_text(self.render_config())
         self.config_path.chmod(0o600)
         self._daemon = Daemon(

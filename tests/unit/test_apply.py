@@ -231,3 +231,13 @@ def test_default_restart_command_never_restarts_the_hosts_containerd_for_a_root_
     )
     assert report.ok and not report.containerd_restarted
     assert any("would restart this host's containerd" in w for w in report.warnings)
+
+
+def test_redact_headers_masks_a_mirror_only_servers_top_level_header() -> None:
+    text = (
+        'server = "http://m"\ncapabilities = ["pull"]\n\n[header]\n  "Authorization" = ["Basic c2VjcmV0"]\n'
+    )
+    red = redact_headers(text)
+    assert (
+        "c2VjcmV0" not in red and '"Authorization" = ["<redacted>"]' in red and 'server = "http://m"' in red
+    )

@@ -17,8 +17,11 @@ from nodeagent.credentials import (
     CredentialError,
     Credentials,
     DockerConfig,
+    MirrorCredentialSource,
     ProviderPlugins,
+    authorization,
     best_match,
+    mirror_target,
     parse_docker_config,
     parse_provider_config,
     urls_match,
@@ -256,3 +259,95 @@ def test_from_config_reads_files_under_root_and_tolerates_missing_ones(tmp_path:
     assert runner.calls[0]["argv"][0] == str(
         tmp_path / "etc/eks/image-credential-provider/ecr-credential-provider"
     )
+
+
+# --- mirror credentials (containerd.mirrors.<registry>[i].credentials) ------------------------------
+ECR_MIRROR = "https://111122223333.dkr.ecr.us-west-2.amazonaws.com/v2/docker-hub"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "target"),
+    [
+        (ECR_MIRROR, "111122223333.dkr.ecr.us-west-2.amazonaws.com/docker-hub"),
+        ("http://127.0.0.1:5000", "127.0.0.1:5000"),
+        ("https://Mirror.Example/v2", "mirror.example"),
+        ("https://mirror.example/cache/hub/", "mirror.example/cache/hub"),
+    ],
+)
+def test_mirror_target_is_host_and_path_without_the_api_root(endpoint: str, target: str) -> None:
+    assert mirror_target(endpoint) == target
+
+
+def test_authorization_values() -> None:
+    assert (
+        authorization(Auth(username="AWS", password="tok"))
+        == "Basic " + base64.b64encode(b"AWS:tok").decode()
+    )
+    assert authorization(Auth(auth="YTpi")) == "Basic YTpi"
+    assert authorization(Auth(registry_token="rt")) == "Bearer rt"
+    with pytest.raises(CredentialError, match="identity token"):
+        authorization(Auth(identity_token="idt", source="docker config x"))
+
+
+def test_provider_source_gets_a_fresh_answer_each_time_with_its_lifetime() -> None:
+    runner = Runner(response(duration="6h"))
+    clock = Clock()
+    p = plugins(runner, clock)
+    src = MirrorCredentialSource(ECR_MIRROR, "provider", plugins=lambda: p, clock=clock)
+    a = src.fetch()
+    assert a.header == "Basic " + base64.b64encode(b"AWS:ecr-token-secret").decode()
+    assert (a.lifetime, a.refresh_at(), a.expires()) == (6 * 3600, 100 + 3 * 3600, 100 + 6 * 3600)
+    assert "ecr-token-secret" not in repr(a) and a.header not in repr(a)
+    assert (
+        json.loads(runner.calls[0]["stdin"])["image"]
+        == "111122223333.dkr.ecr.us-west-2.amazonaws.com/docker-hub"
+    )
+    assert not src.refresh_due(a, 100 + 3 * 3600 - 1) and src.refresh_due(a, 100 + 3 * 3600)
+    src.fetch()
+    assert len(runner.calls) == 2  # never the prefetch cache: a mirror refresh must get a new token
+
+
+def test_provider_source_errors_name_no_secret() -> None:
+    p = plugins(Runner(response(), returncode=1))
+    src = MirrorCredentialSource(ECR_MIRROR, "provider", plugins=lambda: p)
+    with pytest.raises(CredentialError) as e:
+        src.fetch()
+    assert str(e.value) == "credential provider ecr-credential-provider: exit 1" and "leaked" not in str(
+        e.value
+    )
+    nomatch = MirrorCredentialSource("http://127.0.0.1:5000", "provider", plugins=lambda: p)
+    with pytest.raises(CredentialError, match=r"no credential provider matches 127\.0\.0\.1:5000"):
+        nomatch.fetch()
+
+
+def test_file_source_is_reread_when_the_file_changes(tmp_path: Path) -> None:
+    f = tmp_path / "login"
+    f.write_text("robot:first-secret\n")
+    src = MirrorCredentialSource("http://m:5000", "file", path=f)
+    a = src.fetch()
+    assert a.header == "Basic " + base64.b64encode(b"robot:first-secret").decode() and a.lifetime is None
+    assert not src.refresh_due(a, 1e12)
+    f.write_text("robot:second-secret-longer\n")
+    assert src.refresh_due(a, 0)
+    f.write_text("no colon here")
+    with pytest.raises(CredentialError) as e:
+        src.fetch()
+    assert "expected one line username:password" in str(e.value) and "colon" not in str(e.value)
+
+
+def test_docker_config_source_matches_the_mirror_host(tmp_path: Path) -> None:
+    f = tmp_path / "config.json"
+    enc = base64.b64encode(b"u:docker-secret").decode()
+    f.write_text(json.dumps({"auths": {"https://m:5000": {"auth": enc}, "other.example": {"auth": "eDp5"}}}))
+    src = MirrorCredentialSource("http://m:5000/v2", "dockerConfig", path=f)
+    assert src.fetch().header == f"Basic {enc}"
+    missing = MirrorCredentialSource("http://nowhere:1", "dockerConfig", path=f)
+    with pytest.raises(CredentialError, match="no auths entry matches nowhere:1"):
+        missing.fetch()
+
+
+def test_provider_source_without_any_plugin_says_so() -> None:
+    empty = ProviderPlugins((), Path("/etc/eks/image-credential-provider"), run=Runner(response()))
+    src = MirrorCredentialSource(ECR_MIRROR, "provider", plugins=lambda: empty)
+    with pytest.raises(CredentialError, match="no credential provider plugins"):
+        src.fetch()

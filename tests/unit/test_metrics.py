@@ -9,10 +9,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.metrics import REGISTRY_LABEL_LIMIT, RESULTS, Metrics
 
-# name -> (type, label names) as DESIGN.md lists them (the product contract)
+# name -> (type, label names) as DESIGN.md lists them (the product contract; wave 2 added `origin`)
 CONTRACT = {
-    "nodeagent_image_pull_duration_seconds": ("histogram", {"registry", "result"}),
-    "nodeagent_image_pulls": ("counter", {"registry", "result"}),
+    "nodeagent_image_pull_duration_seconds": ("histogram", {"registry", "result", "origin"}),
+    "nodeagent_image_pulls": ("counter", {"registry", "result", "origin"}),
+    "nodeagent_image_pull_joins": ("counter", {"origin"}),
+    "nodeagent_pod_pulls_pods": ("counter", {"result"}),
+    "nodeagent_pod_pulls_images": ("counter", {"result"}),
+    "nodeagent_pod_images_ready_seconds": ("histogram", set()),
+    "nodeagent_pod_pulls_lead_seconds": ("histogram", set()),
     "nodeagent_image_pull_bytes": ("counter", {"registry"}),
     "nodeagent_image_pulls_in_flight": ("gauge", set()),
     "nodeagent_image_last_pull_duration_seconds": ("gauge", {"image"}),
@@ -31,11 +36,13 @@ def families(m: Metrics) -> dict[str, Any]:
 
 def test_contract_names_types_and_labels() -> None:
     m = Metrics()
-    m.pulls.labels(registry="r", result="success").inc()
-    m.pull_duration.labels(registry="r", result="success").observe(1)
+    m.pulls.labels(registry="r", result="success", origin="kubelet").inc()
+    m.pull_duration.labels(registry="r", result="success", origin="kubelet").observe(1)
     m.pull_bytes.labels(registry="r").inc(1)
     m.observe_last_pull("r/a:1", 1.0)
     m.cache_requests.labels(result="hit").inc()
+    m.pod_images_ready.observe(1)
+    m.pod_pulls_lead.observe(1)
     fams = families(m)
     for name, (kind, labels) in CONTRACT.items():
         f = fams[name]
@@ -44,6 +51,18 @@ def test_contract_names_types_and_labels() -> None:
         assert seen == labels, name
     text = generate_latest(m.registry).decode()
     assert "nodeagent_image_pulls_total{" in text and "nodeagent_image_evicted_bytes_total " in text
+
+
+def test_pod_pull_label_sets_are_closed_and_present_from_the_start() -> None:
+    from nodeagent.metrics import POD_IMAGE_RESULTS, POD_RESULTS
+    from nodeagent.proxy.records import ORIGINS
+
+    assert ORIGINS == ("kubelet", "pod", "prefetch")
+    assert POD_IMAGE_RESULTS == ("pulled", "present", "skipped_policy", "skipped_disk", "failed")
+    fams = families(Metrics())
+    assert {s.labels["origin"] for s in fams["nodeagent_image_pull_joins"].samples} == set(ORIGINS)
+    assert {s.labels["result"] for s in fams["nodeagent_pod_pulls_images"].samples} == set(POD_IMAGE_RESULTS)
+    assert {s.labels["result"] for s in fams["nodeagent_pod_pulls_pods"].samples} == set(POD_RESULTS)
 
 
 def test_result_is_the_closed_design_set() -> None:

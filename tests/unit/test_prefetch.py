@@ -61,8 +61,10 @@ class FakeCri:
         auth: Any = None,
         timeout: float | None = None,  # noqa: ASYNC109
         retry: bool = True,
+        metadata: Any = None,
     ) -> str:
         assert retry is False, "prefetch retries pulls itself: the client's retry would multiply it"
+        assert metadata == (("x-nodeagent-origin", "prefetch"),)  # recorded as prefetch by the proxy
         self.pulls.append((image, auth, timeout))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)

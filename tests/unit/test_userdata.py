@@ -242,8 +242,9 @@ def test_karpenter_objects_validate_against_v1_fields() -> None:
     jsonschema.validate(np, karpenter_schema("NodePool"))
     assert nc["spec"]["amiSelectorTerms"] == [{"tags": {"nodeagent.io/baked": "true"}}]
     assert np["spec"]["template"]["spec"]["nodeClassRef"]["name"] == nc["metadata"]["name"]
-    (taint,) = np["spec"]["template"]["spec"]["startupTaints"]
-    assert taint["key"] == userdata.STARTUP_TAINT_KEY and taint["effect"] == "NoSchedule"
+    # no startup taint: a node may not remove taints from its own Node (NodeRestriction), and
+    # nothing else in this project removes one (docs/eks.md)
+    assert "startupTaints" not in np["spec"]["template"]["spec"]
 
 
 def test_karpenter_schema_rejects_misnamed_field() -> None:

@@ -8,9 +8,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nodeagent import config, userdata
 from nodeagent.cli import main
 from nodeagent.userdata import nodeagent_parts
 from tests.unit.test_userdata import CA, CONFIG
+
+COMMENTED = "# fleet settings for one node group\n" + CONFIG.replace(
+    "  maxParallelImagePulls: 8\n", "  maxParallelImagePulls: 8   # sized for c6i.4xlarge\n\n"
+)
+
+
+def same_settings(part: str) -> bool:
+    return config.load_text(part) == config.load_text(CONFIG)
+
 
 CLUSTER_ARGS = [
     "--cluster-name=my-cluster",
@@ -23,7 +33,7 @@ CLUSTER_ARGS = [
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
     p = tmp_path / "config.yaml"
-    p.write_text(CONFIG)
+    p.write_text(COMMENTED)
     return p
 
 
@@ -33,14 +43,15 @@ def test_al2023_with_cluster(cfg: Path, capsys: pytest.CaptureFixture[str]) -> N
     msg = email.message_from_string(out)
     types = [p.get_content_type() for p in msg.get_payload()]  # type: ignore[union-attr]
     assert types == ["application/nodeagent.yaml", "application/node.eks.aws"]
-    assert nodeagent_parts(out.encode())[0][1] == CONFIG
+    part = nodeagent_parts(out.encode())[0][1]
+    assert same_settings(part) and "#" not in part and "\n\n" not in part  # settings, not comments
 
 
 def test_default_config_is_under_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "etc/nodeagent").mkdir(parents=True)
     (tmp_path / "etc/nodeagent/config.yaml").write_text(CONFIG)
     assert main(["userdata", "--root", str(tmp_path), "--format", "al2023"]) == 0
-    assert nodeagent_parts(capsys.readouterr().out.encode())[0][1] == CONFIG
+    assert same_settings(nodeagent_parts(capsys.readouterr().out.encode())[0][1])
 
 
 def test_partial_cluster_details_refused(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,11 +87,45 @@ def test_karpenter(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "--ami-tag=team=images",
     ]
     assert main([*args, "--name=fast"]) == 0
-    nc, np = yaml.safe_load_all(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    nc, np = yaml.safe_load_all(captured.out)
     assert nc["metadata"]["name"] == np["metadata"]["name"] == "fast"
     assert nc["spec"]["amiSelectorTerms"] == [{"tags": {"team": "images"}}]
     assert nc["spec"]["role"] == "KarpenterNodeRole-prod"
-    assert nodeagent_parts(nc["spec"]["userData"].encode())[0][1] == CONFIG
+    assert same_settings(nodeagent_parts(nc["spec"]["userData"].encode())[0][1])
+    size = len(nc["spec"]["userData"].encode())
+    assert captured.err == f"user-data: {size} bytes (EC2 limit 16384)\n"
+    # no startup taint: nothing may remove it (a node cannot change its own taints)
+    assert "startupTaints" not in np["spec"]["template"]["spec"]
+    assert "taint" not in captured.out.lower().replace("no startup taint", "")
+
+
+def test_size_is_reported_and_a_warning_comes_near_the_ec2_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = tmp_path / "big.yaml"
+    protect = "".join(f"    - registry.example.com/team-{i:04d}/*\n" for i in range(400))
+    p.write_text(CONFIG + "images:\n  protect:\n" + protect)
+    assert main(["userdata", "-c", str(p), "--format", "al2023"]) == 0
+    captured = capsys.readouterr()
+    size = len(captured.out.encode())
+    assert userdata.USERDATA_WARN_BYTES < size <= userdata.EC2_USERDATA_LIMIT
+    assert f"user-data: {size} bytes (EC2 limit 16384)" in captured.err
+    assert "warning: user-data is" in captured.err and "near EC2's limit" in captured.err
+
+    more = "".join(f"    - registry.example.com/other-{i:04d}/*\n" for i in range(400))
+    p.write_text(CONFIG + "images:\n  protect:\n" + protect + more)
+    assert main(["userdata", "-c", str(p), "--format", "al2023"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "more than EC2's limit of 16384 bytes" in captured.err
+
+
+def test_comments_of_a_big_example_do_not_count(capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).resolve().parents[3] / "docs/config.example.yaml"
+    assert main(["userdata", "-c", str(example), "--format", "al2023"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.encode()) < len(example.read_bytes()) / 2
+    assert config.load_text(nodeagent_parts(out.encode())[0][1]) == config.load(str(example))
 
 
 def test_bad_ami_tag(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:

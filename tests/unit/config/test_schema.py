@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from nodeagent.config import load, schema
-from nodeagent.config.types import List, Map, Object
+from nodeagent.config.types import List, ListOrObject, Map, Object
 from tests.unit.config.test_loader import INVALID, _text
 
 REPO = Path(__file__).resolve().parents[3]
@@ -90,6 +90,9 @@ def _objects(obj: Object, out: list[Object]) -> list[Object]:
         t = f.type
         if isinstance(t, Map):
             t = t.value
+        if isinstance(t, ListOrObject):  # a registry's mirrors: the long form holds the list
+            _objects(t.long, out)
+            continue
         if isinstance(t, List):
             t = t.item
         if isinstance(t, Object):
@@ -101,16 +104,17 @@ def test_schema_covers_every_field_of_the_typed_model() -> None:
     for obj in _objects(schema.SCHEMA, []):
         if obj is schema.SCHEMA:
             continue
-        model = obj.build
+        model = getattr(obj.build, "model", obj.build)  # a builder names the model it builds
+        derived = getattr(obj.build, "derived", frozenset())  # model fields computed from other keys
         assert dataclasses.is_dataclass(model)
-        assert {f.attr for f in obj.fields} == {f.name for f in dataclasses.fields(model)}, model
+        assert {f.attr for f in obj.fields} | derived == {f.name for f in dataclasses.fields(model)}, model
 
 
 def test_schema_defaults_equal_model_defaults() -> None:
     for obj in _objects(schema.SCHEMA, []):
         if obj is schema.SCHEMA:
             continue
-        model = obj.build
+        model = getattr(obj.build, "model", obj.build)
         for f in obj.fields:
             if f.required:
                 continue

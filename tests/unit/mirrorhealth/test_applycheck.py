@@ -94,3 +94,48 @@ def test_apply_does_not_write_a_mirror_that_is_dead_and_says_so(tmp_path: Path) 
     assert any(
         w.startswith("containerd.mirrors.docker.io[0]: http://a:5000 not answering") for w in report.warnings
     )
+
+
+def test_credentials_are_resolved_into_the_mirrors_header_and_a_failure_leaves_it_out(tmp_path: Path) -> None:
+    from nodeagent.config.model import MirrorCredentials
+    from nodeagent.credentials import CredentialError
+
+    good = Mirror("http://good:5000", credentials=MirrorCredentials("provider"))
+    bad = Mirror("http://bad:5000", credentials=MirrorCredentials("file", path="/etc/x"))
+    cfg = Config(containerd=ContainerdConfig(mirrors=(("docker.io", (good, bad, C)),)))
+    seen: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+
+    def probe_all(targets: list[ProbeTarget], timeout_s: float) -> list[ProbeResult]:
+        seen.extend((t.endpoint, t.headers) for t in targets)
+        return [ProbeResult(True, 0.01, 200, "", True) for _ in targets]
+
+    def fetch(m: Mirror) -> str:
+        if m is bad:
+            raise CredentialError("/etc/x: cannot read: No such file or directory")
+        return "Basic Z29vZC1zZWNyZXQ="
+
+    out, warnings = leave_out_dead_mirrors(cfg, Paths(tmp_path), probe_all=probe_all, fetch=fetch)
+    ((_, mirrors),) = out.containerd.mirrors
+    assert [m.endpoint for m in mirrors] == [good.endpoint, C.endpoint]
+    assert mirrors[0].header == (("Authorization", ("Basic Z29vZC1zZWNyZXQ=",)),)
+    assert seen[0] == (good.endpoint, (("Authorization", "Basic Z29vZC1zZWNyZXQ="),))  # probed with it
+    assert warnings == (
+        "containerd.mirrors.docker.io[1]: http://bad:5000: credentials unavailable (/etc/x: cannot read: "
+        "No such file or directory); left out of hosts.toml until nodeagent run gets them",
+    )
+
+
+def test_a_mirror_refusing_its_credentials_is_left_out_and_mirror_only_keeps_all(tmp_path: Path) -> None:
+    cfg = Config(
+        containerd=ContainerdConfig(
+            mirrors=(("docker.io", (A,)), ("quay.io", (A, C))), mirror_only=frozenset({"docker.io"})
+        )
+    )
+
+    def probe_all(targets: list[ProbeTarget], timeout_s: float) -> list[ProbeResult]:
+        return [ProbeResult(False, 0.01, 401, "HTTP 401: credentials refused", False) for _ in targets]
+
+    out, warnings = leave_out_dead_mirrors(cfg, Paths(tmp_path), probe_all=probe_all)
+    assert out.containerd.mirrors == (("docker.io", (A,)), ("quay.io", ()))
+    assert "refuses its credentials at apply time (HTTP 401: credentials refused)" in warnings[0]
+    assert warnings[-1].startswith("containerd.mirrors.docker.io: mirror-only and no mirror is usable now")

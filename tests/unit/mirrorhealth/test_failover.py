@@ -69,3 +69,17 @@ def test_missing_file_is_not_created(tmp_path: Path) -> None:
 def test_registry_name_can_never_escape_the_hosts_dir(tmp_path: Path) -> None:
     with pytest.raises(UnsafePathError):
         writer(tmp_path).path("..")
+
+
+def test_real_renderer_mirror_only_server_counts_and_a_header_makes_the_file_0600(tmp_path: Path) -> None:
+    from nodeagent.targets.mirrors import render_hosts_toml
+
+    cd = ContainerdConfig(hosts_dir="/etc/containerd/certs.d", mirror_only=frozenset({"docker.io"}))
+    p = hosts_file(tmp_path, "docker.io", render_hosts_toml("docker.io", (A,), mirror_only=True), 0o644)
+    w = HostsFileWriter(Paths(tmp_path), cd)
+    assert w.endpoints_in_file("docker.io") == frozenset({"http://mirror-a:5000"})
+    secret = Mirror("http://mirror-b:5000", header=(("Authorization", ("Basic dG9rZW4=",)),))
+    assert w.write("docker.io", (A, secret)) is True
+    assert p.stat().st_mode & 0o777 == 0o600  # it holds a token now
+    assert p.read_text() == render_hosts_toml("docker.io", (A, secret), mirror_only=True)
+    assert 'server = "http://mirror-b:5000"' in p.read_text()

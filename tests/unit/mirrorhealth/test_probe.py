@@ -96,8 +96,8 @@ def _answer(status_line: bytes, seen: list[bytes] | None = None) -> Handler:
     return h
 
 
-@pytest.mark.parametrize("status", [200, 401, 404, 301])
-def test_any_http_answer_below_500_is_alive(status: int) -> None:
+@pytest.mark.parametrize("status", [200, 404, 301])
+def test_any_http_answer_below_500_but_auth_is_alive(status: int) -> None:
     seen: list[bytes] = []
     r = _serve_and_probe(_answer(f"HTTP/1.1 {status} X".encode(), seen))
     assert r.alive and r.status == status and r.error == ""
@@ -165,3 +165,79 @@ def test_next_interval_stays_within_jitter_bounds() -> None:
     values = [p.next_interval(2.0, rng) for _ in range(1000)]
     assert min(values) >= 1.8 and max(values) <= 2.2
     assert max(values) - min(values) > 0.3  # actually spread, not constant
+
+
+def _auth_registry(
+    token_ok: bool,
+    seen: list[bytes],
+    challenge: str | None = 'Bearer realm="http://127.0.0.1:{port}/token",service="reg"',
+) -> Handler:
+    """/v2/ answers 401 with ``challenge``; /token answers 200 (or 401) to any request."""
+
+    async def h(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        req = await reader.readuntil(b"\r\n\r\n")
+        seen.append(req)
+        port = writer.get_extra_info("sockname")[1]
+        if req.startswith(b"GET /token"):
+            writer.write(b"HTTP/1.1 200 OK\r\n" if token_ok else b"HTTP/1.1 401 No\r\n")
+            writer.write(b"Content-Length: 0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\n")
+            if challenge is not None:
+                writer.write(f"WWW-Authenticate: {challenge.format(port=port)}\r\n".encode())
+            writer.write(b"Content-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return h
+
+
+def _probe_with(handler: Handler, header: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> p.ProbeResult:
+    async def main() -> p.ProbeResult:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await p.probe(p.make_target("r", Mirror(f"http://127.0.0.1:{port}", header=header)), 1.0)
+        finally:
+            server.close()
+
+    return asyncio.run(main())
+
+
+def test_401_with_a_bearer_challenge_is_alive_when_the_realm_gives_a_token_for_the_same_headers() -> None:
+    seen: list[bytes] = []
+    r = _probe_with(_auth_registry(True, seen), (("Authorization", ("Basic Y2FuYXJ5OnRvaw==",)),))
+    assert r.alive and r.auth_ok is True and r.status == 401
+    # the token request carries service and the mirror's Authorization, as containerd's authorizer sends it
+    assert seen[1].startswith(b"GET /token?service=reg HTTP/1.1\r\n")
+    assert b"Authorization: Basic Y2FuYXJ5OnRvaw==" in seen[1]
+
+
+def test_401_when_the_realm_refuses_is_an_auth_failure_and_names_no_secret() -> None:
+    seen: list[bytes] = []
+    r = _probe_with(_auth_registry(False, seen), (("Authorization", ("Basic Y2FuYXJ5OnRvaw==",)),))
+    assert not r.alive and r.auth_ok is False
+    assert r.error == "HTTP 401: token realm refused the credentials (HTTP 401)"
+    assert "Y2FuYXJ5" not in repr(r)
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [
+        ((("Authorization", ("Basic eDp5",)),), "HTTP 401: credentials refused"),
+        ((), "HTTP 401: authentication required (no credentials configured)"),
+    ],
+)
+def test_401_with_basic_or_no_challenge_means_the_mirror_cannot_serve_this_node(
+    header: tuple[tuple[str, tuple[str, ...]], ...], error: str
+) -> None:
+    # an ECR pull-through cache answers an anonymous client like this: containerd would skip it
+    r = _probe_with(_auth_registry(True, [], 'Basic realm="https://ecr"'), header)
+    assert not r.alive and r.auth_ok is False and r.status == 401 and r.error == error
+    r = _probe_with(_auth_registry(True, [], None), header)
+    assert not r.alive and r.auth_ok is False and r.error == error
+
+
+def test_403_is_an_auth_failure() -> None:
+    r = _serve_and_probe(_answer(b"HTTP/1.1 403 Forbidden"))
+    assert not r.alive and r.auth_ok is False and r.error == "HTTP 403: access denied"

@@ -81,15 +81,34 @@ def test_caller_deadline_becomes_the_upstream_deadline() -> None:
             async with CriClient(p.endpoint, timeout=3.0, pull_timeout=None) as c:
                 await c.image_status("a:1")
                 await c.list_images()
-                await c.pull_image("a:1")
-                await c.pull_image("b:1", timeout=7.0)
             mine = [s for s in rt.calls("ImageStatus") if s.request.image.image == "a:1"]  # not size lookups
             assert len(mine) == 1
             for s in mine + rt.calls("ListImages"):
                 assert s.time_remaining is not None and 0 < s.time_remaining <= 4.5
-            a, b = rt.calls("PullImage")
-            assert a.time_remaining is None  # no deadline in, none out
-            assert b.time_remaining is not None and 0 < b.time_remaining <= 8.5
+
+    run(main())
+
+
+def test_pull_deadline_is_kept_per_caller_and_the_last_one_to_leave_cancels_upstream() -> None:
+    """PullImage is shared (single-flight), so its upstream call carries no deadline: each caller's
+    deadline is kept by the proxy, and the upstream pull is cancelled once no caller waits for it."""
+
+    async def main() -> None:
+        async with fake_runtime() as (rt, up), proxy_for(up) as p:
+            rt.plans["PullImage"] = Plan(delay=30.0)
+            async with CriClient(p.endpoint, pull_timeout=None, retry=NO_RETRY) as c:
+                with pytest.raises(CriError) as ei:
+                    await c.pull_image("reg.local/slow:1", timeout=0.5, retry=False)
+            assert ei.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            (seen,) = rt.calls("PullImage")
+            assert seen.time_remaining is None
+            for _ in range(200):
+                if rt.cancelled and p.records:
+                    break
+                await asyncio.sleep(0.02)
+            assert rt.cancelled == ["PullImage"]
+            (rec,) = p.records
+            assert rec.code == "DEADLINE_EXCEEDED" and rec.result == "canceled"
 
     run(main())
 
@@ -148,7 +167,12 @@ def test_upstream_status_and_message_reach_the_caller_and_the_record() -> None:
             await p.proxy.drain_records()
             (rec,) = p.records
             assert (rec.result, rec.registry, rec.error) == ("not_found", "reg.local", msg)
-            assert p.sample("nodeagent_image_pulls_total", registry="reg.local", result="not_found") == 1
+            assert (
+                p.sample(
+                    "nodeagent_image_pulls_total", registry="reg.local", result="not_found", origin="kubelet"
+                )
+                == 1
+            )
 
     run(main())
 
@@ -248,11 +272,19 @@ def test_successful_pull_metrics_log_line_and_listener() -> None:
                 ref,
             )
             assert 0.2 <= rec.duration < 5
-            assert p.sample("nodeagent_image_pulls_total", registry="docker.io", result="success") == 1
+            assert (
+                p.sample(
+                    "nodeagent_image_pulls_total", registry="docker.io", result="success", origin="kubelet"
+                )
+                == 1
+            )
             assert p.sample("nodeagent_image_pull_bytes_total", registry="docker.io") == 4096
             assert (
                 p.sample(
-                    "nodeagent_image_pull_duration_seconds_count", registry="docker.io", result="success"
+                    "nodeagent_image_pull_duration_seconds_count",
+                    registry="docker.io",
+                    result="success",
+                    origin="kubelet",
                 )
                 == 1
             )

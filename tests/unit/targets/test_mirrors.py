@@ -130,3 +130,85 @@ def test_spegel_mirrors_detected() -> None:
 def test_registry_name_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TargetError):
         mirrors.hosts_toml_path(Paths(tmp_path), "/etc/containerd/certs.d", "docker.io\n")
+
+
+# --- mirror-only registries and credentials (issue 15) ----------------------------------------------
+def test_mirror_only_has_no_upstream_the_last_mirror_is_also_the_server() -> None:
+    a = Mirror("http://a:5000")
+    b = Mirror(
+        "https://ecr.example/v2/docker-hub",
+        override_path=True,
+        header=(("Authorization", ("Basic Zm9vOmJhcg==",)),),
+    )
+    text = mirrors.render_hosts_toml("docker.io", (a, b), mirror_only=True)
+    doc = tomllib.loads(text)
+    assert "registry-1.docker.io" not in text and "(mirror-only)" in text.splitlines()[0]
+    # the server carries the last mirror's settings at the top level (what containerd reads for it)
+    assert doc["server"] == b.endpoint
+    assert doc["capabilities"] == ["pull", "resolve"] and doc["override_path"] is True
+    assert doc["header"] == {"Authorization": ["Basic Zm9vOmJhcg=="]}
+    # every mirror is still a [host] (containerd 1.6 ignores a file without one), in order
+    assert list(doc["host"]) == [a.endpoint, b.endpoint]
+
+
+def test_mirror_only_single_mirror_and_empty_list() -> None:
+    doc = tomllib.loads(mirrors.render_hosts_toml("quay.io", (Mirror("http://m:1"),), mirror_only=True))
+    assert doc["server"] == "http://m:1" and list(doc["host"]) == ["http://m:1"]
+    with pytest.raises(TargetError, match="mirror-only registry without a mirror"):
+        mirrors.render_hosts_toml("quay.io", (), mirror_only=True)
+
+
+def test_a_file_with_mirror_credentials_is_secret_and_0600(tmp_path: Path) -> None:
+    cfg = config(
+        """
+        containerd:
+          mirrors:
+            quay.io:
+              - endpoint: http://m:5000
+                credentials: {from: provider}
+            ghcr.io:
+              - endpoint: http://x:1
+        """
+    )
+    plan = mirrors.render(cfg, facts(tmp_path))
+    by_registry = {f.path.parent.name: f for f in plan.files}
+    assert by_registry["quay.io"].mode == 0o600 and by_registry["quay.io"].secret
+    assert by_registry["ghcr.io"].mode == 0o644 and not by_registry["ghcr.io"].secret
+
+
+def test_long_form_mirror_only_is_rendered_and_the_short_form_is_unchanged(tmp_path: Path) -> None:
+    cfg = config(
+        """
+        containerd:
+          mirrors:
+            docker.io:
+              mirrorOnly: true
+              mirrors:
+                - endpoint: http://m:5000
+            quay.io:
+              - endpoint: http://q:5000
+        """
+    )
+    assert cfg.containerd.mirror_only == frozenset({"docker.io"})
+    files = {f.path.parent.name: tomllib.loads(f.content) for f in mirrors.render(cfg, facts(tmp_path)).files}
+    assert files["docker.io"]["server"] == "http://m:5000"
+    assert files["quay.io"]["server"] == "https://quay.io"
+
+
+def test_warnings_explain_mirror_only_and_unrefreshed_credentials() -> None:
+    cfg = config(
+        """
+        containerd:
+          mirrorHealth: {enabled: false}
+          mirrors:
+            docker.io:
+              mirrorOnly: true
+              mirrors:
+                - endpoint: http://m:5000
+                  credentials: {from: file, path: /etc/nodeagent/login}
+        """
+    )
+    (only, stale) = mirrors.config_warnings(cfg)
+    assert only.startswith("containerd.mirrors.docker.io.mirrorOnly: pulls from docker.io never go to")
+    assert "while its mirror is down every pull from docker.io fails" in only and "second mirror" in only
+    assert "never refreshed" in stale
