@@ -72,6 +72,7 @@ class Limits:
     max_connections: int = 64  # kubelet connections at once (idle ones are closed to admit new ones)
     max_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS per connection
     max_calls: int = 256  # calls being answered at once, all connections (more: REFUSED_STREAM)
+    max_connection_calls: int = 32  # calls started upstream at once per connection (more wait)
     max_header_list: int = 16 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE (decoded bytes of one block)
     stream_window: int = 65_535  # receive window per kubelet stream (SETTINGS_INITIAL_WINDOW_SIZE)
     connection_window: int = 256 * 1024  # receive window per kubelet connection
@@ -569,6 +570,8 @@ class _ServerConn(_Peer):
         self._period = self.opened
         self._counts = [0, 0, 0, 0, 0]  # settings, pings, resets, window updates, empty frames
         self._ready: list[ServerCall] = []
+        self._waiting: deque[ServerCall] = deque()  # complete, waiting for a call of theirs to end
+        self.running = 0  # calls started (handler running)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -602,6 +605,17 @@ class _ServerConn(_Peer):
         self._release(call)
         self.server._ended(call)
         self.active = time.monotonic()
+        if call.kind in ("relay", "unary", "stream"):
+            self.running -= 1
+            if self._waiting and not self.closed:
+                asyncio.get_running_loop().call_soon(self._start_waiting)
+
+    def _start_waiting(self) -> None:
+        while self._waiting and self.running < self.limits.max_connection_calls and not self.closed:
+            call = self._waiting.popleft()
+            if not call.finished:
+                self._request_complete(call)
+        self.write()
 
     def _release(self, call: ServerCall) -> None:
         """The call's request bytes are no longer held: give their window back."""
@@ -627,6 +641,7 @@ class _ServerConn(_Peer):
         try:
             for i in range(0, len(data), _FEED_STEP):
                 events = self.h2.receive_data(data[i : i + _FEED_STEP])
+                self.handshaken = True  # the preface was right (h2 raises otherwise)
                 for ev in events:
                     self._event(ev)
                 if self.closed or self._flooded():
@@ -647,7 +662,10 @@ class _ServerConn(_Peer):
         if self.server.log_limit.allow("protocol"):
             name = code.name if isinstance(code, ErrorCodes) else str(code)
             event(log, "proxy connection closed: protocol error", level=30, code=name, error=str(e)[:200])
-        self.abort(code)  # h2 has queued the GOAWAY with its code (if not, abort() queues one)
+        if self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
+            self.abort(code)  # (a bad preface: h2 raised before queuing its GOAWAY)
+        else:
+            self.close()  # h2 has queued the GOAWAY with its code
 
     def _flooded(self) -> bool:
         now = time.monotonic()
@@ -820,6 +838,9 @@ class _ServerConn(_Peer):
             call.kind = "invalid"
             call.fail(grpc.StatusCode.INTERNAL, f"expected one request message, got {call.nmessages}")
             return
+        if self.running >= self.limits.max_connection_calls:
+            self._waiting.append(call)  # started when one of this connection's calls ends
+            return
         if self.server.in_flight > self.limits.max_calls:
             call.kind = "refused"
             call.cancel()
@@ -827,6 +848,7 @@ class _ServerConn(_Peer):
             return
         try:
             call.kind, call.handler = self.server.resolve(call.method)
+            self.running += 1
             if call.kind == "relay":
                 call.handler(call)
                 return
