@@ -72,7 +72,8 @@ class Limits:
     max_connections: int = 64  # kubelet connections at once (idle ones are closed to admit new ones)
     max_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS per connection
     max_calls: int = 256  # calls being answered at once, all connections (more: REFUSED_STREAM)
-    max_connection_calls: int = 32  # calls started upstream at once per connection (more wait)
+    max_connection_calls: int = 8  # calls started upstream at once per connection (more wait)...
+    long_calls: frozenset[str] = frozenset()  # ...not counting these (pulls: seconds to minutes)
     max_header_list: int = 16 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE (decoded bytes of one block)
     stream_window: int = 65_535  # receive window per kubelet stream (SETTINGS_INITIAL_WINDOW_SIZE)
     connection_window: int = 256 * 1024  # receive window per kubelet connection
@@ -605,7 +606,7 @@ class _ServerConn(_Peer):
         self._release(call)
         self.server._ended(call)
         self.active = time.monotonic()
-        if call.kind in ("relay", "unary", "stream"):
+        if call.kind in ("relay", "unary", "stream") and call.method not in self.limits.long_calls:
             self.running -= 1
             if self._waiting and not self.closed:
                 asyncio.get_running_loop().call_soon(self._start_waiting)
@@ -838,7 +839,8 @@ class _ServerConn(_Peer):
             call.kind = "invalid"
             call.fail(grpc.StatusCode.INTERNAL, f"expected one request message, got {call.nmessages}")
             return
-        if self.running >= self.limits.max_connection_calls:
+        capped = call.method not in self.limits.long_calls
+        if capped and self.running >= self.limits.max_connection_calls:
             self._waiting.append(call)  # started when one of this connection's calls ends
             return
         if self.server.in_flight > self.limits.max_calls:
@@ -848,7 +850,7 @@ class _ServerConn(_Peer):
             return
         try:
             call.kind, call.handler = self.server.resolve(call.method)
-            self.running += 1
+            self.running += capped
             if call.kind == "relay":
                 call.handler(call)
                 return

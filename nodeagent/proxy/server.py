@@ -145,7 +145,7 @@ class ImageProxy:
         self.on_pull = on_pull
         self.on_upstream = on_upstream
         self.pull_wrapper = pull_wrapper
-        self.limits = limits or Limits()
+        self.limits = limits or Limits(long_calls=frozenset({PULL}))
         self._cancels = CancelSummary()
         self._server: Server | None = None
         self._channel: Channel | None = None
