@@ -81,6 +81,11 @@ CANCELED_RECORDS_PER_PERIOD = 20
 CANCELED_PERIOD = 10.0
 
 
+def proxy_limits(max_connections: int) -> Limits:
+    """The proxy's bounds (``h2grpc.Limits``) with the configurable ones (``cri.proxyMaxConnections``)."""
+    return Limits(max_connections=max_connections, long_calls=frozenset({PULL}))
+
+
 class CancelSummary:
     """Caps the pull records of cancelled pulls per period; counts the rest per registry and writes
     one summary line when the period ends."""
@@ -145,7 +150,7 @@ class ImageProxy:
         self.on_pull = on_pull
         self.on_upstream = on_upstream
         self.pull_wrapper = pull_wrapper
-        self.limits = limits or Limits(long_calls=frozenset({PULL}))
+        self.limits = limits or proxy_limits(Limits().max_connections)
         self._cancels = CancelSummary()
         self._server: Server | None = None
         self._channel: Channel | None = None
