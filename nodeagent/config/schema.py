@@ -62,8 +62,8 @@ CRI = Object(
             "Client connections the proxy keeps at once (the kubelet needs one or two; crictl and "
             "monitoring agents one per call). At the limit the longest-idle connection is closed to "
             "admit a new one; with all of them busy the new one is refused. Each costs a 256 KiB "
-            "receive window at most (docs/proxy.md, Bounds).",
-            default=64,
+            "receive window and a 1 MiB header block at most (docs/proxy.md, Bounds).",
+            default=32,
         ),
         Field(
             "timeout",

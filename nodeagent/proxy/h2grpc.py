@@ -69,7 +69,7 @@ _FEED_STEP = 16 * 1024
 class Limits:
     """What one peer (or all of them) can make the proxy hold. docs/proxy.md explains each."""
 
-    max_connections: int = 64  # kubelet connections at once (idle ones are closed to admit new ones)
+    max_connections: int = 32  # kubelet connections at once (idle ones are closed to admit new ones)
     max_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS per connection
     max_calls: int = 256  # calls being answered at once, all connections (more: REFUSED_STREAM)
     max_connection_calls: int = 8  # calls started upstream at once per connection (more wait)...
