@@ -271,17 +271,42 @@ class _Out:
         self.on_sent: Callable[[int], None] | None = None  # bytes that left this stream's queue
 
 
+class _Batch:
+    """Writes deferred to the end of the socket callback that caused them (one event loop: one)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: set[_Peer] = set()
+
+    def __enter__(self) -> None:
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if not self.depth:
+            while self.dirty:
+                self.dirty.pop().write()
+
+
+_batch = _Batch()
+
+
 class _Peer(asyncio.Protocol):
     """An ``h2.H2Connection`` driven by asyncio callbacks, with per-stream send queues that follow the
     peer's windows and the transport's back-pressure (``pause_writing``)."""
 
     client_side = False
+    # Headers we send are made here, already in the form HTTP/2 wants (lower case, no hop-by-hop
+    # fields): h2 need not check or normalize them. What the kubelet side receives is checked.
+    _config = {
+        "header_encoding": None,
+        "validate_outbound_headers": False,
+        "normalize_outbound_headers": False,
+    }
 
     def __init__(self) -> None:
         self.h2: h2.connection.H2Connection = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                client_side=self.client_side, header_encoding=None, validate_outbound_headers=False
-            )
+            h2.config.H2Configuration(client_side=self.client_side, **self._config)  # type: ignore[arg-type]
         )
         self.transport: asyncio.Transport | None = None
         self.out: dict[int, _Out] = {}
@@ -307,13 +332,21 @@ class _Peer(asyncio.Protocol):
         self.flush_all()
 
     def write(self) -> None:
+        """Write what h2 has queued; inside a socket callback (``_Batch``), once at its end, so an
+        answer's HEADERS, DATA and trailers usually leave in one write."""
+        if _batch.depth:
+            _batch.dirty.add(self)
+            return
+        self.write_now()
+
+    def write_now(self) -> None:
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
-            self.write()
+            self.write_now()
             self.transport.close()
         self.closed = True
 
@@ -326,7 +359,7 @@ class _Peer(asyncio.Protocol):
         f = GoAwayFrame(0)
         f.last_stream_id = self.h2.highest_inbound_stream_id
         f.error_code = code
-        self.write()
+        self.write_now()
         self.transport.write(f.serialize())
 
     def abort(self, code: ErrorCodes) -> None:
@@ -498,8 +531,8 @@ class ServerCall:
 
     # -- answers
     def start_response(self) -> None:
-        """Response headers (a piped call sends them when the upstream's arrive)."""
-        if not self.headers_sent and not self.finished and not self.conn.closed:
+        """Response headers (a piped call sends them when the upstream's first bytes arrive)."""
+        if not self.headers_sent and not self.conn.closed:
             self.headers_sent = True
             self.conn.send_headers(self.sid, _RESPONSE_HEADERS)
 
@@ -639,6 +672,10 @@ class _ServerConn(_Peer):
 
     # -- frames
     def data_received(self, data: bytes) -> None:
+        with _batch:
+            self._data_received(data)
+
+    def _data_received(self, data: bytes) -> None:
         try:
             for i in range(0, len(data), _FEED_STEP):
                 events = self.h2.receive_data(data[i : i + _FEED_STEP])
@@ -1134,6 +1171,8 @@ class _ClientStream:
 
 class _ClientConn(_Peer):
     client_side = True
+    # The upstream is the node's own runtime: its answers are relayed as they are, not checked.
+    _config = {**_Peer._config, "validate_inbound_headers": False, "normalize_inbound_headers": False}
 
     def __init__(self, channel: Channel) -> None:
         super().__init__()
@@ -1166,12 +1205,16 @@ class _ClientConn(_Peer):
             st.finish(RpcError(grpc.StatusCode.UNAVAILABLE, reason))
 
     def data_received(self, data: bytes) -> None:
+        with _batch:
+            self._data_received(data)
+
+    def _data_received(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
             for ev in events:
                 self._event(ev)
         except h2.exceptions.ProtocolError as e:
-            event(log, "upstream connection closed: protocol error", level=30, error=str(e)[:200])
+            event(log, "upstream connection closed: protocol error", level=30, error=str(e)[:200] or repr(e))
             self.close()
             return
         self.write()
