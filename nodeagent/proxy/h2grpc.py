@@ -399,6 +399,18 @@ class _Peer(asyncio.Protocol):
         if out is not None:
             self.queued -= out.size
 
+    def window_opened(self, ev: h2.events.WindowUpdated) -> None:
+        if ev.stream_id:
+            out = self.out.get(ev.stream_id)
+            if out is not None:
+                self._flush(ev.stream_id, out)
+        else:
+            self.flush_all()
+
+    def settings_changed(self, ev: h2.events.RemoteSettingsChanged) -> None:
+        if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+            self.flush_all()
+
     def flush_all(self) -> None:
         for sid, out in list(self.out.items()):
             if self.paused:
@@ -754,24 +766,16 @@ class _ServerConn(_Peer):
             self.drop(ev.stream_id)
             call = self.calls.get(ev.stream_id)
             if call is not None:
-                if call.kind or not call.request_done:
-                    call.cancel()  # the caller went away: its handler (and upstream call) stops too
-                else:  # complete but reset before we started it: never reaches the upstream
-                    call.cancel()
+                call.cancel()  # the caller went away: its handler (and upstream call) stops too
+                if not call.kind and call.request_done:  # reset before it was started upstream
                     self.server._abandoned(call)
         elif isinstance(ev, h2.events.WindowUpdated):
             self._counts[3] += 1
-            if ev.stream_id:
-                out = self.out.get(ev.stream_id)
-                if out is not None:
-                    self._flush(ev.stream_id, out)
-            else:
-                self.flush_all()
+            self.window_opened(ev)
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
             self._counts[0] += 1
             self.handshaken = True
-            if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
-                self.flush_all()
+            self.settings_changed(ev)
         elif isinstance(ev, h2.events.PingReceived):
             self._counts[1] += 1
         elif isinstance(ev, h2.events.TrailersReceived):
@@ -1238,15 +1242,9 @@ class _ClientConn(_Peer):
                     )
                 )
         elif isinstance(ev, h2.events.WindowUpdated):
-            if ev.stream_id:
-                out = self.out.get(ev.stream_id)
-                if out is not None:
-                    self._flush(ev.stream_id, out)
-            else:
-                self.flush_all()
+            self.window_opened(ev)
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
-            if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
-                self.flush_all()
+            self.settings_changed(ev)
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self.draining = True
             last = ev.last_stream_id if ev.last_stream_id is not None else 0
