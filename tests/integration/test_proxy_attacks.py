@@ -260,11 +260,11 @@ def guarded(target: Target, tmp_path: Path) -> Iterator[Callable[[Callable[[], A
             out, _ = watcher.communicate(timeout=60)
         stats = json.loads(out.strip().splitlines()[-1])
         assert agent.running, "the daemon died"
-        assert stats["errors"] == [], stats
+        new = agent.log_path.read_text(errors="replace")[len(log_before) :]
+        assert stats["errors"] == [], (stats, new[-3000:])
         assert stats["calls"] >= 4, stats
         assert stats["slowest"] < SLOWEST_CALL, stats
         assert stats["peak_rss"] < memory_high(), stats
-        new = agent.log_path.read_text(errors="replace")[len(log_before) :]
         assert "Traceback" not in new, new[-3000:]
         lines = new.splitlines()
         assert len(lines) <= MAX_ATTACK_LOG_LINES, lines[:50]
