@@ -63,6 +63,10 @@ _MAX_WINDOW = 2**31 - 1
 # h2 is fed at most this much per step, so a flood of tiny frames is cut off after one step past
 # its threshold instead of after everything one read returned (up to 256 KiB: ~29,000 frames).
 _FEED_STEP = 16 * 1024
+# At the connection limit a connection that has not sent a call yet may be closed to make room, but
+# not in its first moment: a client that just connected is about to send one.
+_NEW_CONNECTION_GRACE = 0.5
+_IDLE_CLIENT_GRACE = 10.0  # ...and one that has made calls only after this long without any
 
 
 @dataclass(frozen=True, slots=True)
@@ -1017,9 +1021,18 @@ class Server:
 
     def _admit(self, conn: _ServerConn) -> bool:
         """Room for one more connection: at the limit, the longest-idle connection that never sent a
-        call makes room, else the longest-idle one without calls; else the new one is refused."""
+        call (and is older than half a second) makes room, else the longest-idle one that has had no
+        call for 10 s; else the new one is refused."""
         if len(self._conns) >= self.limits.max_connections:
-            idle = [c for c in self._conns if not c.calls]
+            now = time.monotonic()  # a connection gets a moment to send its first call
+            idle = [
+                c
+                for c in self._conns
+                if not c.calls
+                and (
+                    now - c.active > _IDLE_CLIENT_GRACE if c.used else now - c.opened > _NEW_CONNECTION_GRACE
+                )
+            ]
             victim = min(idle, key=lambda c: (c.used, c.active), default=None)
             if victim is None:
                 if self.log_limit.allow("connections"):

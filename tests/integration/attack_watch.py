@@ -60,6 +60,8 @@ def main(argv: list[str]) -> int:
             took = time.monotonic() - t0
             slowest = max(slowest, took)
             calls += 1
+            if calls == 1:
+                print("calling", flush=True)  # connected: the attack may start
             time.sleep(0.01)
     done.set()
     sampler.join(1)

@@ -252,7 +252,8 @@ def guarded(target: Target, tmp_path: Path) -> Iterator[Callable[[Callable[[], A
             text=True,
         )
         try:
-            time.sleep(0.5)  # the watcher is calling before the attack starts
+            assert watcher.stdout is not None
+            assert watcher.stdout.readline().strip() == "calling"  # connected before the attack
             result = attack()
             time.sleep(0.5)
         finally:
