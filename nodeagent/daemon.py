@@ -188,7 +188,7 @@ class Daemon:
 
     async def run(self) -> int:
         from nodeagent.cri.client import CriClient
-        from nodeagent.proxy.server import ImageProxy
+        from nodeagent.proxy.server import ImageProxy, proxy_limits
 
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -211,6 +211,7 @@ class Daemon:
                     on_pull=self._on_pull,
                     on_upstream=self._on_upstream,
                     pull_wrapper=self._pull_wrapper,
+                    limits=proxy_limits(self.config.cri.proxy_max_connections),
                 )
                 await self._proxy.start(listener)
         except Exception:

@@ -19,6 +19,7 @@ AUTO: Auto = "auto"
 class CriConfig:
     endpoint: str = "unix:///run/containerd/containerd.sock"
     proxy_socket: str = "/run/nodeagent/cri.sock"  # "" turns the proxy off
+    proxy_max_connections: int = 32  # client connections the proxy keeps at once
     timeout: float = 10.0  # deadline for short CRI calls (pulls have their own)
 
 

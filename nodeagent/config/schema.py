@@ -60,6 +60,16 @@ CRI = Object(
             default="/run/nodeagent/cri.sock",
         ),
         Field(
+            "proxyMaxConnections",
+            "proxy_max_connections",
+            Int(minimum=1, maximum=4096),
+            "Client connections the proxy keeps at once (the kubelet needs one or two; crictl and "
+            "monitoring agents one per call). At the limit the longest-idle connection is closed to "
+            "admit a new one; with all of them busy the new one is refused. Each costs a 256 KiB "
+            "receive window and a 1 MiB header block at most (docs/proxy.md, Bounds).",
+            default=32,
+        ),
+        Field(
             "timeout",
             "timeout",
             Duration(minimum=0.1, maximum=600.0),

@@ -17,8 +17,10 @@ call; the upstream's status code and message go back to the caller. Calls are no
 RPC runs in its own task. With the upstream down, calls fail with UNAVAILABLE at once (the
 channel does not wait for readiness) and succeed again as soon as it is back.
 
-Both hops speak gRPC through ``nodeagent.proxy.h2grpc`` (HTTP/2 on the asyncio loop's own sockets),
-not grpc.aio, whose thread hand-offs cost more than the 1 ms budget per call (docs/proxy.md).
+Both hops speak gRPC through ``nodeagent.proxy.h2grpc`` (python-hyper's ``h2`` driven from the
+asyncio loop's own socket callbacks), with every resource a peer can make it hold bounded
+(``h2grpc.Limits``, docs/proxy.md). A burst of pulls the callers cancel (rapid reset) costs a
+bounded number of records, log lines and metric increments (``CancelSummary``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from nodeagent.lastused import LastUsed
 from nodeagent.log import event, get_logger
 from nodeagent.metrics import Metrics
 from nodeagent.proxy import sockets
-from nodeagent.proxy.h2grpc import Channel, Context, OnDone, RpcError, Server, ServerCall
+from nodeagent.proxy.h2grpc import Channel, Context, Limits, OnDone, RpcError, Server, ServerCall
 from nodeagent.proxy.records import (
     ORIGIN_KUBELET,
     ORIGIN_POD,
@@ -88,6 +90,64 @@ MAX_CALLER_ERROR_BYTES = 4096
 ORIGIN_METADATA = "x-nodeagent-origin"
 # Images pulled for pods whose "lead" (pull end -> the kubelet's first question) is still to be seen.
 LEAD_ENTRIES = 1024
+# Requests from the kubelet are small (a PullImage with its sandbox config: kilobytes); grpc's own
+# default receive limit. Responses are relayed as they come and are not limited here.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# Answers of inspected calls (PullImage, ImageStatus) up to this size are kept to be decoded.
+INSPECT_BYTES = 1024 * 1024
+# Pulls the caller cancelled: this many per period are recorded one by one; the rest are summed up
+# in one log line per period (not recorded, not counted in the metrics: a rapid-reset burst).
+CANCELED_RECORDS_PER_PERIOD = 20
+CANCELED_PERIOD = 10.0
+
+
+def proxy_limits(max_connections: int) -> Limits:
+    """The proxy's bounds (``h2grpc.Limits``) with the configurable ones (``cri.proxyMaxConnections``)."""
+    return Limits(max_connections=max_connections, long_calls=frozenset({PULL}))
+
+
+class CancelSummary:
+    """Caps the pull records of cancelled pulls per period; counts the rest per registry and writes
+    one summary line when the period ends."""
+
+    def __init__(self, burst: int = CANCELED_RECORDS_PER_PERIOD, period: float = CANCELED_PERIOD) -> None:
+        self.burst = burst
+        self.period = period
+        self._start = 0.0
+        self._recorded = 0
+        self._skipped: dict[str, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def allow(self, registry: str) -> bool:
+        now = time.monotonic()
+        if now - self._start >= self.period:
+            self.flush()
+            self._start = now
+        if self._recorded < self.burst:
+            self._recorded += 1
+            return True
+        self._skipped[registry] = self._skipped.get(registry, 0) + 1
+        if self._timer is None:
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(max(0.0, self._start + self.period - now), self.flush)
+        return False
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._skipped:
+            event(
+                log,
+                "pulls canceled by callers, not recorded one by one",
+                level=30,
+                count=sum(self._skipped.values()),
+                registries=dict(sorted(self._skipped.items())[:20]),
+                period_seconds=self.period,
+            )
+        self._skipped = {}
+        self._recorded = 0
 
 
 class ImageProxy:
@@ -101,6 +161,7 @@ class ImageProxy:
         on_pull: Callable[[PullRecord], None] | None = None,
         on_upstream: Callable[[bool, str], None] | None = None,
         pull_wrapper: PullWrapper | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.upstream = upstream
         self.socket_path = socket_path
@@ -109,6 +170,8 @@ class ImageProxy:
         self.on_pull = on_pull
         self.on_upstream = on_upstream
         self.pull_wrapper = pull_wrapper
+        self.limits = limits or proxy_limits(Limits().max_connections)
+        self._cancels = CancelSummary()
         self._server: Server | None = None
         self._channel: Channel | None = None
         self._handlers: dict[str, tuple[str, Any]] = {}
@@ -123,15 +186,17 @@ class ImageProxy:
     async def start(self, sock: socket.socket | None = None) -> None:
         """Serve on ``sock``, an already-listening unix socket (socket activation: no bind, unlink or
         chmod, and ``stop`` leaves the path alone), or else bind ``socket_path``."""
-        self._channel = Channel(self.upstream, max_message=MAX_MESSAGE_BYTES)
-        server = Server(self._resolve, max_message=MAX_MESSAGE_BYTES)
+        self._channel = Channel(self.upstream, max_message=MAX_MESSAGE_BYTES, limits=self.limits)
+        server = Server(
+            self._resolve, max_message=MAX_REQUEST_BYTES, limits=self.limits, on_abandoned=self._abandoned
+        )
         if sock is not None:
-            await server.start_sock(sock, sockets.BACKLOG)
+            await server.start_socket(sock, sockets.BACKLOG)
             self._server = server
             return
         sockets.prepare_socket_path(self.socket_path)
         with sockets.restrictive_umask():
-            await server.start_unix(str(self.socket_path))
+            await server.start_unix(str(self.socket_path), sockets.BACKLOG)
         sockets.finish_socket(self.socket_path)
         self._server = server
         self._bound = True
@@ -143,6 +208,7 @@ class ImageProxy:
             await self._server.stop(grace)
             self._server = None
         await self.drain_records(timeout=5.0)
+        self._cancels.flush()
         if self._channel is not None:
             await self._channel.close()
         if self._bound:
@@ -193,9 +259,10 @@ class ImageProxy:
             else:
                 self.on_upstream(True, "")
 
-    def _relay(self, call: ServerCall, done: OnDone) -> None:
+    def _relay(self, call: ServerCall, done: OnDone, inspect: bool = False) -> None:
         """Start the upstream call for ``call`` (its request is written before this returns) with the
-        caller's deadline and metadata; a caller that goes away resets it."""
+        caller's deadline and metadata; the answer's bytes go to the caller as they arrive (``done``
+        gets the message itself only when ``inspect``); a caller that goes away resets it."""
         assert self._channel is not None
         pending = self._channel.start(
             call.method,
@@ -203,16 +270,17 @@ class ImageProxy:
             done,
             timeout=call.time_remaining(),
             metadata=call.metadata,
+            pipe=call,
+            capture=INSPECT_BYTES if inspect else 0,
         )
         call.on_cancel = pending.cancel
 
     def _answer(self, call: ServerCall, message: bytes | None, error: RpcError | None) -> None:
         """The upstream's answer to the caller first, then the bookkeeping."""
-        if error is None:
-            assert message is not None
-            call.reply(message)
+        if error is None:  # relayed: ``message`` is None unless the call was inspected
+            call.reply(message or b"")
             self._note(call.method, grpc.StatusCode.OK)
-            if len(message) >= memory.LARGE:  # e.g. ListImages on a node with thousands of images
+            if call.relayed >= memory.LARGE:  # e.g. ListImages on a node with thousands of images
                 memory.note_large()
         else:
             call.fail(error.code(), for_caller(error.details()))
@@ -421,12 +489,34 @@ class ImageProxy:
         if t is not None:
             self.metrics.pod_pulls_lead.observe(max(0.0, time.monotonic() - t))
 
+    def _abandoned(self, call: ServerCall) -> None:
+        """A PullImage the caller reset before it was started upstream: recorded as canceled (within
+        the cancelled-pull cap), nothing sent upstream."""
+        if call.method != PULL:
+            return
+        read = self._read_pull(call.message)
+        if read is None:
+            return
+        image = read[0]
+        pull = _Pull(
+            image,
+            registry_of(image),
+            time.time(),
+            time.monotonic(),
+            known=True,
+            origin=origin_of(call.metadata),
+        )
+        if self._cancels.allow(pull.registry):
+            self._spawn(self._record_pull(pull, 0.0, "CANCELLED", "the caller cancelled the pull", b"", None))
+
     def _pull_ended(
         self, pull: _Pull, code: str, details: str, response: bytes, retry_reason: str | None
     ) -> None:
         duration = time.monotonic() - pull.t0
         self.metrics.pulls_in_flight.dec()
         self.in_flight -= 1
+        if code == "CANCELLED" and not self._cancels.allow(pull.registry):
+            return  # a burst of cancelled pulls: summed up in one line per period
         if code == "OK" and pull.origin == ORIGIN_POD and not pull.joined:
             key = _lead_key(pull.image)
             self._pod_ready[key] = time.monotonic()
@@ -529,7 +619,7 @@ class ImageProxy:
             if message is not None:
                 self._count_status(call.message, message)
 
-        self._relay(call, done)
+        self._relay(call, done, inspect=True)
 
     def _count_status(self, request: bytes, response: bytes) -> None:
         try:

@@ -5,6 +5,7 @@ but the handlers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -17,8 +18,11 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from h2.errors import ErrorCodes
+from hpack import Encoder
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame
 
-from nodeagent.proxy.h2grpc import Channel, Context, RpcError, Server, ServerCall
+from nodeagent.proxy.h2grpc import Channel, Context, Limits, RpcError, Server, ServerCall
 
 MB = 1024 * 1024
 LIMIT = 64 * MB
@@ -26,6 +30,17 @@ LIMIT = 64 * MB
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def goaway_code(data: bytes) -> int | None:
+    """The error code of the GOAWAY among the frames in ``data`` (None: no GOAWAY)."""
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        if isinstance(frame, GoAwayFrame):
+            return int(frame.error_code)
+        data = data[9 + length :]
+    return None
 
 
 @asynccontextmanager
@@ -242,7 +257,7 @@ def test_garbage_on_the_socket_closes_that_connection_only() -> None:
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
             data = await asyncio.wait_for(reader.read(), 2)  # read until the server closes
-            assert b"\x07" in data[:40]  # a GOAWAY frame came before the close
+            assert goaway_code(data) == ErrorCodes.PROTOCOL_ERROR  # a GOAWAY came before the close
             writer.close()
             async with grpc_channel(path) as ch:
                 assert await ch.unary_unary("/t.S/E")(b"ok") == b"ok"
@@ -351,5 +366,170 @@ def test_channel_streams_and_fails_fast_when_nobody_listens() -> None:
         sock.close()
         os.unlink(os.path.join(d, "dead.sock"))
         os.rmdir(d)
+
+    run(main())
+
+
+# --- bounds (issue 12): raw frames against our server ---------------------------------------------
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def frames_of(data: bytes) -> list[Frame]:
+    out = []
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        if len(data) < 9 + length:
+            break
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        out.append(frame)
+        data = data[9 + length :]
+    return out
+
+
+async def read_all(reader: asyncio.StreamReader, timeout: float = 3.0) -> bytes:  # noqa: ASYNC109
+    buf = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(1 << 16):
+                buf += chunk
+    return buf
+
+
+def settings_bytes(values: dict[int, int]) -> bytes:
+    body = b"".join(k.to_bytes(2, "big") + v.to_bytes(4, "big") for k, v in values.items())
+    return len(body).to_bytes(3, "big") + b"\x04\x00" + bytes(4) + body
+
+
+def test_settings_advertise_the_stream_limit_and_bad_values_close_only_that_connection() -> None:
+    def echo(call: ServerCall) -> None:
+        call.reply(call.message)
+
+    async def main() -> None:
+        async with our_server(lambda m: ("relay", echo)) as (_, path), grpc_channel(path) as ch:
+            for value, code in ((0, ErrorCodes.PROTOCOL_ERROR), (2**24, ErrorCodes.PROTOCOL_ERROR)):
+                reader, writer = await asyncio.open_unix_connection(path)
+                writer.write(PREFACE + settings_bytes({0x5: value}))  # SETTINGS_MAX_FRAME_SIZE
+                frames = frames_of(await read_all(reader))
+                first = frames[0]
+                assert isinstance(first, SettingsFrame)
+                assert first.settings[0x3] == Limits().max_streams  # MAX_CONCURRENT_STREAMS
+                assert first.settings[0x6] == Limits().max_header_list  # MAX_HEADER_LIST_SIZE
+                assert goaway_code(b"".join(f.serialize() for f in frames)) == code
+                writer.close()
+                assert await ch.unary_unary("/t.S/E")(b"still fine", timeout=5) == b"still fine"
+
+    run(main())
+
+
+def test_a_ping_flood_gets_enhance_your_calm() -> None:
+    async def main() -> None:
+        limits = Limits(max_pings=50)
+        d = tempfile.mkdtemp(prefix="na-h2-")
+        path = os.path.join(d, "s.sock")
+        srv = Server(lambda m: ("relay", lambda c: c.reply(b"")), max_message=LIMIT, limits=limits)
+        await srv.start_unix(path)
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(
+                PREFACE + settings_bytes({}) + PingFrame(0, opaque_data=b"12345678").serialize() * 500
+            )
+            data = await read_all(reader)
+            pongs = [f for f in frames_of(data) if isinstance(f, PingFrame)]
+            assert goaway_code(data) == ErrorCodes.ENHANCE_YOUR_CALM
+            assert len(pongs) <= 51 + 16 * 1024 // 17  # cut off within one feed step past the limit
+        finally:
+            await srv.stop(1.0)
+            shutil.rmtree(d, ignore_errors=True)
+
+    run(main())
+
+
+def test_a_request_larger_than_the_limit_fails_at_its_length_prefix() -> None:
+    async def main() -> None:
+        d = tempfile.mkdtemp(prefix="na-h2-")
+        path = os.path.join(d, "s.sock")
+        srv = Server(lambda m: ("relay", lambda c: c.reply(b"")), max_message=1 << 20)
+        await srv.start_unix(path)
+        try:
+            async with grpc_channel(path) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await ch.unary_unary("/t.S/E")(b"x" * (2 << 20), timeout=5)
+                assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert srv.held == 0  # nothing of it is kept
+        finally:
+            await srv.stop(1.0)
+            shutil.rmtree(d, ignore_errors=True)
+
+    run(main())
+
+
+def test_at_the_connection_limit_an_idle_connection_makes_room() -> None:
+    def echo(call: ServerCall) -> None:
+        call.reply(call.message)
+
+    async def main() -> None:
+        d = tempfile.mkdtemp(prefix="na-h2-")
+        path = os.path.join(d, "s.sock")
+        srv = Server(lambda m: ("relay", echo), max_message=LIMIT, limits=Limits(max_connections=3))
+        await srv.start_unix(path)
+        try:
+            async with grpc_channel(path) as ch:
+                assert await ch.unary_unary("/t.S/E")(b"a", timeout=5) == b"a"  # a used connection
+                idle = [await asyncio.open_unix_connection(path) for _ in range(5)]
+                await asyncio.sleep(0.2)
+                assert len(srv._conns) <= 3
+                assert await ch.unary_unary("/t.S/E")(b"b", timeout=5) == b"b"  # kept: it made calls
+                for _, w in idle:
+                    w.close()
+        finally:
+            await srv.stop(1.0)
+            shutil.rmtree(d, ignore_errors=True)
+
+    run(main())
+
+
+def test_a_caller_that_does_not_read_holds_at_most_the_upstream_window() -> None:
+    """A relayed 8 MB answer to a caller whose window is 0: the proxy takes no more from the upstream
+    than the stream's window (128 KiB), and other callers on the same upstream connection go on."""
+    big = os.urandom(8 * MB)
+
+    async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return big if request == b"big" else request
+
+    async def main() -> None:
+        async with grpc_server({"/t.S/A": grpc.unary_unary_rpc_method_handler(answer)}) as target:
+            ch = Channel(target, max_message=LIMIT)
+
+            def relay(call: ServerCall) -> None:
+                def done(message: bytes | None, error: RpcError | None) -> None:
+                    if error is None:
+                        call.reply(b"")
+                    else:
+                        call.fail(error.code(), error.details())
+
+                call.on_cancel = ch.start(call.method, call.message, done, pipe=call).cancel
+
+            async with our_server(lambda m: ("relay", relay)) as (srv, path):
+                _, writer = await asyncio.open_unix_connection(path)
+                enc = Encoder()
+                block = enc.encode(
+                    [
+                        (":method", "POST"),
+                        (":scheme", "http"),
+                        (":path", "/t.S/A"),
+                        (":authority", "x"),
+                        ("content-type", "application/grpc"),
+                    ]
+                )
+                h = HeadersFrame(1, data=block, flags=["END_HEADERS"])
+                body = DataFrame(1, data=b"\x00\x00\x00\x00\x03big", flags=["END_STREAM"])
+                writer.write(PREFACE + settings_bytes({0x4: 0}) + h.serialize() + body.serialize())
+                await asyncio.sleep(1.0)
+                (conn,) = list(srv._conns)
+                assert conn.queued <= Limits().upstream_stream_window
+                async with grpc_channel(path) as other:  # shares the upstream connection
+                    assert await other.unary_unary("/t.S/A")(b"small", timeout=5) == b"small"
+                writer.close()
+            await ch.close()
 
     run(main())

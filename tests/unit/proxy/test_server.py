@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,7 +18,10 @@ import pytest
 
 from nodeagent.cri.client import CriClient, CriError, RetryPolicy
 from nodeagent.cri.gen import cri_api_pb2 as pb
+from nodeagent.lastused import LastUsed
+from nodeagent.metrics import Metrics
 from nodeagent.proxy.records import PullRecord
+from nodeagent.proxy.server import CancelSummary, ImageProxy
 from tests.unit.cri.fakes import ECHO_METHOD, Plan, fake_runtime
 from tests.unit.proxy.helpers import captured_log, log_events, proxy_for, rm, short_tmp
 
@@ -402,5 +407,40 @@ def test_long_upstream_errors_are_bounded_in_records_and_for_the_caller() -> Non
                     assert msg.startswith(details.removesuffix(" ... (truncated by nodeagent)"))
             await p.proxy.drain_records()
             assert len(p.records[0].error) <= 2000 and p.records[0].error.endswith("(truncated)")
+
+    run(main())
+
+
+def test_cancelled_pulls_past_the_cap_are_summed_up_in_one_line_per_period() -> None:
+    async def main() -> None:
+        summary = CancelSummary(burst=3, period=0.3)
+        with captured_log() as buf:
+            allowed = [summary.allow("reg.local") for _ in range(50)]
+            assert allowed == [True] * 3 + [False] * 47
+            await asyncio.sleep(0.5)  # the period ends: one line for the 47
+            assert summary.allow("reg.local")  # a new period records again
+        lines = log_events(buf, "pulls canceled by callers, not recorded one by one")
+        assert len(lines) == 1
+        assert lines[0]["count"] == 47 and lines[0]["registries"] == {"reg.local": 47}
+
+    run(main())
+
+
+def test_start_on_a_listening_socket_serves_it_and_leaves_its_path_alone() -> None:
+    async def main() -> None:
+        d = short_tmp()
+        path = os.path.join(d, "activated.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen(16)
+        async with fake_runtime() as (_, up):
+            proxy = ImageProxy(up, Path(d) / "unused.sock", Metrics(), LastUsed(None))
+            await proxy.start(sock)
+            async with CriClient("unix://" + path, retry=RetryPolicy(attempts=1)) as c:
+                await c.image_status("reg.local/a:1")
+            assert not (Path(d) / "unused.sock").exists()
+            await proxy.stop(grace=1.0)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)  # not ours to remove
+        rm(d)
 
     run(main())
