@@ -62,8 +62,9 @@ def fresh(reg: Registry, throttle: Any, tag: str, size: int) -> str:
     return img.reference.replace(reg.host, throttle.address, 1)
 
 
-def pull_span(agent: Any, refs: set[str]) -> float:
-    """First upstream pull start to last end for ``refs``, from nodeagent's pull records."""
+def pull_span(agent: Any, refs: set[str], created: float) -> tuple[float, float]:
+    """(first upstream pull start to last end, pod creation to last end) for ``refs``, from
+    nodeagent's pull records (``created``: wall time of the pod's creation)."""
     recs: list[dict[str, Any]] = []
 
     def recorded() -> bool:
@@ -72,7 +73,8 @@ def pull_span(agent: Any, refs: set[str]) -> float:
 
     wait_until("pull records", recorded, 30)
     start = min(x["started_at"] for x in recs)
-    return float(max(x["started_at"] + x["duration"] for x in recs) - start)
+    end = max(x["started_at"] + x["duration"] for x in recs)
+    return float(end - start), float(end - created)
 
 
 def side(
@@ -85,23 +87,27 @@ def side(
     c.node.write_hosts_toml(throttle.address, f"http://{throttle.address}")
     run = uuid.uuid4().hex[:6]
     node = c.node_name
-    out: dict[str, Any] = {"label": label, "one": [], "three": [], "init2": [], "three_pull_span": []}
+    out: dict[str, Any] = {"label": label, "one": [], "three": [], "init2": []}
+    out.update(three_pull_span=[], three_images_ready=[])
     warm = push_image(reg, f"bench/warm-{run}", "v1", build_image(layers=0, busybox=True)).reference
     running_after(c, pod_manifest("warm", node, [("w", warm)]))
     for r in range(rounds):  # interleaved, so that load from elsewhere hits all three alike
         one = fresh(reg, throttle, f"one-{run}-{r}", size)
         out["one"].append(running_after(c, pod_manifest(f"one{r}", node, [("a", one)])))
         three = [(f"c{i}", fresh(reg, throttle, f"three{i}-{run}-{r}", size)) for i in range(3)]
+        created = time.time()
         out["three"].append(running_after(c, pod_manifest(f"three{r}", node, three)))
         if c.agent is not None:  # how long the pulls themselves took, from nodeagent's pull records
-            out["three_pull_span"].append(pull_span(c.agent, {ref for _, ref in three}))
+            span, ready = pull_span(c.agent, {ref for _, ref in three}, created)
+            out["three_pull_span"].append(span)
+            out["three_images_ready"].append(ready)
         imgs = [fresh(reg, throttle, f"init2{i}-{run}-{r}", size) for i in range(3)]
         out["init2"].append(
             running_after(
                 c, pod_manifest(f"init2{r}", node, [("a", imgs[1]), ("b", imgs[2])], init=[("i", imgs[0])])
             )
         )
-    for key in ("one", "three", "init2", "three_pull_span"):
+    for key in ("one", "three", "init2", "three_pull_span", "three_images_ready"):
         out[key + "_median"] = statistics.median(out[key]) if out[key] else None
     shared = fresh(reg, throttle, f"shared-{run}", size)
     repo = f"/v2/bench/shared-{run}/"
@@ -144,6 +150,7 @@ def main(argv: list[str]) -> int:
     ):
         print(f"{what:<28}{alone[key + '_median']:>14.2f}s{agent[key + '_median']:>15.2f}s")
     print(f"{'3 containers: pull span':<28}{'':>15}{agent['three_pull_span_median']:>15.2f}s")
+    print(f"{'3 containers: images ready':<28}{'':>15}{agent['three_images_ready_median']:>15.2f}s")
     print(f"{'20 pods, one image':<28}{alone['shared20_seconds']:>14.2f}s{agent['shared20_seconds']:>15.2f}s")
     for key in ("shared20_manifest_requests", "shared20_blob_gets"):
         print(f"{'  registry ' + key.split('_', 1)[1]:<28}{alone[key]:>15}{agent[key]:>16}")
