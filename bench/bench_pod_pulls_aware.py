@@ -37,7 +37,8 @@ from typing import Any
 
 from tests.sandbox import Registry, Sandbox
 from tests.sandbox.cluster import Cluster, one_node_cluster
-from tests.sandbox.controlplane import pod_manifest, pod_running
+from tests.sandbox.controlplane import pod_manifest
+from tests.sandbox.kubelet import pod_running
 from tests.sandbox.oci import PushedImage, build_image, push_image
 from tests.sandbox.process import wait_until
 
