@@ -90,6 +90,8 @@ MAX_CALLER_ERROR_BYTES = 4096
 ORIGIN_METADATA = "x-nodeagent-origin"
 # Images pulled for pods whose "lead" (pull end -> the kubelet's first question) is still to be seen.
 LEAD_ENTRIES = 1024
+# A PullImage caller whose deadline passed is answered DEADLINE_EXCEEDED this long after it.
+DEADLINE_GRACE = 1.0
 # Requests from the kubelet are small (a PullImage with its sandbox config: kilobytes); grpc's own
 # default receive limit. Responses are relayed as they come and are not limited here.
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -397,7 +399,7 @@ class ImageProxy:
         else:
             pull.joined = True
             self.metrics.pull_joins.labels(origin=origin).inc()
-        waiting = Waiting(self._deliverer(pull, deliver), pull)
+        waiting = Waiting(self._deliverer(pull, deliver), (pull, deliver))
         flight.waiting.append(waiting)
         if remaining is not None:
             waiting.timer = asyncio.get_running_loop().call_later(
@@ -465,15 +467,20 @@ class ImageProxy:
         self, flight: Flight, message: bytes | None, error: RpcError | None, retry_reason: str | None
     ) -> None:
         for w in self.flights.end(flight):
-            w.state.retry_reason = retry_reason
+            w.state[0].retry_reason = retry_reason
             w.deliver(message, error)
 
     def _leave(self, flight: Flight, waiting: Waiting, code: str) -> None:
         if not self.flights.leave(flight, waiting):
             return
-        pull: _Pull = waiting.state
+        pull, deliver = waiting.state
         if code == "DEADLINE_EXCEEDED":
-            waiting.deliver(None, RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            # Recorded now; answered a moment later, so that a caller keeping its own deadline (every
+            # gRPC client) reports it in its own words, as it would without the proxy in between.
+            self._note(PULL, grpc.StatusCode.DEADLINE_EXCEEDED)
+            self._pull_ended(pull, code, "Deadline Exceeded", b"", None)
+            error = RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            asyncio.get_running_loop().call_later(DEADLINE_GRACE, deliver, None, error)
             return
         self._pull_ended(pull, "CANCELLED", "the caller cancelled the pull", b"", None)
 

@@ -71,7 +71,7 @@ class Waiting:
     """One caller of a flight."""
 
     deliver: Deliver
-    state: Any  # the proxy's bookkeeping for this caller (its pull record in the making)
+    state: Any  # the proxy's bookkeeping for this caller (its pull record in the making, its answer)
     timer: Any = None  # asyncio.TimerHandle of the caller's own deadline
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import json
 import ssl
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ import yaml
 
 from nodeagent import proc
 from tests.sandbox import testbins
+from tests.sandbox.kubelet import pod_running
 from tests.sandbox.net import free_port
 from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
 
@@ -290,28 +290,6 @@ class ControlPlane:
         except SandboxError as e:
             raise SandboxError(f"{e}\nlast status: {json.dumps(got.get('status'))[:2000]}") from None
         return got
-
-
-def pod_running(pod: Mapping[str, Any]) -> bool:
-    status = pod.get("status") or {}
-    containers = status.get("containerStatuses") or []
-    want = len(pod["spec"]["containers"])
-    return (
-        status.get("phase") == "Running"
-        and len(containers) == want
-        and all(c.get("ready") and "running" in (c.get("state") or {}) for c in containers)
-    )
-
-
-def running_since_created(pod: Mapping[str, Any]) -> float:
-    """Seconds from the pod's creation to its Ready condition (API server timestamps, 1 s resolution)."""
-
-    def ts(text: str) -> float:
-        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
-
-    created = ts(pod["metadata"]["creationTimestamp"])
-    ready = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
-    return ts(ready["lastTransitionTime"]) - created
 
 
 def pod_manifest(
