@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """nodeagent's main job, end to end, against a sandbox node (run it with ``sudo bash scripts/demo.sh``).
 
-The sandbox node is real: Debian's containerd with its own root/state/socket under a temp dir, a
+The sandbox node is real: containerd (Debian's 1.6; ``NODEAGENT_CONTAINERD_LINE=2.2`` for the 2.x line
+built by tests/sandbox/testbins.py) with its own root/state/socket under a temp dir, a
 local docker-registry with images built on the spot, and nodeagent talking CRI to it. Nothing on
 the machine outside that temp dir is changed, and everything started is stopped on exit.
 
@@ -78,7 +79,7 @@ def start_sandbox_node(ctx: Context) -> None:
     ctx.registry = ctx.sb.registry()
     ctx.say(f"registry    {ctx.registry.url}  (docker-registry, storage in {ctx.registry.storage})")
     ctx.node = ctx.sb.containerd([ctx.registry])
-    ctx.say(f"containerd  {ctx.node.endpoint}  (pid {ctx.node.pid})")
+    ctx.say(f"containerd {ctx.node.line.name}  {ctx.node.endpoint}  (pid {ctx.node.pid})")
     ctx.say(f"            root {ctx.node.root}")
     ctx.say(f"            registry hosts dir {ctx.node.hosts_dir} (plain-HTTP hosts.toml for the registry)")
 

@@ -67,3 +67,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip_quiet -e '.[dev]'
   echo "$want" >"$stamp"
 fi
+
+# Test binaries: pinned upstream programs built from their Go modules (crictl, containerd 2.x twice,
+# kubelet, kube-apiserver, etcd, nodeadm; tests/sandbox/testbins.py has the pins). They are cached
+# outside the repo in ${NODEAGENT_TESTBIN_CACHE:-/var/cache/nodeagent-testbin}, shared by every
+# checkout, built only when missing (a lock makes a second setup wait for the first).
+if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+  export PATH="/usr/local/go/bin:$PATH"
+fi
+if ! command -v go >/dev/null 2>&1; then
+  echo "setup: the go command (Go 1.26 or newer) is needed to build the test binaries" >&2
+  exit 1
+fi
+.venv/bin/python -m tests.sandbox.testbins build  # one line per binary, then the total time

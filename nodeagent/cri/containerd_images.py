@@ -87,12 +87,24 @@ class ContainerdImages(GrpcCaller):
 
     async def set_labels(self, name: str, labels: Mapping[str, str | None]) -> Any:
         """Set (value) or remove (None) individual labels of image ``name``; other labels stay.
-        Returns the updated image record."""
-        image = pb.Image(name=name)
-        paths = []
-        for key, value in sorted(labels.items()):
+        Returns the updated image record.
+
+        The request carries the image's current target although the update mask names only
+        labels: containerd 2.x converts the whole message before applying the mask and crashes
+        (nil pointer dereference, the daemon exits) on an image without a target."""
+        for key in labels:
             if not key or "\n" in key:
                 raise ValueError(f"invalid label key {key!r}")
+        current = await self.get(name)
+        if current is None:
+            raise CriError(
+                self.endpoint, "images.Update", grpc.StatusCode.NOT_FOUND, f"image {name!r} not found"
+            )
+        image = pb.Image(name=name)
+        if current.HasField("target"):
+            image.target.CopyFrom(current.target)
+        paths = []
+        for key, value in sorted(labels.items()):
             paths.append(f"labels.{key}")
             if value is not None:
                 image.labels[key] = value

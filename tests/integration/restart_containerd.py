@@ -1,9 +1,10 @@
 """containerd "service manager" for the apply integration tests: the ``containerd.restartCommand``.
 
-    python restart_containerd.py PIDFILE CONFIG LOG [--fail-if-contains TEXT]
+    python restart_containerd.py PIDFILE CONFIG LOG [--containerd BIN] [--fail-if-contains TEXT]
 
 Stops the containerd whose PID is in PIDFILE (SIGTERM, then SIGKILL after 10 s), removes a stale
-socket, starts ``containerd --config CONFIG`` in its own session with output appended to LOG and
+socket, starts ``BIN --config CONFIG`` (default ``containerd``; BIN's directory first on PATH, so a
+2.x containerd finds its own shim) in its own session with output appended to LOG and
 writes the new PID to PIDFILE, like ``systemctl restart containerd`` does for a unit. The test
 tears down by that PID. ``--fail-if-contains`` is fault injection for the rollback test: when the
 config holds TEXT, it starts ``containerd`` with an unknown flag instead (it exits at once, so CRI
@@ -12,6 +13,7 @@ never answers), as a containerd that cannot start on a bad config would.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -41,18 +43,29 @@ def stop(pidfile: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    pidfile, config, log = Path(argv[0]), Path(argv[1]), Path(argv[2])
-    fail_text = argv[4] if len(argv) > 4 and argv[3] == "--fail-if-contains" else None
+    ap = argparse.ArgumentParser()
+    ap.add_argument("pidfile", type=Path)
+    ap.add_argument("config", type=Path)
+    ap.add_argument("log", type=Path)
+    ap.add_argument("--containerd", default="containerd")
+    ap.add_argument("--fail-if-contains")
+    a = ap.parse_args(argv)
+    pidfile, config, log, fail_text = a.pidfile, a.config, a.log, a.fail_if_contains
     stop(pidfile)
     text = config.read_text()
     sock = Path(tomllib.loads(text)["grpc"]["address"])
     if sock.exists():
         sock.unlink()
-    cmd = ["containerd", "--config", str(config)]
+    cmd = [a.containerd, "--config", str(config)]
     if fail_text is not None and fail_text in text:
-        cmd = ["containerd", "--no-such-flag"]
+        cmd = [a.containerd, "--no-such-flag"]
+    env = dict(os.environ)
+    if os.sep in a.containerd:
+        env["PATH"] = f"{os.path.dirname(a.containerd)}{os.pathsep}{env.get('PATH', '')}"
     with open(log, "ab") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
     pidfile.write_text(str(p.pid))
     return 0
 

@@ -1,4 +1,4 @@
-"""``nodeagent apply`` against real containerd 1.6 and docker-registry pull-through mirrors.
+"""``nodeagent apply`` against real containerd (1.6 and 2.x) and docker-registry pull-through mirrors.
 
 What users rely on: after ``apply --flavor generic`` on a stock containerd config, containerd
 (restarted by ``containerd.restartCommand`` from the files apply wrote) pulls through the mirror
@@ -36,6 +36,9 @@ class Node:
     """A rooted tree T with a stock containerd config, and the containerd started from T's files."""
 
     def __init__(self, sandbox: Sandbox) -> None:
+        line = sandbox.containerd_line
+        assert line is not None
+        self.line = line
         self.work = sandbox.dir / f"apply-node-{random.randrange(1 << 30)}"
         self.root = self.work / "T"
         self.sock = self.work / "containerd.sock"
@@ -53,7 +56,16 @@ class Node:
         self.config_yaml.parent.mkdir(parents=True)
         # the stock `containerd config default`, with only the daemon's own paths moved into the
         # sandbox (so it runs next to anything else on this machine); apply's keys are untouched
-        doc = tomlkit.parse((DATA / "containerd-1.6-config-default.toml").read_text())
+        if line.major < 2:
+            doc = tomlkit.parse((DATA / "containerd-1.6-config-default.toml").read_text())
+        else:
+            stock = subprocess.run(
+                [line.binary(), "config", "default"], capture_output=True, text=True, check=True
+            )
+            doc = tomlkit.parse(stock.stdout)
+            doc["imports"] = []  # the host's /etc/containerd/conf.d is not this node's
+            nri = doc["plugins"]["io.containerd.nri.v1.nri"]  # type: ignore[index]
+            nri["socket_path"] = str(self.work / "nri.sock")  # type: ignore[index]
         doc["root"] = str(self.work / "root")
         doc["state"] = str(self.work / "state")
         doc["grpc"]["address"] = str(self.sock)  # type: ignore[index]
@@ -66,7 +78,10 @@ class Node:
         return f"unix://{self.sock}"
 
     def restart_command(self, *extra: str) -> list[str]:
-        return [sys.executable, str(RESTART), str(self.pidfile), str(self.config_toml), str(self.log), *extra]
+        return [
+            *(sys.executable, str(RESTART), str(self.pidfile), str(self.config_toml), str(self.log)),
+            *("--containerd", self.line.binary(), *extra),
+        ]
 
     def write_config(self, containerd: dict, **top: object) -> None:  # type: ignore[type-arg]
         containerd = {"hostsDir": str(self.hosts_dir), **containerd}
@@ -160,9 +175,17 @@ def test_generic_apply_mirror_fallback_and_override_path(
     assert r.returncode == 0, r.stderr
     assert "containerd: restarted, CRI answers" in r.stdout
     assert node.pid() != stock_pid  # restarted through restartCommand, on the written config
-    cri = tomlkit.parse(node.config_toml.read_text())["plugins"]["io.containerd.grpc.v1.cri"]  # type: ignore[index]
-    assert cri["max_concurrent_downloads"] == 4  # type: ignore[index]
-    assert cri["registry"]["config_path"] == str(node.hosts_dir)  # type: ignore[index]
+    plugins = tomlkit.parse(node.config_toml.read_text())["plugins"]
+    if node.line.major < 2:
+        cri = plugins["io.containerd.grpc.v1.cri"]  # type: ignore[index]
+        assert cri["max_concurrent_downloads"] == 4  # type: ignore[index]
+        assert cri["registry"]["config_path"] == str(node.hosts_dir)  # type: ignore[index]
+    else:
+        # containerd 2.x (version-3 config): CRI pulls go through the transfer service, whose own
+        # table holds the download concurrency; the hosts directory is the CRI images plugin's
+        assert plugins["io.containerd.transfer.v1.local"]["max_concurrent_downloads"] == 4  # type: ignore[index]
+        images = plugins["io.containerd.cri.v1.images"]  # type: ignore[index]
+        assert images["registry"]["config_path"] == str(node.hosts_dir)  # type: ignore[index]
 
     img_a = image_factory(layers=2, layer_size=1 << 20, to=a, repository="apply/through-mirror")
     assert node.pull(img_a.reference) == img_a.image_id

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from nodeagent.cri.client import CriClient
 from nodeagent.eviction import baked, policy
 from nodeagent.eviction.inventory import Inventory
@@ -59,6 +61,7 @@ def run_prefetch_one(tmp_path: Path, node: Containerd, image: str) -> subprocess
     return run_prefetch(root)
 
 
+@pytest.mark.containerd_smoke
 def test_bake_pins_writes_the_manifest_and_eviction_keeps_baked_images(
     sandbox: Sandbox, registry: Registry, image_factory: Callable[..., PushedImage], tmp_path: Path
 ) -> None:

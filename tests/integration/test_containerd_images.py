@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from nodeagent.cri.client import CriClient
 from nodeagent.cri.containerd_images import PINNED_LABEL, ContainerdImages
 from tests.sandbox import Containerd, Registry, Sandbox
 
 
+@pytest.mark.containerd_smoke
 def test_list_get_pin_unpin_on_real_containerd(
     sandbox: Sandbox, registry: Registry, containerd: Containerd
 ) -> None:

@@ -3,16 +3,23 @@ node, exits 0, says what it did, and leaves nothing running or mounted."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.sandbox import ContainerdLine
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_every_step_and_cleans_up() -> None:
+def test_demo_runs_every_step_and_cleans_up(containerd_line: ContainerdLine) -> None:
     r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py")], capture_output=True, text=True, timeout=300
+        [sys.executable, str(REPO / "scripts" / "demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NODEAGENT_CONTAINERD_LINE": containerd_line.name},
     )
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout

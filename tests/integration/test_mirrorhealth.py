@@ -332,6 +332,7 @@ def test_mirror_that_comes_back_is_restored_flapping_is_bounded_and_rewrites_are
     assert any(x.get("msg") == "hosts.toml not owned by nodeagent: left alone" for x in agent.log_lines())
 
 
+@pytest.mark.no_containerd
 def test_apply_leaves_out_a_mirror_that_is_dead_at_boot_and_says_so(
     sandbox: Sandbox, registry: Registry, tmp_path: Path
 ) -> None:

@@ -67,6 +67,7 @@ def two_registries(sandbox: Sandbox) -> tuple[Registry, Registry, Containerd]:
     return plain, private, node
 
 
+@pytest.mark.containerd_smoke
 def test_pull_results_counts_durations_and_bytes(sandbox: Sandbox, two_registries: Any) -> None:
     plain, private, node = two_registries
     img = sandbox.image(plain, "apps/web", layers=2, layer_size=512 << 10)

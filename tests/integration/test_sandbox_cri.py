@@ -39,6 +39,7 @@ async def image_fs_used(cri: CriClient, at_least: int = 0, wait: float = 5.0) ->
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.containerd_smoke
 def test_pull_list_fsinfo_remove_round_trip(containerd: Containerd, image_factory) -> None:
     img: PushedImage = image_factory(layers=2, layer_size=2 << 20)
 
@@ -106,6 +107,7 @@ def test_layers_come_from_the_local_registry(
     assert fetched == {*img.layer_digests, img.image_id}
 
 
+@pytest.mark.containerd_smoke
 def test_real_pod_and_container_are_listed(pod_node: Containerd, image_factory, sandbox: Sandbox) -> None:
     app = image_factory(layers=1, layer_size=64 << 10, busybox=True)
 
@@ -158,3 +160,52 @@ def test_stopping_a_pod_node_kills_its_shims_and_containers(pod_node: Containerd
     tree = [p.pid for s in shims for p in psutil.Process(s).children(recursive=True)] + shims
     pod_node.stop()
     assert [p for p in tree if alive(p)] == []
+
+
+@pytest.mark.containerd_smoke
+def test_what_containerd_protects_itself_per_line(
+    pod_node: Containerd, image_factory, pause_image: PushedImage, sandbox: Sandbox
+) -> None:
+    """What nodeagent's eviction must not take for granted, stated per containerd line: neither 1.6
+    nor 2.x refuses CRI RemoveImage of an image a running container uses (protecting it is the
+    agent's job on both); 2.x reports its sandbox image pinned (``pinned_images.sandbox`` in the
+    version-3 config), which the kubelet's image GC skips, while 1.6 never sets ``pinned``."""
+    app = image_factory(layers=1, layer_size=64 << 10, busybox=True)
+
+    async def body() -> None:
+        async with CriClient(pod_node.endpoint) as cri:
+            pod = await run_pod(cri, "in-use", log_dir=sandbox.dir / "logs")
+            cid = await run_container(cri, pod, app.reference, "app")
+            by_id = {i.id: i for i in await cri.list_images()}
+            assert by_id[pause_image.image_id].pinned is (pod_node.line.major >= 2)
+            assert by_id[app.image_id].pinned is False
+
+            await cri.remove_image(app.reference)  # in use by a running container: no error
+            assert app.image_id not in {i.id for i in await cri.list_images()}
+            assert (await cri.container_status(cid)).status.state == pb.CONTAINER_RUNNING
+            await remove_pod(cri, pod)
+
+    asyncio.run(body())
+
+
+@pytest.mark.containerd_smoke
+def test_pull_path_per_line(sandbox: Sandbox, registry: Registry, image_factory) -> None:
+    """containerd 2.1+ pulls CRI images through its transfer service unless the CRI images config has
+    a setting the transfer service cannot honour, e.g. ``max_concurrent_downloads`` other than 3
+    (then it logs the fallback at start); 1.6 has no transfer service at all."""
+    img = image_factory(layers=1, layer_size=64 << 10)
+    fallback = "Falling back to local image pull mode"
+    plain = sandbox.containerd([registry])
+    tuned = sandbox.containerd([registry], cri_options={"max_concurrent_downloads": 6})
+
+    async def body() -> None:
+        for node in (plain, tuned):
+            async with CriClient(node.endpoint) as cri:
+                assert await cri.pull_image(img.reference) == img.image_id
+
+    asyncio.run(body())
+    assert fallback not in plain.log_path.read_text()
+    if plain.line.major >= 2:
+        assert fallback in tuned.log_path.read_text()
+    else:
+        assert fallback not in tuned.log_path.read_text()

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.sandbox import Containerd, Registry, Sandbox, build_image, cri_version, push_image
+from tests.sandbox import Containerd, ContainerdLine, Registry, Sandbox, build_image, cri_version, push_image
 from tests.sandbox.mounts import mounts_under
 
 
@@ -33,6 +33,7 @@ def gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.containerd_smoke
 def test_containerd_answers_cri_and_survives_kill_and_restart(containerd: Containerd) -> None:
     assert containerd.endpoint == f"unix://{containerd.socket}"
     assert b"containerd" in cri_version(containerd.endpoint)
@@ -50,6 +51,7 @@ def test_containerd_answers_cri_and_survives_kill_and_restart(containerd: Contai
         cri_version(containerd.endpoint, timeout=1)
 
 
+@pytest.mark.no_containerd
 def test_pushed_image_is_served_by_digest_and_logged(registry: Registry, image_factory) -> None:
     img = image_factory(layers=2, layer_size=256 << 10, seed=7)
     status, body = http_get(
@@ -68,6 +70,7 @@ def test_pushed_image_is_served_by_digest_and_logged(registry: Registry, image_f
     assert [(r.method, r.digest, r.status) for r in served] == [("GET", img.layer_digests[1], 200)]
 
 
+@pytest.mark.no_containerd
 def test_auth_registry_needs_the_password(sandbox: Sandbox) -> None:
     reg = sandbox.registry(auth=("alice", "s3cret-pw"))
     assert http_get(f"{reg.url}/v2/")[0] == 401
@@ -79,6 +82,7 @@ def test_auth_registry_needs_the_password(sandbox: Sandbox) -> None:
     assert "s3cret-pw" not in reg.log_path.read_text()
 
 
+@pytest.mark.no_containerd
 def test_pull_through_mirror_serves_from_its_cache(sandbox: Sandbox) -> None:
     upstream = sandbox.registry()
     mirror = sandbox.registry(proxy_of=upstream)
@@ -98,6 +102,7 @@ def test_pull_through_mirror_serves_from_its_cache(sandbox: Sandbox) -> None:
         Registry(sandbox.dir / "x", proxy_of=sandbox.registry(auth=("u", "p")))
 
 
+@pytest.mark.no_containerd
 def test_misbehaving_endpoints(sandbox: Sandbox) -> None:
     refused = sandbox.refused_port()
     with pytest.raises(ConnectionRefusedError):
@@ -119,6 +124,7 @@ def test_misbehaving_endpoints(sandbox: Sandbox) -> None:
     assert proxy.connections >= 1
 
 
+@pytest.mark.no_containerd
 def test_loopfs_is_a_small_real_filesystem(sandbox: Sandbox) -> None:
     fs = sandbox.loopfs(32)
     _used, total = fs.usage()
@@ -130,8 +136,12 @@ def test_loopfs_is_a_small_real_filesystem(sandbox: Sandbox) -> None:
     assert fs.loop_devices() == []
 
 
-def test_sandbox_cleans_up_everything_even_when_the_body_fails() -> None:
-    with pytest.raises(RuntimeError, match="test body failed"), Sandbox() as sb:
+@pytest.mark.containerd_smoke
+def test_sandbox_cleans_up_everything_even_when_the_body_fails(containerd_line: ContainerdLine) -> None:
+    with (
+        pytest.raises(RuntimeError, match="test body failed"),
+        Sandbox(containerd_line=containerd_line) as sb,
+    ):
         reg = sb.registry()
         node, _pause = sb.pod_node(reg)
         disk = sb.loopfs(16)

@@ -6,7 +6,7 @@ wrap it. Facts behind the recipes: ../shared/notes/sandbox-node.md.
 """
 
 from tests.sandbox.agent import NodeAgent
-from tests.sandbox.containerd import Containerd, Mirror, cri_version, hosts_toml
+from tests.sandbox.containerd import LINES, Containerd, ContainerdLine, Mirror, cri_version, hosts_toml
 from tests.sandbox.loopfs import LoopFs
 from tests.sandbox.net import HungServer, RefusedPort, ThrottleProxy, free_port
 from tests.sandbox.oci import Image, PushedImage, build_image, make_image, push_image
@@ -15,7 +15,9 @@ from tests.sandbox.registry import Registry
 from tests.sandbox.stack import Sandbox
 
 __all__ = [
+    "LINES",
     "Containerd",
+    "ContainerdLine",
     "HungServer",
     "Image",
     "LoopFs",

@@ -1,6 +1,6 @@
 """``Sandbox``: one owner for everything a test or the demo starts, torn down in reverse order.
 
-    with Sandbox() as sb:                       # a short private dir under /tmp (socket paths stay short)
+    with Sandbox() as sb:                       # a short private dir under /tmp; containerd_line=...
         reg = sb.registry()                     # started docker-registry
         img = sb.image(reg, layers=2, layer_size=1 << 20)
         node = sb.containerd(registries=[reg])  # started containerd with hosts.toml for reg
@@ -24,23 +24,41 @@ from types import TracebackType
 from typing import Any, Self
 
 from tests.sandbox.agent import NodeAgent
-from tests.sandbox.containerd import Containerd, Mirror
+from tests.sandbox.containerd import Containerd, ContainerdLine, Mirror, default_line
 from tests.sandbox.loopfs import LoopFs
 from tests.sandbox.mounts import unmount_all_under
 from tests.sandbox.net import HungServer, RefusedPort, ThrottleProxy
 from tests.sandbox.oci import PushedImage, build_image, push_image
+from tests.sandbox.process import SandboxError
 from tests.sandbox.registry import Registry
 
 PAUSE_REPOSITORY = "sandbox/pause"
 
 
 class Sandbox:
-    def __init__(self, base: Path | None = None, prefix: str = "na-") -> None:
+    def __init__(
+        self, base: Path | None = None, prefix: str = "na-", containerd_line: ContainerdLine | None = None
+    ) -> None:
+        """``containerd_line``: the release line ``containerd()`` starts (default: ``default_line()``,
+        i.e. ``$NODEAGENT_CONTAINERD_LINE`` or Debian's 1.6)."""
+        self._line: ContainerdLine | None = containerd_line or default_line()
+        self.line_read = False  # whether anyone asked for the line (to pass it to a subprocess)
+        self.containerds: list[Containerd] = []  # every node made here (tests check lines with it)
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=base or "/tmp"))
         self._stack = contextlib.ExitStack()
         self._seq = itertools.count(1)
         self._closed = False
         self.pids: list[int] = []  # every daemon PID started here (for cleanup assertions)
+
+    @property
+    def containerd_line(self) -> ContainerdLine | None:
+        """The line ``containerd()`` starts; None when this sandbox must start no containerd."""
+        self.line_read = True
+        return self._line
+
+    @containerd_line.setter
+    def containerd_line(self, line: ContainerdLine | None) -> None:
+        self._line = line
 
     def _name(self, kind: str) -> Path:
         return self.dir / f"{kind}{next(self._seq)}"
@@ -81,9 +99,18 @@ class Sandbox:
         start: bool = True,
         **kw: Any,
     ) -> Containerd:
-        """A containerd (kwargs: root_dir, pods, sandbox_image, cri_options) with a hosts.toml
-        (plain HTTP) for each registry; ``mirrors`` maps a registry host to mirror entries."""
+        """A containerd of ``self.containerd_line`` (kwargs: root_dir, pods, sandbox_image, cri_options,
+        transfer_options, line) with a hosts.toml (plain HTTP) for each registry; ``mirrors`` maps a
+        registry host to mirror entries."""
+        if "line" not in kw:
+            if self._line is None:
+                raise SandboxError(
+                    "this test is marked no_containerd but starts a containerd: remove the marker "
+                    "so it runs on every containerd line"
+                )
+            kw["line"] = self._line
         node = Containerd(self._name("node"), **kw)
+        self.containerds.append(node)
         self._stack.callback(node.stop)
         for reg in registries:
             node.write_hosts_toml(reg.host, reg.url, (mirrors or {}).get(reg.host, ()))
