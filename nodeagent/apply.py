@@ -65,6 +65,7 @@ class ApplyReport:
     removed: list[str] = field(default_factory=list)
     backups: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     tuning: list[dict[str, object]] = field(default_factory=list)
     containerd_restarted: bool = False
@@ -304,6 +305,7 @@ def run_apply(
     plans, errors = render_all(config, facts, flavor)
     for p in plans:
         report.warnings.extend(p.warnings)
+        report.notes.extend(p.notes)
     if errors:
         report.errors.extend(errors)
         return report  # nothing is written when any target cannot render

@@ -11,6 +11,13 @@ removes those images.
 ``snapshotter_warnings`` compares the snapshotter CRI uses now (the build instance's containerd
 config) with signs of another one at run time (SOCI): images unpacked for overlayfs are invisible to
 a CRI that uses the soci snapshotter, and would be pulled again on every node.
+
+``with_sandbox_image`` makes the bake record the node's real sandbox (pause) image: the one
+containerd's config names (``pinned_images.sandbox`` in version 3, ``sandbox_image`` in version 2),
+or on AL2023 nodeadm's ``localhost/kubernetes/pause``, which the AMI build imports from
+``/etc/eks/pause.tar`` and which no registry serves. It is added to the bake's list (pinned, not
+required) when the config does not list it, and a pause image in the list that is not the sandbox
+image is reported: no pod sandbox would ever use it.
 """
 
 from __future__ import annotations
@@ -20,12 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent.config.model import Config
+from nodeagent import imageref
+from nodeagent.config.model import Config, PrefetchImage
 from nodeagent.eviction import baked
 from nodeagent.paths import Paths
 from nodeagent.prefetch import ImageOutcome
 
 DEFAULT_SNAPSHOTTER = "overlayfs"
+# nodeadm's sandbox image on AL2023 AMIs (amazon-eks-ami: cached at build time from /etc/eks/pause.tar)
+AL2023_SANDBOX_IMAGE = "localhost/kubernetes/pause"
 CONTAINERD_SOCKETS = ("/run/containerd/containerd.sock", "/var/run/containerd/containerd.sock")
 
 
@@ -80,7 +90,7 @@ def _cri_snapshotter(doc: dict[str, Any]) -> str:
     if not isinstance(plugins, dict):
         return DEFAULT_SNAPSHOTTER
     version = doc.get("version", 1)
-    if version == 3:
+    if isinstance(version, int) and version >= 3:
         section = plugins.get("io.containerd.cri.v1.images", {})
         value = section.get("snapshotter") if isinstance(section, dict) else None
     else:
@@ -88,6 +98,59 @@ def _cri_snapshotter(doc: dict[str, Any]) -> str:
         ctrd = cri.get("containerd", {}) if isinstance(cri, dict) else {}
         value = ctrd.get("snapshotter") if isinstance(ctrd, dict) else None
     return value if isinstance(value, str) and value else DEFAULT_SNAPSHOTTER
+
+
+def _config_sandbox_image(doc: dict[str, Any]) -> str | None:
+    plugins = doc.get("plugins", {})
+    if not isinstance(plugins, dict):
+        return None
+    version = doc.get("version", 1)
+    if isinstance(version, int) and version >= 3:
+        images = plugins.get("io.containerd.cri.v1.images", {})
+        pinned = images.get("pinned_images", {}) if isinstance(images, dict) else {}
+        value = pinned.get("sandbox") if isinstance(pinned, dict) else None
+    else:
+        cri = plugins.get("io.containerd.grpc.v1.cri", {})
+        value = cri.get("sandbox_image") if isinstance(cri, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def sandbox_image(paths: Paths) -> tuple[str | None, str]:
+    """(the sandbox image pods on this node use, where that was read); (None, "") when unknown."""
+    path = paths.containerd_config
+    try:
+        image = _config_sandbox_image(tomllib.loads(path.read_text()))
+        if image:
+            return image, str(path)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        pass
+    if any(b.exists() for b in paths.nodeadm_binaries) or paths.nodeadm_dropin_dir.is_dir():
+        return AL2023_SANDBOX_IMAGE, "nodeadm's containerd template on AL2023"
+    return None, ""
+
+
+def _is_pause(ref: str) -> bool:
+    return imageref.repository(ref).rsplit("/", 1)[-1] == "pause"
+
+
+def with_sandbox_image(
+    prefetch: Sequence[PrefetchImage], paths: Paths
+) -> tuple[tuple[PrefetchImage, ...], list[str]]:
+    """The bake's image list with the node's sandbox image in it, and warnings about pause images
+    that no pod sandbox would use."""
+    image, where = sandbox_image(paths)
+    if image is None:
+        return tuple(prefetch), []
+    want = imageref.normalize(image)
+    warnings = [
+        f"images.prefetch has {p.image}, but pod sandboxes on this node use {image} ({where}): "
+        "the baked copy would never be used"
+        for p in prefetch
+        if _is_pause(p.image) and imageref.normalize(p.image) != want
+    ]
+    if any(imageref.normalize(p.image) == want for p in prefetch):
+        return tuple(prefetch), warnings
+    return (*prefetch, PrefetchImage(image, pin=True, required=False)), warnings
 
 
 def snapshotter_warnings(config: Config, paths: Paths) -> list[str]:

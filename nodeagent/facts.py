@@ -6,16 +6,37 @@ use, so a cpuset is respected; ``sysconf`` physical pages), read with the stdlib
 to keep apply's start-up short on the boot path; NIC speed and the image filesystem are read under
 ``--root`` (``/sys/class/net/*/speed``, statvfs of the containerd root), so tests can
 hand in a fixture tree.
+
+The installed containerd version is read as nodeadm reads it: ``/etc/eks/containerd-version.txt``
+when the AMI has one, else ``containerd --version`` of the binary under ``--root``. On nodeadm
+nodes the NodeConfigs nodeadm will merge besides ours are gathered too: the user-data's
+``application/node.eks.aws`` parts and the other files in ``/etc/eks/nodeadm.d``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nodeagent.paths import Paths
 from nodeagent.targets import is_owned
+
+ContainerdVersion = tuple[int, int, int]
+VERSION_TIMEOUT = 5.0  # `containerd --version`
+MAX_NODECONFIG_BYTES = 1024 * 1024
+NODECONFIG_SUFFIXES = (".yaml", ".yml", ".json")  # what nodeadm reads from a drop-in directory
+_SEMVER = re.compile(r"([0-9]+)\.([0-9]+)\.([0-9]+)")
+
+
+@dataclass(frozen=True)
+class NodeConfigSource:
+    """One NodeConfig nodeadm merges (user-data part or drop-in), parsed; ``where`` names it."""
+
+    where: str
+    doc: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -28,6 +49,11 @@ class NodeFacts:
     containerd_config: str | None  # current /etc/containerd/config.toml, None if absent
     nodeadm_present: bool  # nodeadm binary or /etc/eks/nodeadm.d exists under the root
     owned_hosts_files: tuple[Path, ...] = ()  # <hosts_dir>/*/hosts.toml that carry our marker
+    containerd_version: ContainerdVersion | None = None  # the installed containerd; None: unknown
+    containerd_version_source: str = ""  # where it was read (for messages)
+    nodeconfigs: tuple[NodeConfigSource, ...] = ()  # other NodeConfigs nodeadm merges, in its order
+    nodeconfig_warnings: tuple[str, ...] = ()  # NodeConfigs that could not be read
+    kubelet_main_configs: tuple[tuple[Path, str], ...] = ()  # existing kubelet --config files, text
 
     @property
     def memory_gib(self) -> float:
@@ -119,7 +145,109 @@ def nodeadm_present(paths: Paths) -> bool:
     return any(b.exists() for b in paths.nodeadm_binaries) or paths.nodeadm_dropin_dir.is_dir()
 
 
-def gather(paths: Paths, hosts_dir: str = "/etc/containerd/certs.d") -> NodeFacts:
+def parse_version(text: str) -> ContainerdVersion | None:
+    """The first ``X.Y.Z`` in ``containerd --version`` output (nodeadm's rule), e.g. ``v2.2.9`` or
+    Debian's ``1.6.20~ds1``."""
+    m = _SEMVER.search(text)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def containerd_version(paths: Paths) -> tuple[ContainerdVersion | None, str]:
+    """(version, where it came from): the AMI's version file first, then the binary under the root."""
+    try:
+        v = parse_version(paths.containerd_version_file.read_text()[:4096])
+        if v:
+            return v, str(paths.containerd_version_file)
+    except (OSError, UnicodeDecodeError):
+        pass
+    from nodeagent import proc
+
+    for b in paths.containerd_binaries:
+        if not b.is_file():
+            continue
+        try:
+            r = proc.run([str(b), "--version"], timeout=VERSION_TIMEOUT, check=False)
+        except proc.CommandError:
+            continue
+        v = parse_version(r.stdout.decode(errors="replace"))
+        if r.returncode == 0 and v:
+            return v, f"{b} --version"
+    return None, ""
+
+
+def _load_nodeconfig(where: str, text: str) -> tuple[NodeConfigSource | None, str | None]:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return None, f"{where}: not YAML ({str(e).splitlines()[0]}); nodeadm will refuse it too"
+    if not isinstance(doc, dict) or doc.get("kind") != "NodeConfig":
+        return None, None
+    return NodeConfigSource(where, doc), None
+
+
+def nodeconfigs(
+    paths: Paths, user_data: bytes | None
+) -> tuple[tuple[NodeConfigSource, ...], tuple[str, ...]]:
+    """The NodeConfigs nodeadm merges besides nodeagent's drop-in, in nodeadm's order: user-data
+    parts (``imds://user-data``), then ``/etc/eks/nodeadm.d`` files by name (drop-ins win)."""
+    found: list[NodeConfigSource] = []
+    warnings: list[str] = []
+    texts: list[tuple[str, str]] = []
+    if user_data:
+        from nodeagent.userdata import UserDataError, nodeconfig_parts
+
+        try:
+            texts.extend(nodeconfig_parts(user_data))
+        except UserDataError as e:
+            warnings.append(f"{e}; its NodeConfig parts are not taken into account")
+    try:
+        names = sorted(os.listdir(paths.nodeadm_dropin_dir))
+    except OSError:
+        names = []
+    for name in names:
+        f = paths.nodeadm_dropin_dir / name
+        if not name.endswith(NODECONFIG_SUFFIXES) or not f.is_file():
+            continue
+        try:
+            with open(f, "rb") as fh:
+                raw = fh.read(MAX_NODECONFIG_BYTES + 1)
+        except OSError as e:
+            warnings.append(f"{f}: cannot read ({e.strerror})")
+            continue
+        if is_owned(raw):
+            continue  # nodeagent's own drop-in
+        if len(raw) > MAX_NODECONFIG_BYTES:
+            warnings.append(f"{f}: larger than {MAX_NODECONFIG_BYTES} bytes; not taken into account")
+            continue
+        texts.append((str(f), raw.decode(errors="replace")))
+    for where, text in texts:
+        source, warning = _load_nodeconfig(where, text)
+        if source:
+            found.append(source)
+        if warning:
+            warnings.append(warning)
+    return tuple(found), tuple(warnings)
+
+
+def kubelet_main_configs(paths: Paths) -> tuple[tuple[Path, str], ...]:
+    out = []
+    for p in paths.kubelet_main_configs:
+        try:
+            with open(p, "rb") as fh:
+                out.append((p, fh.read(MAX_NODECONFIG_BYTES).decode(errors="replace")))
+        except OSError:
+            continue
+    return tuple(out)
+
+
+def gather(
+    paths: Paths, hosts_dir: str = "/etc/containerd/certs.d", *, user_data: bytes | None = None
+) -> NodeFacts:
+    """Every fact apply renders from. ``user_data``: as IMDS returned it (None: IMDS not used)."""
+    version, version_source = containerd_version(paths)
+    configs, config_warnings = nodeconfigs(paths, user_data)
     return NodeFacts(
         paths=paths,
         cpus=cpu_count(),
@@ -129,4 +257,9 @@ def gather(paths: Paths, hosts_dir: str = "/etc/containerd/certs.d") -> NodeFact
         containerd_config=_read_text(paths.containerd_config),
         nodeadm_present=nodeadm_present(paths),
         owned_hosts_files=owned_hosts_files(paths, hosts_dir),
+        containerd_version=version,
+        containerd_version_source=version_source,
+        nodeconfigs=configs,
+        nodeconfig_warnings=config_warnings,
+        kubelet_main_configs=kubelet_main_configs(paths),
     )

@@ -99,6 +99,27 @@ class Paths:
         return (self.host("/usr/bin/nodeadm"), self.host("/usr/local/bin/nodeadm"))
 
     @property
+    def containerd_binaries(self) -> tuple[Path, ...]:
+        """Where a node installs containerd (``containerd --version`` gives the installed version)."""
+        return (self.host("/usr/bin/containerd"), self.host("/usr/local/bin/containerd"))
+
+    @property
+    def containerd_version_file(self) -> Path:
+        """The EKS AMI's record of the containerd it ships; nodeadm reads it before the binary."""
+        return self.host("/etc/eks/containerd-version.txt")
+
+    @property
+    def kubelet_main_configs(self) -> tuple[Path, ...]:
+        """Usual places of the kubelet's main ``--config`` file (kubeadm, EKS AMIs, packages)."""
+        return (
+            self.host("/var/lib/kubelet/config.yaml"),
+            self.host("/etc/kubernetes/kubelet/config.yaml"),
+            self.host("/etc/kubernetes/kubelet/config.json"),
+            self.host("/etc/kubernetes/kubelet/kubelet-config.json"),
+            self.host("/etc/kubernetes/kubelet-config.yaml"),
+        )
+
+    @property
     def soci_units(self) -> tuple[Path, ...]:
         """systemd units of the SOCI snapshotter (a sign that images will be pulled with it)."""
         return (

@@ -153,18 +153,37 @@ def nodeagent_parts(user_data: bytes | None) -> list[tuple[str, str]]:
                 f"'Content-Type: {CONTENT_TYPE}' (see `nodeagent userdata --format al2023`)"
             )
         return []  # a shell script, #cloud-config or a bare NodeConfig: nothing for nodeagent
+    return _mime_parts(data, CONTENT_TYPE)
+
+
+def _mime_parts(data: bytes, content_type: str) -> list[tuple[str, str]]:
+    """Every leaf part of the MIME document ``data`` of ``content_type``, decoded, in order."""
     msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
     _check_defects(msg, "user-data")
     found: list[tuple[str, str]] = []
     for loc, part in _parts(msg, ""):
-        if part.get_content_type() != CONTENT_TYPE:
+        if part.get_content_type() != content_type:
             continue
-        where = f"user-data {loc or 'body'} ({CONTENT_TYPE})"
+        where = f"user-data {loc or 'body'} ({content_type})"
         raw = part.get_payload(decode=True)
-        if not isinstance(raw, bytes):
-            raw = b""
-        found.append((where, _text(unwrap(raw, where), where)))
+        found.append((where, _text(unwrap(raw if isinstance(raw, bytes) else b"", where), where)))
     return found
+
+
+def nodeconfig_parts(user_data: bytes | None) -> list[tuple[str, str]]:
+    """Every NodeConfig nodeadm reads from this user-data, as ``(location, yaml_text)``, in order.
+
+    As nodeadm's ``imds://user-data`` source: each ``application/node.eks.aws`` part of a MIME
+    document (base64/gzip undone), or, when the user-data is not MIME, the whole of it when it is
+    a NodeConfig. Raises ``UserDataError`` when the user-data cannot be read.
+    """
+    if not user_data or not user_data.strip():
+        return []
+    data = unwrap(user_data)
+    if not _is_mime(data):
+        text = _text(data, "user-data")
+        return [("user-data", text)] if re.search(r"^kind:\s*NodeConfig\s*$", text, re.M) else []
+    return _mime_parts(data, NODECONFIG_CONTENT_TYPE)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
             print(p, file=sys.stderr)
         return EXIT_INVALID_CONFIG
     config = loaded.config
-    facts = gather(paths, config.containerd.hosts_dir)
+    facts = gather(paths, config.containerd.hosts_dir, user_data=loaded.user_data)
     mirror_check: MirrorCheck | None = None
     if config.containerd.mirrors and config.containerd.mirror_health.enabled:
         # imported only when there is something to probe (asyncio, ssl): apply is on the boot path
@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     for t in report.tuning:
         how = f"auto: {t['reason']}" if t["auto"] else "from config"
         print(f"tuning: {t['key']} = {t['value']} ({how})")
+    for n in report.notes:
+        print(f"note: {n}")
     for f in report.backups:
         print(f"backup: {f}")
     for f in report.changed:

@@ -50,10 +50,12 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
             credentials = Credentials(None, None)
 
     warnings: list[str] = []
+    to_pull = images.prefetch
     if args.bake:
-        from nodeagent.bake import snapshotter_warnings
+        from nodeagent.bake import snapshotter_warnings, with_sandbox_image
 
-        warnings = snapshotter_warnings(cfg, paths)
+        to_pull, warnings = with_sandbox_image(images.prefetch, paths)  # the node's real pause image
+        warnings += snapshotter_warnings(cfg, paths)
         for w in warnings:
             print(f"nodeagent prefetch: warning: {w}", file=sys.stderr)
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         async with CriClient(cfg.cri.endpoint, timeout=cfg.cri.timeout, pull_timeout=None) as cri:
             report = await Prefetcher(
                 cri,
-                images.prefetch,
+                to_pull,
                 concurrency=images.prefetch_concurrency,
                 budget=images.prefetch_budget,
                 credentials=credentials,

@@ -49,6 +49,7 @@ class LoadedConfig:
     warnings: tuple[str, ...] = ()
     userdata_error: str | None = None
     imds_seconds: float | None = None  # time spent asking IMDS (None: IMDS not used)
+    user_data: bytes | None = None  # the user-data as IMDS returned it (apply reads nodeadm's parts)
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,12 +177,14 @@ def load_for_command(
     try:
         parts = nodeagent_parts(raw)
     except UserDataError as err:
-        return LoadedConfig(baked, baked_only, userdata_error=f"{err}\n{_fallback(path)}", imds_seconds=took)
+        return LoadedConfig(
+            baked, baked_only, userdata_error=f"{err}\n{_fallback(path)}", imds_seconds=took, user_data=raw
+        )
     if not parts:
-        return LoadedConfig(baked, baked_only, imds_seconds=took)
+        return LoadedConfig(baked, baked_only, imds_seconds=took, user_data=raw)
     merged, error = _apply_parts(path, baked_doc, parts)
     if merged is None:
         return LoadedConfig(
-            baked, baked_only, userdata_error=f"{error}\n{_fallback(path)}", imds_seconds=took
+            baked, baked_only, userdata_error=f"{error}\n{_fallback(path)}", imds_seconds=took, user_data=raw
         )
-    return LoadedConfig(merged, (str(path), USER_DATA_SOURCE), imds_seconds=took)
+    return LoadedConfig(merged, (str(path), USER_DATA_SOURCE), imds_seconds=took, user_data=raw)

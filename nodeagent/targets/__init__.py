@@ -49,6 +49,7 @@ class TargetPlan:
     files: list[DesiredFile] = field(default_factory=list)
     remove: list[Path] = field(default_factory=list)  # our own files that are no longer wanted
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # decisions worth printing (not problems)
     restart_on_change: bool = False  # a change to these files takes effect only after a containerd restart
 
 

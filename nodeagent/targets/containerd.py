@@ -1,13 +1,39 @@
 """containerd image-pull settings, patched into its existing config.toml with tomlkit.
 
-Only three settings are owned: ``max_concurrent_downloads``, ``image_pull_progress_timeout`` and the
+Only three settings are owned: the download concurrency, ``image_pull_progress_timeout`` and the
 registry ``config_path`` (the hosts directory). Where they live depends on the config version,
 read from the file:
 
-- version 2 (containerd 1.x): ``[plugins."io.containerd.grpc.v1.cri"]`` and its ``.registry`` table.
-- version 3 (containerd 2.x): ``[plugins."io.containerd.cri.v1.images"]`` and its ``.registry``
-  table; ``max_concurrent_downloads`` is also set on ``[plugins."io.containerd.transfer.v1.local"]``,
-  which does the downloading when CRI pulls go through the transfer service (the 2.1+ default).
+- version 2 (containerd 1.x, also read by 2.x): ``[plugins."io.containerd.grpc.v1.cri"]`` and its
+  ``.registry`` table.
+- version 3 (containerd 2.x) and 4 (containerd 2.4+): ``[plugins."io.containerd.cri.v1.images"]``
+  and its ``.registry`` table.
+
+**Where the download concurrency goes** follows the pull path containerd will use for CRI pulls
+(``pull_path``; read from containerd's source, ``internal/cri/config.CheckLocalImagePullConfigs``):
+
+- containerd 1.6/1.7 and 2.0 always pull CRI images themselves ("local pull"): the CRI
+  ``max_concurrent_downloads`` counts.
+- containerd 2.1+ pulls them through the transfer service, whose own
+  ``[plugins."io.containerd.transfer.v1.local"].max_concurrent_downloads`` counts, unless the CRI
+  images config holds a setting the transfer service does not support: ``use_local_image_pull =
+  true``, ``discard_unpacked_layers = true`` (nodeadm's templates), ``disable_snapshot_annotations =
+  false`` (SOCI), ``image_pull_with_sync_fs = true``, ``registry.mirrors``/``configs``/``auths``, or a
+  CRI ``max_concurrent_downloads`` other than 3. Then containerd logs "Falling back to local image
+  pull mode" and the CRI value counts.
+
+So on the transfer path the concurrency goes to the transfer service and a CRI value we wrote
+before is set back to 3 (a CRI value other than 3 would itself force local pull); on the local
+path it goes to the CRI table. The CRI ``max_concurrent_downloads`` is nodeagent's key, so it is never
+counted as a reason for local pull. An unknown containerd version is treated as local pull (the CRI
+value is honoured on every version).
+
+``config_path`` follows the path too. The local pull splits it at ':' and tries each directory:
+``hostsDir`` goes first and the directories already listed stay, an empty value being read as
+containerd reads it (from 2.2 the default ``/etc/containerd/certs.d:/etc/docker/certs.d``; 1.6 to
+2.1 no hosts directory at all). The transfer service takes the whole value as one directory (a list
+finds no hosts.toml at all; measured with 2.2.9 and 2.4.2), so there it is ``hostsDir`` alone, with
+a warning naming what was left out.
 
 Every other byte of the file (comments, order, keys we do not own) is kept, and a value that
 already holds what we want is not touched, so a patched file patches to itself. Version 1 files
@@ -18,11 +44,12 @@ version 2 config, which containerd 1.6+ and 2.x both read.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from nodeagent.config.model import Config
-from nodeagent.facts import NodeFacts
+from nodeagent.facts import ContainerdVersion, NodeFacts
 from nodeagent.targets import DesiredFile, TargetError, TargetPlan, go_duration, owned_header
 from nodeagent.targets.mirrors import spegel_mirrors
 from nodeagent.tuning import resolve
@@ -30,6 +57,14 @@ from nodeagent.tuning import resolve
 V2_CRI = "io.containerd.grpc.v1.cri"
 V3_IMAGES = "io.containerd.cri.v1.images"
 V3_TRANSFER = "io.containerd.transfer.v1.local"
+# config versions: 2 (containerd 1.x), 3 (2.0+), 4 (2.4+: the CRI image tables as in 3, the server
+# addresses moved under plugins)
+SUPPORTED_VERSIONS = (2, 3, 4)
+TRANSFER_FROM: ContainerdVersion = (2, 1, 0)  # CRI pulls go through the transfer service from 2.1
+DEFAULT_CONFIG_PATH_FROM: ContainerdVersion = (2, 2, 0)  # empty config_path means the default from 2.2
+DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d:/etc/docker/certs.d"
+CRI_DEFAULT_DOWNLOADS = 3  # containerd's default; any other CRI value forces local pull on 2.1+
+TRANSFER_KEY = ("plugins", V3_TRANSFER, "max_concurrent_downloads")
 
 
 @dataclass(frozen=True)
@@ -51,7 +86,10 @@ def values(config: Config, facts: NodeFacts) -> Values:
 def _indent_of(table: Any) -> str | None:
     from tomlkit.items import AoT, Item, Table
 
-    for k, item in table.value.body:
+    body = getattr(getattr(table, "value", None), "body", None)
+    if body is None:  # a table defined in pieces ([a.b] before [a], as nodeadm's template does)
+        return None
+    for k, item in body:
         if k is not None and isinstance(item, Item) and not isinstance(item, Table | AoT):
             indent: str = item.trivia.indent
             return indent
@@ -69,9 +107,11 @@ def _set(table: Any, key: str, value: Any) -> bool:
         table[key] = value
         return True
     indent = _indent_of(table)
+    if indent is None:
+        table[key] = value
+        return True
     table.add(key, value)
-    if indent is not None:
-        table.item(key).trivia.indent = indent
+    table.item(key).trivia.indent = indent
     return True
 
 
@@ -89,7 +129,7 @@ def _table(container: Any, *keys: str) -> Any:
     return t
 
 
-def _get(container: Any, *keys: str) -> Any:
+def get_in(container: Any, *keys: str) -> Any:
     t = container
     for k in keys:
         if not isinstance(t, dict) or k not in t:
@@ -111,10 +151,23 @@ def image_table_keys(version: int) -> tuple[str, ...]:
 
 def discard_unpacked_layers(doc: Any, version: int) -> bool:
     if version >= 3:
-        v = _get(doc, "plugins", V3_IMAGES, "discard_unpacked_layers")
+        v = get_in(doc, "plugins", V3_IMAGES, "discard_unpacked_layers")
     else:
-        v = _get(doc, "plugins", V2_CRI, "containerd", "discard_unpacked_layers")
+        v = get_in(doc, "plugins", V2_CRI, "containerd", "discard_unpacked_layers")
     return bool(v)
+
+
+def version_text(v: ContainerdVersion | None) -> str:
+    return "of unknown version" if v is None else ".".join(map(str, v))
+
+
+def effective_config_path(current: str, containerd: ContainerdVersion | None, config_version: int) -> str:
+    """What containerd reads ``config_path`` as: empty is the default from 2.2 (an unknown
+    version with a version-3 config is taken as current 2.x), nothing before."""
+    if current:
+        return current
+    new = containerd >= DEFAULT_CONFIG_PATH_FROM if containerd else config_version >= 3
+    return DEFAULT_CONFIG_PATH if new else ""
 
 
 def merged_config_path(current: str, hosts_dir: str) -> str:
@@ -125,9 +178,102 @@ def merged_config_path(current: str, hosts_dir: str) -> str:
     return ":".join([hosts_dir, *dirs])
 
 
+def wanted_config_path(current: str, hosts_dir: str, path: PullPath) -> str:
+    """The ``config_path`` to write. The local pull splits it at ':' and tries each directory; the
+    transfer service (2.2.9, 2.4.2) takes it as ONE directory, so a list there finds no hosts.toml
+    at all (measured: tests/integration/test_apply_pullpath.py): on that path only ``hosts_dir``."""
+    return hosts_dir if path.transfer else merged_config_path(current, hosts_dir)
+
+
+def dropped_dirs(current: str, hosts_dir: str, path: PullPath) -> list[str]:
+    """Directories of ``current`` that the transfer path cannot read (so apply does not keep them)."""
+    return [d for d in current.split(":") if d and d != hosts_dir] if path.transfer else []
+
+
+# --- pull path -------------------------------------------------------------------------------
+
+
+def cri_image_settings(doc: Any, version: int) -> dict[str, Any]:
+    """The CRI image settings that decide the pull path, under their version-3 names, from a
+    version 2, 3 or 4 document (containerd 2.x migrates the version-2 keys to these)."""
+    out: dict[str, Any] = {}
+    snapshot_keys = ("discard_unpacked_layers", "disable_snapshot_annotations")
+    if version >= 3:
+        pull_keys = (
+            "use_local_image_pull",
+            "image_pull_with_sync_fs",
+            "max_concurrent_downloads",
+            "registry",
+        )
+        sources: list[tuple[Any, tuple[str, ...]]] = [
+            (get_in(doc, "plugins", V3_IMAGES), pull_keys + snapshot_keys)
+        ]
+    else:
+        cri = get_in(doc, "plugins", V2_CRI)
+        sources = [
+            (cri, ("image_pull_with_sync_fs", "max_concurrent_downloads", "registry")),
+            (get_in(doc, "plugins", V2_CRI, "containerd"), snapshot_keys),
+        ]
+    for table, keys in sources:
+        if isinstance(table, Mapping):
+            out.update({k: table[k] for k in keys if k in table})
+    return out
+
+
+def local_pull_reasons(settings: Mapping[str, Any]) -> list[str]:
+    """Settings that make containerd 2.1+ leave the transfer service for CRI pulls."""
+    reasons = []
+    if settings.get("use_local_image_pull") is True:
+        reasons.append("use_local_image_pull = true")
+    if settings.get("discard_unpacked_layers") is True:
+        reasons.append("discard_unpacked_layers = true")
+    if settings.get("disable_snapshot_annotations") is False:
+        reasons.append("disable_snapshot_annotations = false")
+    if settings.get("image_pull_with_sync_fs") is True:
+        reasons.append("image_pull_with_sync_fs = true")
+    mcd = settings.get("max_concurrent_downloads")
+    if mcd is not None and mcd != CRI_DEFAULT_DOWNLOADS:
+        reasons.append(f"max_concurrent_downloads = {mcd} (not {CRI_DEFAULT_DOWNLOADS})")
+    reg = settings.get("registry")
+    if isinstance(reg, Mapping):
+        reasons.extend(f"registry.{k}" for k in ("mirrors", "configs", "auths") if reg.get(k))
+    return reasons
+
+
+@dataclass(frozen=True)
+class PullPath:
+    transfer: bool  # True: the transfer service downloads CRI pulls; False: CRI's local pull
+    reason: str
+
+
+def pull_path(containerd: ContainerdVersion | None, settings: Mapping[str, Any]) -> PullPath:
+    """The path containerd ``containerd`` takes for CRI pulls with these CRI image settings."""
+    if containerd is None:
+        return PullPath(False, "containerd version unknown: the CRI value, honoured on every version")
+    name = f"containerd {version_text(containerd)}"
+    if containerd < TRANSFER_FROM:
+        return PullPath(False, f"{name} pulls CRI images itself (local pull)")
+    reasons = local_pull_reasons(settings)
+    if reasons:
+        return PullPath(False, f"{name} falls back to local pull because of {', '.join(reasons)}")
+    return PullPath(True, f"{name} pulls CRI images through the transfer service")
+
+
+def transfer_config_path_warning(lost: list[str], hosts_dir: str, path: PullPath) -> str:
+    return (
+        f"config_path is set to {hosts_dir} alone: {path.reason}, which reads config_path as one "
+        f"directory (a ':' list finds no hosts.toml at all), so hosts.toml files in {', '.join(lost)} "
+        "are not read on this path"
+    )
+
+
+def downloads_note(path: PullPath, where: str) -> str:
+    return f"containerd download concurrency goes to {where}: {path.reason}"
+
+
 def legacy_registry_settings(doc: Any, version: int) -> list[str]:
     """Deprecated registry keys that containerd refuses together with ``config_path``."""
-    reg = _get(doc, *image_table_keys(version), "registry")
+    reg = get_in(doc, *image_table_keys(version), "registry")
     found = []
     if isinstance(reg, dict):
         if reg.get("mirrors"):
@@ -144,30 +290,45 @@ class Patched:
     version: int
     config_path: str
     warnings: list[str]
+    pull: PullPath
 
 
-def _wanted(doc: Any, version: int, v: Values, legacy: list[str]) -> list[tuple[tuple[str, ...], Any]]:
+def _wanted(
+    doc: Any, version: int, v: Values, legacy: list[str], path: PullPath, containerd: ContainerdVersion | None
+) -> list[tuple[tuple[str, ...], Any]]:
     """(key path, value) of every setting we own, given what the document holds now."""
     keys = image_table_keys(version)
-    out: list[tuple[tuple[str, ...], Any]] = [
-        ((*keys, "max_concurrent_downloads"), v.max_concurrent_downloads),
-        ((*keys, "image_pull_progress_timeout"), v.image_pull_progress_timeout),
-    ]
-    if version >= 3:
-        out.append((("plugins", V3_TRANSFER, "max_concurrent_downloads"), v.max_concurrent_downloads))
+    out: list[tuple[tuple[str, ...], Any]] = []
+    if path.transfer:
+        if get_in(doc, *keys, "max_concurrent_downloads") is not None:  # ours from before: back to 3
+            out.append(((*keys, "max_concurrent_downloads"), CRI_DEFAULT_DOWNLOADS))
+    else:
+        out.append(((*keys, "max_concurrent_downloads"), v.max_concurrent_downloads))
+    out.append(((*keys, "image_pull_progress_timeout"), v.image_pull_progress_timeout))
+    if path.transfer:
+        out.append((TRANSFER_KEY, v.max_concurrent_downloads))
     if not legacy:
-        current = _get(doc, *keys, "registry", "config_path")
-        out.append(((*keys, "registry", "config_path"), merged_config_path(str(current or ""), v.hosts_dir)))
+        current = effective_config_path(
+            str(get_in(doc, *keys, "registry", "config_path") or ""), containerd, version
+        )
+        out.append(((*keys, "registry", "config_path"), wanted_config_path(current, v.hosts_dir, path)))
     return out
 
 
 def _holds(doc: Any, path: tuple[str, ...], value: Any) -> bool:
-    cur = _get(doc, *path)  # a tomllib document: plain Python values
+    cur = get_in(doc, *path)  # a tomllib document: plain Python values
     return type(cur) is type(value) and bool(cur == value)
 
 
-def patch(text: str | None, v: Values, *, spegel: list[str] | None = None) -> Patched:
-    """Patch containerd config text (None: no file yet) with our values; pure.
+def patch(
+    text: str | None,
+    v: Values,
+    *,
+    spegel: list[str] | None = None,
+    containerd: ContainerdVersion | None = None,
+) -> Patched:
+    """Patch containerd config text (None: no file yet) with our values for containerd version
+    ``containerd`` (None: unknown); pure.
 
     The file is read with tomllib first; when it already holds every value (each boot after the
     first), it is returned as it is without loading tomlkit at all.
@@ -186,22 +347,26 @@ def patch(text: str | None, v: Values, *, spegel: list[str] | None = None) -> Pa
         except tomllib.TOMLDecodeError as e:
             raise TargetError(f"not valid TOML: {e}") from None
         version = detect_version(doc)
-        if version not in (2, 3):
+        if version not in SUPPORTED_VERSIONS:
             raise TargetError(
-                f"version = {version}: only containerd config versions 2 and 3 are supported "
+                f"version = {version}: only containerd config versions 2, 3 and 4 are supported "
                 "(run `containerd config migrate` first)"
             )
     keys = image_table_keys(version)
     where = ".".join(keys[1:])
+    original = doc
     legacy = legacy_registry_settings(doc, version)
-    wanted = _wanted(doc, version, v, legacy)
-    if text is None or not all(_holds(doc, path, value) for path, value in wanted):
+    settings = cri_image_settings(doc, version)
+    settings.pop("max_concurrent_downloads", None)  # nodeagent's own key: never a reason
+    path = pull_path(containerd, settings)
+    wanted = _wanted(doc, version, v, legacy, path, containerd)
+    if text is None or not all(_holds(doc, key, value) for key, value in wanted):
         import tomlkit
 
         if text is not None:
             doc = tomlkit.parse(text)
-        for path, value in wanted:
-            _set(_table(doc, *path[:-1]), path[-1], value)
+        for key, value in wanted:
+            _set(_table(doc, *key[:-1]), key[-1], value)
         text = tomlkit.dumps(doc)
     warnings: list[str] = []
     if legacy:
@@ -210,7 +375,14 @@ def patch(text: str | None, v: Values, *, spegel: list[str] | None = None) -> Pa
             "refuses config_path together with them, so config_path was not set: move those mirrors "
             "to containerd.mirrors in the nodeagent config"
         )
-    config_path = str(_get(doc, *keys, "registry", "config_path") or "")
+    config_path = str(get_in(doc, *keys, "registry", "config_path") or "")
+    if not legacy and path.transfer:
+        before = effective_config_path(
+            str(get_in(original, *keys, "registry", "config_path") or ""), containerd, version
+        )
+        lost = dropped_dirs(before, v.hosts_dir, path)
+        if lost:
+            warnings.append(transfer_config_path_warning(lost, v.hosts_dir, path))
     if not config_path:
         warnings.append(
             f"containerd config has no plugins.{where}.registry.config_path: "
@@ -221,21 +393,23 @@ def patch(text: str | None, v: Values, *, spegel: list[str] | None = None) -> Pa
             "containerd discard_unpacked_layers = true together with a Spegel mirror "
             f"({spegel[0]}): layers are dropped after unpacking, so Spegel has nothing to serve"
         )
-    return Patched(text, version, config_path, warnings)
+    return Patched(text, version, config_path, warnings, path)
 
 
-def fragment(version: int, v: Values, config_path: str | None = None) -> str:
-    """A TOML fragment carrying only our settings (for nodeadm's ``spec.containerd.config``)."""
+def fragment(version: int, v: Values, config_path: str | None = None, *, transfer: bool = False) -> str:
+    """A TOML fragment carrying only our settings (for nodeadm's ``spec.containerd.config``):
+    the download concurrency in the transfer service when ``transfer``, else in the CRI table."""
     import tomlkit
 
     doc = tomlkit.document()
     keys = image_table_keys(version)
     images = _table(doc, *keys)
-    images.add("max_concurrent_downloads", v.max_concurrent_downloads)
+    if not transfer:
+        images.add("max_concurrent_downloads", v.max_concurrent_downloads)
     images.add("image_pull_progress_timeout", v.image_pull_progress_timeout)
-    if version >= 3:
-        _table(doc, "plugins", V3_TRANSFER).add("max_concurrent_downloads", v.max_concurrent_downloads)
     _table(doc, *keys, "registry").add("config_path", config_path or v.hosts_dir)
+    if transfer:
+        _table(doc, "plugins", V3_TRANSFER).add("max_concurrent_downloads", v.max_concurrent_downloads)
     return tomlkit.dumps(doc)
 
 
@@ -243,9 +417,22 @@ def render(config: Config, facts: NodeFacts) -> TargetPlan:
     plan = TargetPlan("containerd", restart_on_change=True)
     path = facts.paths.containerd_config
     try:
-        p = patch(facts.containerd_config, values(config, facts), spegel=spegel_mirrors(config))
+        p = patch(
+            facts.containerd_config,
+            values(config, facts),
+            spegel=spegel_mirrors(config),
+            containerd=facts.containerd_version,
+        )
     except TargetError as e:
         raise TargetError(f"{path}: {e}") from None
     plan.warnings.extend(p.warnings)
+    if facts.containerd_version is None:
+        plan.warnings.append(
+            "containerd version unknown (no containerd binary under the root answered --version): "
+            "download concurrency written to the CRI table, which every version honours; on "
+            "containerd 2.1+ a value other than 3 there makes CRI pulls leave the transfer service"
+        )
+    where = f"plugins.{V3_TRANSFER}" if p.pull.transfer else f"plugins.{image_table_keys(p.version)[1]}"
+    plan.notes.append(downloads_note(p.pull, where))
     plan.files.append(DesiredFile(path, p.text, owned=facts.containerd_config is None))
     return plan

@@ -11,6 +11,11 @@ low < high; maxParallelImagePulls >= 1 and only when serializeImagePulls is fals
 Go durations, non-negative, and imageMaximumGCAge (when not 0) greater than imageMinimumGCAge.
 imageMaximumGCAge is left out when 0 (its default), since it needs the ImageMaximumGCAge feature
 gate (beta, on by default since 1.30) on older kubelets.
+
+With ``--config-dir`` the kubelet decodes the main ``--config`` file and encodes it again before
+merging the drop-ins; the encoding leaves out empty lists and maps, so a main-config
+``enforceNodeAllocatable: []`` silently becomes the default ``["pods"]`` (seen with kubelet 1.34).
+``render()`` warns about every such field in a main config it finds at the usual places.
 """
 
 from __future__ import annotations
@@ -97,8 +102,34 @@ def render_dropin(fields: dict[str, Any]) -> str:
     return owned_header("kubelet drop-in") + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
+def empty_collections(text: str) -> list[str]:
+    """Top-level fields of a KubeletConfiguration (YAML or JSON) that hold an empty list or map."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        return []
+    return [f"{k}: {'[]' if isinstance(v, list) else '{}'}" for k, v in doc.items() if v in ([], {})]
+
+
+def config_dir_warnings(facts: NodeFacts) -> list[str]:
+    out = []
+    for path, text in facts.kubelet_main_configs:
+        empty = empty_collections(text)
+        if empty:
+            out.append(
+                f"{path} sets {', '.join(empty)}: with --config-dir (needed for nodeagent's drop-in) the "
+                "kubelet re-encodes its main config and drops empty lists and maps, so they revert to "
+                'their defaults (enforceNodeAllocatable: [] becomes ["pods"]); restate them in a drop-in '
+                f"of {facts.paths.kubelet_dropin_dir} (docs/tuning.md)"
+            )
+    return out
+
+
 def render(config: Config, facts: NodeFacts) -> TargetPlan:
     plan = TargetPlan("kubelet")
+    plan.warnings.extend(config_dir_warnings(facts))
     path = facts.paths.kubelet_dropin_dir / DROPIN_NAME
     plan.files.append(DesiredFile(path, render_dropin(settings(config, facts))))
     return plan

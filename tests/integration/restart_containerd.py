@@ -8,7 +8,8 @@ socket, starts ``BIN --config CONFIG`` (default ``containerd``; BIN's directory 
 writes the new PID to PIDFILE, like ``systemctl restart containerd`` does for a unit. The test
 tears down by that PID. ``--fail-if-contains`` is fault injection for the rollback test: when the
 config holds TEXT, it starts ``containerd`` with an unknown flag instead (it exits at once, so CRI
-never answers), as a containerd that cannot start on a bad config would.
+never answers), as a containerd that cannot start on a bad config would. ``--containerd`` names the
+binary (default: ``containerd`` from PATH, Debian's 1.6).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def main(argv: list[str]) -> int:
     pidfile, config, log, fail_text = a.pidfile, a.config, a.log, a.fail_if_contains
     stop(pidfile)
     text = config.read_text()
-    sock = Path(tomllib.loads(text)["grpc"]["address"])
+    doc = tomllib.loads(text)
+    grpc = doc.get("grpc") or doc["plugins"]["io.containerd.server.v1.grpc"]  # version 4: a plugin
+    sock = Path(grpc["address"])
     if sock.exists():
         sock.unlink()
     cmd = [a.containerd, "--config", str(config)]

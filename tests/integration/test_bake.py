@@ -115,3 +115,30 @@ def test_bake_pins_writes_the_manifest_and_eviction_keeps_baked_images(
     assert verdicts[unpinned.reference] == (policy.KEEP, policy.BAKED)
     assert verdicts[pinned.reference][0] == policy.KEEP
     assert verdicts[pinned.reference][1] in (policy.BAKED, policy.PINNED)
+
+
+def test_bake_records_the_sandbox_image_containerds_config_names(
+    sandbox: Sandbox, registry: Registry, image_factory: Callable[..., PushedImage], tmp_path: Path
+) -> None:
+    """The node's real pause image is baked even when images.prefetch does not list it, and a pause
+    image in the list that no sandbox uses is reported."""
+    real_pause = image_factory(layers=1, layer_size=64 << 10, repository="node/pause", tag="3.10")
+    other_pause = image_factory(
+        layers=1, layer_size=64 << 10, repository="elsewhere/pause", tag="3.10", seed=3
+    )
+    node = sandbox.containerd([registry], sandbox_image=real_pause.reference)
+    root = tmp_path / "root"
+    write_node_root(root, node, [{"image": other_pause.reference, "pin": True, "required": True}])
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_text(node.config_path.read_text())  # names the sandbox image
+
+    r = run_prefetch(root, "--bake")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"images.prefetch has {other_pause.reference}, but pod sandboxes on this node use" in r.stderr
+    manifest = {b.reference: b for b in baked.load(root / "etc/nodeagent/baked-images.json")}
+    assert (
+        manifest[real_pause.reference].pinned
+        and manifest[real_pause.reference].digest == real_pause.manifest_digest
+    )
+    assert other_pause.reference in manifest  # listed: still baked, as asked
+    assert "io.cri-containerd.pinned=pinned" in ctr_images(str(node.socket))[real_pause.reference]

@@ -9,8 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from nodeagent.bake import pin_and_record, snapshotter_warnings
-from nodeagent.config.model import Config
+from nodeagent.bake import pin_and_record, sandbox_image, snapshotter_warnings, with_sandbox_image
+from nodeagent.config.model import Config, PrefetchImage
 from nodeagent.eviction import baked
 from nodeagent.paths import Paths
 from nodeagent.prefetch import ImageOutcome
@@ -92,3 +92,49 @@ def test_unreadable_containerd_config_is_a_warning(tmp_path: Path) -> None:
     paths.containerd_config.write_text("version = [\n")
     (w,) = snapshotter_warnings(Config(), paths)
     assert w.startswith(f"{paths.containerd_config}: cannot read containerd's config")
+
+
+def _containerd_config(root: Path, text: str) -> None:
+    (root / "etc/containerd").mkdir(parents=True, exist_ok=True)
+    (root / "etc/containerd/config.toml").write_text(text)
+
+
+PUBLIC_PAUSE = PrefetchImage("public.ecr.aws/eks-distro/kubernetes/pause:3.10", pin=True, required=True)
+BUSYBOX = PrefetchImage("busybox:1.36")
+
+
+def test_sandbox_image_from_config_v3_v2_and_al2023_default(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    assert sandbox_image(paths) == (None, "")
+    (tmp_path / "etc/eks/nodeadm.d").mkdir(parents=True)
+    assert sandbox_image(paths) == ("localhost/kubernetes/pause", "nodeadm's containerd template on AL2023")
+    _containerd_config(
+        tmp_path, 'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\nsandbox_image = "r/pause:1"\n'
+    )
+    assert sandbox_image(paths)[0] == "r/pause:1"
+    v3 = (Path(__file__).parents[1] / "data/containerd-v3-commented.toml").read_text()
+    _containerd_config(tmp_path, v3)
+    assert sandbox_image(paths) == (
+        "localhost/kubernetes/pause",
+        str(tmp_path / "etc/containerd/config.toml"),
+    )
+
+
+def test_bake_adds_the_real_sandbox_image_and_flags_an_unused_pause(tmp_path: Path) -> None:
+    (tmp_path / "etc/eks/nodeadm.d").mkdir(parents=True)
+    images, warnings = with_sandbox_image([PUBLIC_PAUSE, BUSYBOX], Paths(tmp_path))
+    assert images == (
+        PUBLIC_PAUSE,
+        BUSYBOX,
+        PrefetchImage("localhost/kubernetes/pause", pin=True, required=False),
+    )
+    (w,) = warnings
+    assert w.startswith(
+        "images.prefetch has public.ecr.aws/eks-distro/kubernetes/pause:3.10, but pod sandboxes"
+    )
+    listed = [PrefetchImage("localhost/kubernetes/pause:latest", pin=True, required=True)]
+    assert with_sandbox_image(listed, Paths(tmp_path)) == (tuple(listed), [])  # same image, normalized
+
+
+def test_no_known_sandbox_image_leaves_the_list_alone(tmp_path: Path) -> None:
+    assert with_sandbox_image([PUBLIC_PAUSE], Paths(tmp_path)) == ((PUBLIC_PAUSE,), [])

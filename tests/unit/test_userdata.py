@@ -264,3 +264,15 @@ def test_karpenter_userdata_survives_karpenter_merge() -> None:
     )
     ((_, text),) = nodeagent_parts(base64.b64encode(merged.encode()))
     assert config.load_text(text) == config.load_text(CONFIG)
+
+
+def test_nodeconfig_parts_as_nodeadm_reads_them() -> None:
+    from nodeagent.userdata import nodeconfig_parts, render_al2023
+
+    nc = "apiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec: {}\n"
+    assert nodeconfig_parts(nc.encode()) == [("user-data", nc)]  # a bare NodeConfig
+    assert nodeconfig_parts(b"#!/bin/sh\necho hi\n") == []
+    assert nodeconfig_parts(None) == []
+    mime = render_al2023("apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\n", CLUSTER)
+    ((where, text),) = nodeconfig_parts(mime.encode())
+    assert where == "user-data part 2 (application/node.eks.aws)" and "kind: NodeConfig" in text

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,12 @@ def test_exit_0_and_prints_tuning_and_changes(tmp_path: Path, capsys: pytest.Cap
     assert main(["apply", "--root", str(root), "--flavor", "generic"]) == 0
     out = capsys.readouterr()
     assert "tuning: kubelet.maxParallelImagePulls = " in out.out
+    # no containerd binary in the tree: the CRI table, said as a note, and a warning
+    assert "note: containerd download concurrency goes to plugins.io.containerd.grpc.v1.cri: " in out.out
+    assert "containerd version unknown" in out.err
     assert "changed: " in out.out and "restartCommand is empty" in out.err
-    assert (root / "var/lib/nodeagent/apply-report.json").exists()
+    report = json.loads((root / "var/lib/nodeagent/apply-report.json").read_text())
+    assert any(n.startswith("containerd download concurrency goes to") for n in report["notes"])
     # nothing changed the second time: no restart needed, exit 0
     assert main(["apply", "--root", str(root), "--flavor", "generic"]) == 0
     assert "nothing to change" in capsys.readouterr().out

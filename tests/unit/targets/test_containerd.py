@@ -65,7 +65,8 @@ def test_v3_round_trip_keeps_everything_else() -> None:
     assert images["image_pull_progress_timeout"] == "5m0s"
     # already listed: left exactly as it was
     assert images["registry"]["config_path"] == "/etc/containerd/certs.d:/etc/docker/certs.d"
-    assert doc["plugins"]["io.containerd.transfer.v1.local"]["max_concurrent_downloads"] == 6
+    # nodeadm's discard_unpacked_layers = true keeps every containerd on local pull: the CRI value counts
+    assert "io.containerd.transfer.v1.local" not in doc["plugins"]
     assert "io.containerd.grpc.v1.cri" not in doc["plugins"]
     assert _strip_owned(doc) == _strip_owned(tomllib.loads(before))
     assert ctd.patch(p.text, V).text == p.text
@@ -94,6 +95,7 @@ def test_missing_file_becomes_minimal_owned_v2_config() -> None:
         ("[plugins.cri]\n  x = 1\n", "version = 1"),
         ("version = 2\n[broken", "not valid TOML"),
         ('version = "2"\n', "not a containerd config version"),
+        ("version = 5\n", "only containerd config versions 2, 3 and 4"),
     ],
 )
 def test_unsupported_files_refused(text: str, match: str) -> None:
@@ -141,3 +143,164 @@ def test_fragment_parses_for_both_versions() -> None:
     assert v2["plugins"]["io.containerd.grpc.v1.cri"]["max_concurrent_downloads"] == 6
     v3 = tomllib.loads(ctd.fragment(3, V, "/a:/b"))
     assert v3["plugins"]["io.containerd.cri.v1.images"]["registry"]["config_path"] == "/a:/b"
+
+
+# --- the pull path (containerd 2.2.9 source: internal/cri/config.CheckLocalImagePullConfigs) ---------
+
+V3_PLAIN = (
+    "version = 3\n[plugins.'io.containerd.cri.v1.images']\n  snapshotter = \"overlayfs\"\n"
+    "[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = \"/etc/containerd/certs.d\"\n"
+)
+
+
+def _downloads(text: str) -> tuple[object, object]:
+    """(CRI max_concurrent_downloads, transfer service max_concurrent_downloads) of a config."""
+    doc = tomllib.loads(text)
+    plugins = doc.get("plugins", {})
+    images = plugins.get("io.containerd.cri.v1.images") or plugins.get("io.containerd.grpc.v1.cri") or {}
+    return images.get("max_concurrent_downloads"), plugins.get(ctd.V3_TRANSFER, {}).get(
+        "max_concurrent_downloads"
+    )
+
+
+@pytest.mark.parametrize(
+    ("containerd", "transfer"),
+    [
+        ((2, 2, 9), True),
+        ((2, 1, 0), True),
+        ((2, 0, 7), False),
+        ((1, 7, 27), False),
+        ((1, 6, 20), False),
+        (None, False),
+    ],
+)
+def test_concurrency_goes_where_containerd_pulls(
+    containerd: tuple[int, int, int] | None, transfer: bool
+) -> None:
+    p = ctd.patch(V3_PLAIN, V, containerd=containerd)
+    assert p.pull.transfer is transfer
+    # on the transfer path the CRI table never gets a value that would make containerd leave it
+    assert _downloads(p.text) == ((None, 6) if transfer else (6, None))
+    assert ctd.patch(p.text, V, containerd=containerd).text == p.text
+
+
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ("discard_unpacked_layers = true", "discard_unpacked_layers = true"),
+        ("use_local_image_pull = true", "use_local_image_pull = true"),
+        ("disable_snapshot_annotations = false", "disable_snapshot_annotations = false"),
+        ("image_pull_with_sync_fs = true", "image_pull_with_sync_fs = true"),
+    ],
+)
+def test_a_setting_that_forces_local_pull_puts_concurrency_in_cri(setting: str, reason: str) -> None:
+    text = V3_PLAIN.replace('snapshotter = "overlayfs"', setting)
+    p = ctd.patch(text, V, containerd=(2, 2, 9))
+    assert not p.pull.transfer and reason in p.pull.reason
+    assert _downloads(p.text) == (6, None)
+
+
+def test_settings_that_keep_transfer_do_not_force_local() -> None:
+    text = V3_PLAIN.replace(
+        'snapshotter = "overlayfs"', "discard_unpacked_layers = false\n  disable_snapshot_annotations = true"
+    )
+    assert ctd.patch(text, V, containerd=(2, 2, 9)).pull.transfer
+
+
+def test_v2_config_on_containerd_2_forced_local_by_its_containerd_table() -> None:
+    v2 = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  discard_unpacked_layers = true\n'
+    assert not ctd.patch(v2, V, containerd=(2, 2, 9)).pull.transfer
+    plain = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "overlayfs"\n'
+    p = ctd.patch(plain, V, containerd=(2, 2, 9))  # containerd 2.x migrates a version-2 file on load
+    assert p.pull.transfer and _downloads(p.text) == (None, 6)
+
+
+def test_own_cri_value_from_an_older_apply_is_set_back_to_3() -> None:
+    """What apply wrote before this fix (cri 6 + transfer 6) made containerd 2.1+ fall back to local."""
+    old = V3_PLAIN.replace(
+        'snapshotter = "overlayfs"', 'snapshotter = "overlayfs"\n  max_concurrent_downloads = 6'
+    )
+    old += '[plugins."io.containerd.transfer.v1.local"]\n  max_concurrent_downloads = 6\n'
+    p = ctd.patch(old, V, containerd=(2, 2, 9))
+    assert p.pull.transfer and _downloads(p.text) == (3, 6)
+    assert ctd.local_pull_reasons(ctd.cri_image_settings(tomllib.loads(p.text), 3)) == []
+
+
+@pytest.mark.parametrize(
+    ("containerd", "version", "expected"),
+    [
+        ((2, 2, 9), 3, "/etc/containerd/certs.d:/etc/docker/certs.d"),
+        ((2, 2, 0), 2, "/etc/containerd/certs.d:/etc/docker/certs.d"),
+        ((2, 1, 9), 3, "/etc/containerd/certs.d"),
+        ((1, 6, 20), 2, "/etc/containerd/certs.d"),
+        (None, 3, "/etc/containerd/certs.d:/etc/docker/certs.d"),
+        (None, 2, "/etc/containerd/certs.d"),
+    ],
+)
+def test_empty_config_path_is_containerds_own_default(
+    containerd: tuple[int, int, int] | None, version: int, expected: str
+) -> None:
+    """On the local pull path (here forced by nodeadm's discard_unpacked_layers), which splits the list."""
+    table = "io.containerd.cri.v1.images" if version == 3 else "io.containerd.grpc.v1.cri"
+    text = (
+        f'version = {version}\n[plugins."{table}".registry]\n  config_path = ""\n'
+        f'[plugins."{table}".containerd]\n  discard_unpacked_layers = true\n'
+        f'[plugins."{table}"]\n  discard_unpacked_layers = true\n'
+    )
+    p = ctd.patch(text, V, containerd=containerd)
+    assert not p.pull.transfer and p.config_path == expected
+
+
+def test_transfer_path_gets_the_hosts_dir_alone_and_says_what_it_left_out() -> None:
+    """containerd's transfer service reads config_path as one directory (a list finds nothing)."""
+    p = ctd.patch(V3_PLAIN.replace('"/etc/containerd/certs.d"', '""'), V, containerd=(2, 2, 9))
+    assert p.pull.transfer and p.config_path == "/etc/containerd/certs.d"
+    (w,) = [w for w in p.warnings if "config_path is set to" in w]
+    assert "hosts.toml files in /etc/docker/certs.d are not read on this path" in w
+    same = ctd.patch(V3_PLAIN, V, containerd=(2, 2, 9))  # already the hosts dir alone: nothing to say
+    assert same.config_path == "/etc/containerd/certs.d" and not any(
+        "config_path" in w for w in same.warnings
+    )
+
+
+def test_render_notes_where_concurrency_went_and_warns_on_unknown_version(tmp_path: Path) -> None:
+    plan = ctd.render(config(), facts(tmp_path, containerd_config=V3_PLAIN, containerd_version=(2, 2, 9)))
+    assert plan.notes == [
+        "containerd download concurrency goes to plugins.io.containerd.transfer.v1.local: "
+        "containerd 2.2.9 pulls CRI images through the transfer service"
+    ]
+    assert not any("version unknown" in w for w in plan.warnings)
+    plan = ctd.render(config(), facts(tmp_path, containerd_config=V3_PLAIN))
+    assert "plugins.io.containerd.cri.v1.images" in plan.notes[0]
+    assert any("containerd version unknown" in w for w in plan.warnings)
+
+
+def test_nodeadm_v2_template_order_is_patched() -> None:
+    """nodeadm's version-2 template defines [...cri.containerd] before [...cri] (a table in pieces)."""
+    text = (
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\ndefault_runtime_name = "runc"\n'
+        'discard_unpacked_layers = true\n\n[plugins."io.containerd.grpc.v1.cri"]\n'
+        'sandbox_image = "localhost/kubernetes/pause"\n\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+        'config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"\n'
+    )
+    p = ctd.patch(text, V, containerd=(2, 2, 9))
+    cri = tomllib.loads(p.text)["plugins"]["io.containerd.grpc.v1.cri"]
+    assert not p.pull.transfer and cri["max_concurrent_downloads"] == 6
+    assert (
+        cri["sandbox_image"] == "localhost/kubernetes/pause" and cri["containerd"]["discard_unpacked_layers"]
+    )
+    assert ctd.patch(p.text, V, containerd=(2, 2, 9)).text == p.text
+
+
+def test_version_4_of_containerd_2_4_uses_the_version_3_image_tables() -> None:
+    """containerd 2.4's `config default` is version 4: server addresses under plugins, CRI images as in 3."""
+    text = (
+        "version = 4\n[plugins]\n  [plugins.'io.containerd.cri.v1.images']\n"
+        "    max_concurrent_downloads = 3\n"
+        "    [plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = ''\n"
+        "  [plugins.'io.containerd.server.v1.grpc']\n    address = '/run/containerd/containerd.sock'\n"
+    )
+    p = ctd.patch(text, V, containerd=(2, 4, 2))
+    assert p.version == 4 and p.pull.transfer
+    assert _downloads(p.text) == (3, 6) and p.config_path == "/etc/containerd/certs.d"
+    assert tomllib.loads(p.text)["plugins"]["io.containerd.server.v1.grpc"]["address"].endswith(".sock")

@@ -62,3 +62,18 @@ def test_kubelet_rules_enforced_even_on_a_hand_built_config(tmp_path: Path, kw: 
     cfg = Config(kubelet=KubeletConfig(**kw))
     with pytest.raises(TargetError, match=match):
         kubelet.render(cfg, facts(tmp_path))
+
+
+def test_main_config_with_empty_lists_warns_about_config_dir(tmp_path: Path) -> None:
+    main = tmp_path / "var/lib/kubelet/config.yaml"
+    text = (
+        "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n"
+        "enforceNodeAllocatable: []\nevictionHard: {}\nclusterDNS: [10.0.0.10]\n"
+    )
+    plan = kubelet.render(config(), facts(tmp_path, kubelet_main_configs=((main, text),)))
+    (w,) = plan.warnings
+    assert w.startswith(f"{main} sets enforceNodeAllocatable: [], evictionHard: {{}}: with --config-dir")
+    assert 'becomes ["pods"]' in w
+    quiet = text.replace("enforceNodeAllocatable: []\nevictionHard: {}\n", "")
+    assert kubelet.render(config(), facts(tmp_path, kubelet_main_configs=((main, quiet),))).warnings == []
+    assert kubelet.empty_collections("kind: Other\nx: []\n") == [] and kubelet.empty_collections("[") == []

@@ -1,0 +1,189 @@
+"""nodeagent's NodeConfig drop-in next to typical user-data NodeConfigs, judged by real programs.
+
+For each user-data (cluster details only; plus a version-2 containerd fragment; plus a version-3 one;
+plus kubelet ``maxPods``), ``nodeagent apply --flavor eks-al2023`` runs against a fake IMDSv2 serving
+that user-data, on a tree whose ``usr/bin/containerd`` is containerd 2.2.9 (as AL2023 ships). Then:
+
+- **nodeadm** (the newest version the Go module proxy serves, 2024-02-29; testbins) reads the
+  user-data's NodeConfig parts with our drop-in as the last part (drop-ins win) from the fake IMDS
+  (``AWS_EC2_METADATA_SERVICE_ENDPOINT``), decodes and merges them: ``nodeadm config check`` must
+  accept it. That nodeadm has no ``config dump``, its file source reads neither MIME nor a
+  directory, and it does not merge containerd TOML, so it cannot show the merged result;
+- **the containerd config current nodeadm writes** from those fragments is assembled the way
+  nodeadm's source does it (``internal/containerd/config.go``: version-3 template when the merged
+  fragments mention ``io.containerd.cri.v1.images``/``runtime``, else version 2; fragments merged
+  into it key by key; ``containerd config migrate`` after a version-2 template; only the template
+  keys that matter here, labelled below), and **containerd 2.2.9** judges it: ``containerd config
+  dump`` must show the user's setting and nodeagent's values in effect, and containerd started on it
+  must take the pull path nodeagent said it would, never falling back to local pull because of us.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomlkit
+import yaml
+
+from nodeagent.userdata import CONTENT_TYPE, NODECONFIG_CONTENT_TYPE, ClusterDetails, nodeconfig, render_mime
+from tests.fakes.imds import FakeImds
+from tests.integration.test_apply_pullpath import FALLBACK, PullNode, built
+from tests.integration.test_eks_userdata import apply_process
+from tests.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+CLUSTER = ClusterDetails(
+    "my-cluster", "https://ABCD.gr7.us-west-2.eks.amazonaws.com", "Y2E=", "10.100.0.0/16"
+)
+NODEAGENT_PART = """apiVersion: nodeagent.io/v1alpha1
+kind: NodeAgentConfig
+kubelet:
+  maxParallelImagePulls: 4
+containerd:
+  maxConcurrentDownloads: 6
+  imagePullProgressTimeout: 7m
+  restartCommand: []
+"""
+V2_FRAGMENT = '[plugins."io.containerd.grpc.v1.cri".containerd]\ndiscard_unpacked_layers = false\n'
+V3_FRAGMENT = "[plugins.'io.containerd.cri.v1.images']\ndiscard_unpacked_layers = false\n"
+# The image keys of nodeadm's containerd templates (awslabs/amazon-eks-ami nodeadm/internal/containerd/
+# config.template.toml and config2.template.toml), the ones this test is about; nothing else of them.
+NODEADM_TEMPLATE = {
+    2: (
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\ndiscard_unpacked_layers = true\n'
+        '[plugins."io.containerd.grpc.v1.cri"]\nsandbox_image = "localhost/kubernetes/pause"\n'
+        '[plugins."io.containerd.grpc.v1.cri".registry]\n'
+        'config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"\n'
+    ),
+    3: (
+        "version = 3\n[plugins.'io.containerd.cri.v1.images']\ndiscard_unpacked_layers = true\n"
+        "[plugins.'io.containerd.cri.v1.images'.pinned_images]\nsandbox = \"localhost/kubernetes/pause\"\n"
+        "[plugins.'io.containerd.cri.v1.images'.registry]\n"
+        'config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"\n'
+    ),
+}
+V3_MARKERS = ("io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime")
+
+
+def user_nodeconfig(case: str) -> dict[str, Any]:
+    doc = nodeconfig(CLUSTER)
+    if case == "v2":
+        doc["spec"]["containerd"] = {"config": V2_FRAGMENT}
+    elif case == "v3":
+        doc["spec"]["containerd"] = {"config": V3_FRAGMENT}
+    elif case == "maxpods":
+        doc["spec"]["kubelet"] = {"config": {"maxPods": 58}}
+    return doc
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def nodeadm_containerd_config(fragments: list[str], containerd: Path, work: Path) -> str:
+    """The config.toml current nodeadm writes for containerd 2.x (its steps, from its source)."""
+    merged: dict[str, Any] = {}
+    for f in fragments:
+        merged = merge(merged, tomllib.loads(f))
+    text = "".join(fragments)
+    version = 3 if any(m in text for m in V3_MARKERS) else 2
+    config = merge(tomllib.loads(NODEADM_TEMPLATE[version]), merged)
+    path = work / "nodeadm-config.toml"
+    path.write_text(tomlkit.dumps(config))
+    if version == 2:  # nodeadm runs `containerd config migrate` after a version-2 template
+        out = subprocess.run(
+            [str(containerd), "--config", str(path), "config", "migrate"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        path.write_text(out.stdout)
+    return path.read_text()
+
+
+@pytest.mark.parametrize("case", ["cluster", "v2", "v3", "maxpods"])
+def test_nodeadm_merge_keeps_user_and_nodeagent_values(sandbox: Sandbox, tmp_path: Path, case: str) -> None:
+    containerd = built("containerd")
+    nodeadm = built("nodeadm")
+    root = tmp_path / "T"
+    for d in ("etc/nodeagent", "etc/eks/nodeadm.d", "usr/bin"):
+        (root / d).mkdir(parents=True)
+    (root / "usr/bin/containerd").symlink_to(containerd)
+    (root / "etc/nodeagent/config.yaml").write_text(
+        "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\ncontainerd:\n  restartCommand: []\n"
+    )
+    user = user_nodeconfig(case)
+    user_text = "---\n" + yaml.safe_dump(user, sort_keys=False)
+    user_data = render_mime([(CONTENT_TYPE, NODEAGENT_PART), (NODECONFIG_CONTENT_TYPE, user_text)])
+    with FakeImds(user_data.encode()) as fake:
+        cp, _ = apply_process(root, fake.endpoint)
+    assert cp.returncode == 0, cp.stderr
+    dropin_text = (root / "etc/eks/nodeadm.d/90-nodeagent.yaml").read_text()
+    dropin = yaml.safe_load(dropin_text)
+    ours = dropin["spec"]["containerd"]["config"]
+    # the fragment's version follows the user's fragment, and without one the installed containerd 2.2.9
+    assert any(m in ours for m in V3_MARKERS) == (case != "v2"), ours
+    assert dropin["spec"]["kubelet"]["config"]["maxParallelImagePulls"] == 4
+
+    # nodeadm (2024-02-29) reads that user-data with our drop-in as its last part from the fake IMDS
+    # (its file source takes no MIME and no directory), decodes every part and merges them
+    judged = render_mime([(NODECONFIG_CONTENT_TYPE, user_text), (NODECONFIG_CONTENT_TYPE, dropin_text)])
+    with FakeImds(judged.encode()) as fake:
+        check = subprocess.run(
+            [str(nodeadm), "config", "check", "--config-source", "imds://user-data"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": fake.endpoint},
+        )
+        assert "/latest/user-data" in [p for _, p, st in fake.requests if st == 200]
+    assert check.returncode == 0 and "Configuration is valid" in check.stderr, check.stderr[-2000:]
+
+    # containerd 2.2.9 on the config nodeagent's and the user's fragments give
+    fragments = [f for f in (user["spec"].get("containerd", {}).get("config"), ours) if f]
+    written = nodeadm_containerd_config(fragments, containerd, tmp_path)
+    dump = subprocess.run(
+        [str(containerd), "--config", str(tmp_path / "nodeadm-config.toml"), "config", "dump"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    effective = tomllib.loads(dump)["plugins"]
+    images = effective["io.containerd.cri.v1.images"]
+    user_discard_off = case in ("v2", "v3")
+    assert images["discard_unpacked_layers"] is (not user_discard_off)  # the user's setting holds
+    assert images["image_pull_progress_timeout"] == "7m0s"  # nodeagent's
+    transfer = effective["io.containerd.transfer.v1.local"]["max_concurrent_downloads"]
+    if user_discard_off:  # the transfer path: nodeagent's value there, the CRI one left at 3
+        assert (images["max_concurrent_downloads"], transfer) == (3, 6)
+        assert images["registry"]["config_path"] == "/etc/containerd/certs.d"
+    else:  # nodeadm's discard_unpacked_layers = true forces local pull: the CRI value counts
+        assert images["max_concurrent_downloads"] == 6
+        assert images["registry"]["config_path"] == "/etc/containerd/certs.d:/etc/docker/certs.d"
+
+    # start it (daemon paths moved into the sandbox): the pull path apply announced, no fallback of ours
+    node = PullNode(sandbox, containerd)
+    doc = tomlkit.parse(written)
+    for key in ("root", "state"):
+        doc[key] = str(node.work / key)
+    doc["grpc"] = {"address": str(node.sock)}
+    doc["ttrpc"] = {"address": str(node.sock) + ".ttrpc"}
+    node.config_toml.write_text(tomlkit.dumps(doc))
+    node.start()
+    log = node.log_text()
+    fallbacks = [ln for ln in log.splitlines() if FALLBACK in ln]
+    note = [ln for ln in cp.stdout.splitlines() if ln.startswith("note: containerd download concurrency")]
+    if user_discard_off:
+        assert fallbacks == [] and "through the transfer service" in note[0]
+    else:
+        assert fallbacks and all("'DiscardUnpackedLayers'" in ln for ln in fallbacks), fallbacks
+        assert "discard_unpacked_layers = true" in note[0]
