@@ -167,7 +167,8 @@ SPECS: dict[str, Spec] = {
             },
             cgo=True,  # ztoc's gzip index is C (zlib1g-dev)
             replaces=(
-                f"github.com/awslabs/soci-snapshotter v0.0.0-local => github.com/awslabs/soci-snapshotter {SOCI}",
+                "github.com/awslabs/soci-snapshotter v0.0.0-local => "
+                f"github.com/awslabs/soci-snapshotter {SOCI}",
             ),
             upstream_replaces=True,
             xflags={
