@@ -373,7 +373,7 @@ def restart_soci(config: Config, facts: NodeFacts, report: ApplyReport) -> None:
     except proc.CommandError as e:
         report.errors.append(f"soci: restart command failed: {e}")
         return
-    sock = facts.paths.host(sc.address)
+    sock = Path(sc.address)  # the restarted daemon's socket on this host (not a file of the --root tree)
     deadline = time.monotonic() + HEALTH_TIMEOUT
     while True:
         if _unix_connects(sock):
