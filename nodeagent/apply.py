@@ -70,6 +70,8 @@ class ApplyReport:
     errors: list[str] = field(default_factory=list)
     tuning: list[dict[str, object]] = field(default_factory=list)
     containerd_restarted: bool = False
+    snapshotter: str = ""  # containerd.snapshotter as applied (nodeagent status shows it)
+    pull_mode: str = ""  # containerd.soci.pullMode when the snapshotter is soci
 
     @property
     def ok(self) -> bool:
@@ -295,7 +297,9 @@ def run_apply(
         flavor = detect_flavor(facts)
     if flavor not in TARGETS:
         raise ValueError(f"unknown flavor {flavor!r}")
-    report = ApplyReport(flavor=flavor, dry_run=dry_run)
+    report = ApplyReport(flavor=flavor, dry_run=dry_run, snapshotter=config.containerd.snapshotter)
+    if config.containerd.snapshotter == "soci":
+        report.pull_mode = config.containerd.soci.pull_mode
     for c in resolve(config, facts).choices():
         report.tuning.append({"key": c.key, "value": c.value, "auto": c.auto, "reason": c.reason})
     report.warnings.extend(config_warnings(config))

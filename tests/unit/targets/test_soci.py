@@ -137,6 +137,7 @@ def test_generic_apply_writes_soci_config_and_containerd_proxy_plugin(tmp_path: 
     _node(tmp_path)
     report = _apply(config(SOCI), tmp_path, cpus=2, memory_bytes=4 * 2**30, nic_speed_mbps=None)
     assert report.ok, report.errors
+    assert (report.snapshotter, report.pull_mode) == ("soci", "parallel")  # for nodeagent status
     text = (tmp_path / "etc/soci-snapshotter-grpc/config.toml").read_text()
     assert is_owned(text)
     doc = tomllib.loads(text)
