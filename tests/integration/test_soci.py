@@ -5,19 +5,26 @@ What users rely on, on containerd 2.x: after ``apply --flavor generic`` on a sto
 config, soci-snapshotter-grpc (restarted by ``containerd.soci.restartCommand``) starts with the
 config apply wrote and its own ``config dump`` shows the sized parallel-pull values; containerd
 (restarted by ``containerd.restartCommand``) starts, its ``config dump`` has the SOCI proxy plugin
-and CRI snapshotter, the plugin is loaded, and a CRI pull lands in SOCI's snapshot directory. On
+and CRI snapshotter, the plugin is loaded, a CRI pull through nodeagent's proxy is prepared by SOCI's
+parallel pull/unpack (and recorded in the per-pull metrics), and ImageFsInfo names SOCI's directory
+(what eviction measures). On
 containerd 1.6, lazy loading is refused with nothing written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from nodeagent.cri.client import CriClient
+from nodeagent.eviction import usage
+from nodeagent.paths import Paths
 from tests.integration.test_apply_pullpath import PullNode, built
+from tests.integration.test_proxy import value, wait_for_pull_lines
 from tests.sandbox import PushedImage, Registry, Sandbox
 
 RESTART_SOCI = Path(__file__).with_name("restart_soci.py")
@@ -148,11 +155,31 @@ def test_apply_soci_parallel_on_containerd_2(
     soci_rows = [ln.split() for ln in plugins.splitlines() if " soci " in f" {ln} "]
     assert soci_rows and soci_rows[0][-1] == "ok", plugins
 
-    # a CRI pull is unpacked by SOCI into its root
+    # a CRI pull through nodeagent's proxy (chained to containerd exactly as before) is unpacked by
+    # SOCI into its root, and recorded per pull
+    agent = sandbox.nodeagent(node.endpoint)
     img = image_factory(layers=3, layer_size=1 << 20, repository=f"soci/{line.name}")
     ref = f"{registry.host}/{img.repository}:{img.tag}"
-    assert node.pull(ref) == img.image_id
+
+    async def pull_via_proxy() -> str:
+        async with CriClient(agent.proxy_endpoint) as cri:
+            return await cri.pull_image(ref, timeout=60)
+
+    assert asyncio.run(pull_via_proxy()) == img.image_id
+    (record,) = wait_for_pull_lines(agent, 1)
+    assert record.get("result") == "success", record
+    assert value(agent.scrape(), "nodeagent_image_pulls_total", registry=registry.host, result="success") == 1
     snaps = node.soci_root / "snapshotter/snapshots"
     assert snaps.is_dir() and len(list(snaps.iterdir())) >= 3, node.soci_log.read_text()[-3000:]
+
+    # eviction measures the filesystem CRI ImageFsInfo names: with SOCI, containerd reports the proxy
+    # plugin's exports.root (SOCI's snapshot directory), not its own overlayfs root
+    async def fs_info() -> str:
+        async with CriClient(node.endpoint) as cri:
+            return usage.mountpoint_from_imagefs_info(await cri.image_fs_info())
+
+    mountpoint = asyncio.run(fs_info())
+    assert mountpoint.rstrip("/") == str(node.soci_root), mountpoint
+    assert usage.imagefs_path(Paths(node.root), "", mountpoint) == node.soci_root
     log = node.soci_log.read_text()
     assert log.count("preparing snapshot with parallel pull/unpack") == 3, log[-3000:]  # one per layer
