@@ -113,6 +113,18 @@ def _containerd(name: str, version: str) -> Spec:
     )
 
 
+def _kubernetes(command: str) -> Spec:
+    """k8s.io/kubernetes/cmd/<command>; the module's ./staging replaces become published versions."""
+    return Spec(
+        name=command,
+        module="k8s.io/kubernetes",
+        version=KUBERNETES,
+        packages={f"k8s.io/kubernetes/cmd/{command}": command},
+        staging_version="v0" + KUBERNETES[2:],
+        xflags=_k8s_xflags(KUBERNETES),
+    )
+
+
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
@@ -125,22 +137,8 @@ SPECS: dict[str, Spec] = {
         ),
         _containerd("containerd", CONTAINERD),
         _containerd("containerd-latest", CONTAINERD_LATEST),
-        Spec(
-            name="kubelet",
-            module="k8s.io/kubernetes",
-            version=KUBERNETES,
-            packages={"k8s.io/kubernetes/cmd/kubelet": "kubelet"},
-            staging_version="v0" + KUBERNETES[2:],
-            xflags=_k8s_xflags(KUBERNETES),
-        ),
-        Spec(
-            name="kube-apiserver",
-            module="k8s.io/kubernetes",
-            version=KUBERNETES,
-            packages={"k8s.io/kubernetes/cmd/kube-apiserver": "kube-apiserver"},
-            staging_version="v0" + KUBERNETES[2:],
-            xflags=_k8s_xflags(KUBERNETES),
-        ),
+        _kubernetes("kubelet"),
+        _kubernetes("kube-apiserver"),
         Spec(
             name="etcd",
             module="go.etcd.io/etcd/server/v3",  # its root package is etcd's main
