@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TextIO
 
 from nodeagent.atomicio import read_bytes_or_none, remove_durably, write_atomic
-from nodeagent.config.model import Config, ContainerdConfig
+from nodeagent.config.model import Config, ContainerdConfig, SociConfig
 from nodeagent.facts import NodeFacts
 from nodeagent.paths import Paths
 from nodeagent.targets import DesiredFile, TargetError, TargetPlan, is_owned
@@ -39,6 +39,7 @@ from nodeagent.targets import containerd as containerd_target
 from nodeagent.targets import kubelet as kubelet_target
 from nodeagent.targets import mirrors as mirrors_target
 from nodeagent.targets import nodeadm as nodeadm_target
+from nodeagent.targets import soci as soci_target
 from nodeagent.tuning import resolve
 
 FLAVORS = ("eks-al2023", "generic")
@@ -52,8 +53,8 @@ FAULT_DELAY_ENV = "NODEAGENT_APPLY_FAULT_DELAY"
 Renderer = Callable[[Config, NodeFacts], TargetPlan]
 
 TARGETS: dict[str, tuple[Renderer, ...]] = {
-    "generic": (kubelet_target.render, containerd_target.render, mirrors_target.render),
-    "eks-al2023": (nodeadm_target.render, mirrors_target.render),
+    "generic": (kubelet_target.render, soci_target.render, containerd_target.render, mirrors_target.render),
+    "eks-al2023": (soci_target.render_eks, nodeadm_target.render, mirrors_target.render),
 }
 
 
@@ -69,6 +70,8 @@ class ApplyReport:
     errors: list[str] = field(default_factory=list)
     tuning: list[dict[str, object]] = field(default_factory=list)
     containerd_restarted: bool = False
+    snapshotter: str = ""  # containerd.snapshotter as applied (nodeagent status shows it)
+    pull_mode: str = ""  # containerd.soci.pullMode when the snapshotter is soci
 
     @property
     def ok(self) -> bool:
@@ -294,7 +297,9 @@ def run_apply(
         flavor = detect_flavor(facts)
     if flavor not in TARGETS:
         raise ValueError(f"unknown flavor {flavor!r}")
-    report = ApplyReport(flavor=flavor, dry_run=dry_run)
+    report = ApplyReport(flavor=flavor, dry_run=dry_run, snapshotter=config.containerd.snapshotter)
+    if config.containerd.snapshotter == "soci":
+        report.pull_mode = config.containerd.soci.pull_mode
     for c in resolve(config, facts).choices():
         report.tuning.append({"key": c.key, "value": c.value, "auto": c.auto, "reason": c.reason})
     report.warnings.extend(config_warnings(config))
@@ -326,15 +331,20 @@ def run_apply(
     for p in plans:
         try:
             restart_needed = False
+            changed_here = False
             snapshots: dict[Path, tuple[bytes | None, int | None]] = {}
             for f in p.files:
                 if p.restart_on_change:
                     cur = read_bytes_or_none(f.path)
                     snapshots[f.path] = (cur, f.path.stat().st_mode & 0o7777 if cur is not None else None)
-                if write_file(f, report, faults) and p.restart_on_change:
-                    restart_needed = True
+                if write_file(f, report, faults):
+                    changed_here = True
+                    restart_needed = p.restart_on_change
             for path in p.remove:
                 remove_file(path, report, faults)
+            if p.target == "soci" and changed_here and flavor == "generic":
+                restart_soci(config, facts, report)
+                continue
             skip = restart_skip_reason(config, facts) if restarter is None else None
             if restart_needed and flavor == "generic" and skip:
                 report.warnings.append(f"containerd config changed but {skip}: restart containerd to use it")
@@ -344,6 +354,54 @@ def run_apply(
         except OSError as e:
             report.errors.append(f"{p.target}: {e.strerror or e}: {e.filename or ''}".rstrip(": "))
     return report
+
+
+def restart_soci(config: Config, facts: NodeFacts, report: ApplyReport) -> None:
+    """Restart soci-snapshotter-grpc after its config changed (before containerd's restart), and
+    wait until its socket accepts connections."""
+    from nodeagent import proc
+
+    sc = config.containerd.soci
+    argv = sc.restart_command
+    if not argv:
+        report.warnings.append("soci-snapshotter config changed but containerd.soci.restartCommand is empty")
+        return
+    if argv == SociConfig().restart_command and facts.paths.root != Path("/"):
+        report.warnings.append(
+            f"soci-snapshotter config changed but --root is {facts.paths.root} and the default "
+            "restartCommand would restart this host's soci-snapshotter: restart it to use the config"
+        )
+        return
+    try:
+        proc.run(argv, timeout=RESTART_TIMEOUT)
+    except proc.CommandError as e:
+        report.errors.append(f"soci: restart command failed: {e}")
+        return
+    sock = Path(sc.address)  # the restarted daemon's socket on this host (not a file of the --root tree)
+    deadline = time.monotonic() + HEALTH_TIMEOUT
+    while True:
+        if _unix_connects(sock):
+            report.notes.append(f"soci-snapshotter restarted and serving on {sc.address}")
+            return
+        if time.monotonic() > deadline:
+            report.errors.append(
+                f"soci: soci-snapshotter-grpc does not accept connections on {sc.address} "
+                f"{HEALTH_TIMEOUT:.0f}s after restartCommand"
+            )
+            return
+        time.sleep(0.2)
+
+
+def _unix_connects(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def restart_skip_reason(config: Config, facts: NodeFacts) -> str | None:

@@ -168,7 +168,14 @@ def snapshotter_warnings(config: Config, paths: Paths) -> list[str]:
     proxies = doc.get("proxy_plugins", {})
     if isinstance(proxies, dict) and any("soci" in str(k) for k in proxies):
         soci_signs.append(f"{path} [proxy_plugins]")
-    if soci_signs and now != "soci":
+    wanted = config.containerd.snapshotter
+    if wanted == "soci" and now != "soci":
+        warnings.append(
+            f"the nodeagent config sets containerd.snapshotter: soci, but CRI unpacks these images with "
+            f"snapshotter {now!r} now ({path}): run `nodeagent apply` before the bake, or nodes pull "
+            "the baked images again"
+        )
+    elif soci_signs and now != "soci":
         warnings.append(
             f"CRI unpacks these images with snapshotter {now!r}, but SOCI is present "
             f"({', '.join(soci_signs)}): if nodes run CRI with the 'soci' snapshotter they will not see "

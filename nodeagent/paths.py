@@ -120,6 +120,14 @@ class Paths:
         )
 
     @property
+    def soci_binaries(self) -> tuple[Path, ...]:
+        """Where a node installs soci-snapshotter-grpc (the SOCI snapshotter daemon)."""
+        return (
+            self.host("/usr/bin/soci-snapshotter-grpc"),
+            self.host("/usr/local/bin/soci-snapshotter-grpc"),
+        )
+
+    @property
     def soci_units(self) -> tuple[Path, ...]:
         """systemd units of the SOCI snapshotter (a sign that images will be pulled with it)."""
         return (

@@ -194,6 +194,10 @@ def render(r: Report) -> str:
             f"{r.apply.get('flavor', '?')}, {len(r.apply.get('changed') or [])} files changed, "
             f"{len(warnings)} warnings, {len(errors)} errors)"
         )
+        snap = r.apply.get("snapshotter")
+        if snap:
+            mode = r.apply.get("pull_mode")
+            add(f"snapshotter    {snap}" + (f" (pull mode {mode})" if mode else ""))
         for w in warnings:
             add(f"  warning: {w}")
         for e in errors:

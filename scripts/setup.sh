@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(containerd docker-registry skopeo crun busybox-static packer prometheus shellcheck
               apache2-utils iproute2 util-linux mount e2fsprogs procps systemd python3 python3-venv python3-pip
-              openssl)
+              openssl gcc libc6-dev zlib1g-dev)  # gcc + zlib headers: soci-snapshotter (cgo)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -69,7 +69,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # Test binaries: pinned upstream programs built from their Go modules (crictl, containerd 2.x twice,
-# kubelet, kube-apiserver, etcd, nodeadm; tests/sandbox/testbins.py has the pins). They are cached
+# kubelet, kube-apiserver, etcd, nodeadm, soci-snapshotter; tests/sandbox/testbins.py has the pins). They are cached
 # outside the repo in ${NODEAGENT_TESTBIN_CACHE:-/var/cache/nodeagent-testbin}, shared by every
 # checkout, built only when missing (a lock makes a second setup wait for the first).
 if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then

@@ -89,6 +89,27 @@ class MirrorHealthConfig:
 
 
 @dataclass(frozen=True)
+class SociConfig:
+    """``containerd.soci``: the SOCI snapshotter's pull mode and its concurrency (issue 16).
+
+    ``auto`` values are sized from node facts (docs/tuning.md, "SOCI snapshotter").
+    """
+
+    pull_mode: str = "parallel"  # parallel | lazy | off
+    max_concurrent_downloads: int | Auto = AUTO  # all images together
+    max_concurrent_downloads_per_image: int | Auto = AUTO
+    chunk_size_mib: int | Auto = AUTO
+    max_concurrent_unpacks: int | Auto = AUTO  # all images together
+    max_concurrent_unpacks_per_image: int | Auto = AUTO
+    discard_unpacked_layers: bool = True
+    imagefs_throughput_mbps: int = 0  # write throughput of the image filesystem, MB/s; 0: unknown
+    config_file: str = "/etc/soci-snapshotter-grpc/config.toml"
+    address: str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"
+    root: str = "/var/lib/soci-snapshotter-grpc"
+    restart_command: tuple[str, ...] = ("systemctl", "restart", "soci-snapshotter")
+
+
+@dataclass(frozen=True)
 class ContainerdConfig:
     max_concurrent_downloads: int | Auto = AUTO
     image_pull_progress_timeout: float = 300.0
@@ -100,6 +121,8 @@ class ContainerdConfig:
     mirror_only: frozenset[str] = frozenset()
     # generic flavor: how `nodeagent apply` restarts containerd after changing its config (argv, no shell)
     restart_command: tuple[str, ...] = ("systemctl", "restart", "containerd")
+    snapshotter: str = "overlayfs"  # overlayfs | soci
+    soci: SociConfig = field(default_factory=SociConfig)
 
     def mirrors_of(self, registry: str) -> tuple[Mirror, ...]:
         for name, mirrors in self.mirrors:

@@ -325,6 +325,107 @@ MIRROR_HEALTH = Object(
 )
 
 
+SOCI = Object(
+    [
+        Field(
+            "pullMode",
+            "pull_mode",
+            Str(enum=("parallel", "lazy", "off")),
+            "How SOCI pulls images: `parallel` downloads large layers in chunks over many connections "
+            "and unpacks several layers at once (any image, any registry); `lazy` starts containers "
+            "before their images are downloaded (images with a SOCI index; needs FUSE and containerd "
+            "1.7.16 or newer); `off` pulls as containerd does, through the SOCI snapshotter.",
+            default="parallel",
+        ),
+        Field(
+            "maxConcurrentDownloads",
+            "max_concurrent_downloads",
+            Int(minimum=1, maximum=1000, auto=True),
+            "Parallel mode: chunk downloads in flight on this node, all images together.",
+            default="auto",
+            examples=["auto", 40],
+        ),
+        Field(
+            "maxConcurrentDownloadsPerImage",
+            "max_concurrent_downloads_per_image",
+            Int(minimum=1, maximum=100, auto=True),
+            "Parallel mode: chunk downloads (registry connections) in flight for one image.",
+            default="auto",
+            examples=["auto", 10],
+        ),
+        Field(
+            "chunkSizeMiB",
+            "chunk_size_mib",
+            Int(minimum=1, maximum=1024, auto=True),
+            "Parallel mode: size of one ranged download of a layer, MiB.",
+            default="auto",
+            examples=["auto", 16],
+        ),
+        Field(
+            "maxConcurrentUnpacks",
+            "max_concurrent_unpacks",
+            Int(minimum=1, maximum=256, auto=True),
+            "Parallel mode: layers unpacked at once on this node, all images together.",
+            default="auto",
+        ),
+        Field(
+            "maxConcurrentUnpacksPerImage",
+            "max_concurrent_unpacks_per_image",
+            Int(minimum=1, maximum=64, auto=True),
+            "Parallel mode: layers of one image unpacked at once.",
+            default="auto",
+        ),
+        Field(
+            "discardUnpackedLayers",
+            "discard_unpacked_layers",
+            Bool(),
+            "Parallel mode: drop a layer's compressed blob once it is unpacked (less disk; a Spegel "
+            "mirror then has nothing to serve).",
+            default=True,
+        ),
+        Field(
+            "imagefsThroughputMBps",
+            "imagefs_throughput_mbps",
+            Int(minimum=0, maximum=100000),
+            "Write throughput of the image filesystem in MB/s (e.g. an EBS volume's provisioned "
+            "throughput), used to size unpacks; `0`: unknown, not a limit.",
+            default=0,
+        ),
+        Field(
+            "configFile",
+            "config_file",
+            Str(fmt.ABS_PATH),
+            "The soci-snapshotter-grpc config file `nodeagent apply` writes.",
+            default="/etc/soci-snapshotter-grpc/config.toml",
+        ),
+        Field(
+            "address",
+            "address",
+            Str(fmt.ABS_PATH),
+            "soci-snapshotter-grpc's socket (containerd's `proxy_plugins.soci.address`).",
+            default="/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock",
+        ),
+        Field(
+            "root",
+            "root",
+            Str(fmt.ABS_PATH),
+            "soci-snapshotter-grpc's root directory, where its snapshots live (what eviction measures).",
+            default="/var/lib/soci-snapshotter-grpc",
+        ),
+        Field(
+            "restartCommand",
+            "restart_command",
+            List(Str(), max_items=32),
+            "Command (argv, no shell) `nodeagent apply` runs to restart soci-snapshotter-grpc after "
+            "changing its config (generic flavor), before containerd is restarted. `[]` never restarts.",
+            default=["systemctl", "restart", "soci-snapshotter"],
+        ),
+    ],
+    m.SociConfig,
+    "The SOCI snapshotter (used when `snapshotter: soci`): pull mode and concurrency.",
+)
+
+
 def _mirror_endpoint(mirror: m.Mirror) -> str:
     return mirror.endpoint.rstrip("/")
 
@@ -421,6 +522,15 @@ CONTAINERD = Object(
             "restored and containerd restarted again. `[]` never restarts.",
             default=["systemctl", "restart", "containerd"],
         ),
+        Field(
+            "snapshotter",
+            "snapshotter",
+            Str(enum=("overlayfs", "soci")),
+            "The snapshotter CRI pulls and runs images with: `overlayfs` (containerd's own) or `soci` "
+            "(the SOCI snapshotter as a containerd proxy plugin; settings under `soci`).",
+            default="overlayfs",
+        ),
+        Field("soci", "soci", SOCI, SOCI.description),
     ],
     _build_containerd,
     "containerd image settings and registry mirrors written by `nodeagent apply`.",

@@ -72,14 +72,28 @@ class Values:
     max_concurrent_downloads: int
     image_pull_progress_timeout: str  # Go duration
     hosts_dir: str
+    # the snapshotter settings (proxy plugin, CRI snapshotter) for config versions 2 and 3+;
+    # empty: containerd's own overlayfs
+    snapshotter: tuple[tuple[tuple[tuple[str, ...], Any], ...], ...] = ()
+
+    def snapshotter_settings(self, version: int) -> list[tuple[tuple[str, ...], Any]]:
+        if not self.snapshotter:
+            return []
+        return list(self.snapshotter[0] if version < 3 else self.snapshotter[1])
 
 
 def values(config: Config, facts: NodeFacts) -> Values:
+    from nodeagent.targets import soci
+
     cd = config.containerd
+    snap: tuple[tuple[tuple[tuple[str, ...], Any], ...], ...] = ()
+    if soci.enabled(config):
+        snap = (tuple(soci.containerd_settings(config, 2)), tuple(soci.containerd_settings(config, 3)))
     return Values(
         max_concurrent_downloads=resolve(config, facts).max_concurrent_downloads.value,
         image_pull_progress_timeout=go_duration(cd.image_pull_progress_timeout),
         hosts_dir=cd.hosts_dir,
+        snapshotter=snap,
     )
 
 
@@ -312,6 +326,7 @@ def _wanted(
             str(get_in(doc, *keys, "registry", "config_path") or ""), containerd, version
         )
         out.append(((*keys, "registry", "config_path"), wanted_config_path(current, v.hosts_dir, path)))
+    out.extend(v.snapshotter_settings(version))
     return out
 
 
@@ -358,6 +373,9 @@ def patch(
     legacy = legacy_registry_settings(doc, version)
     settings = cri_image_settings(doc, version)
     settings.pop("max_concurrent_downloads", None)  # nodeagent's own key: never a reason
+    for key, value in v.snapshotter_settings(version):  # what the file will hold (SOCI)
+        if key[-1] == "disable_snapshot_annotations":
+            settings["disable_snapshot_annotations"] = value
     path = pull_path(containerd, settings)
     wanted = _wanted(doc, version, v, legacy, path, containerd)
     if text is None or not all(_holds(doc, key, value) for key, value in wanted):
@@ -410,6 +428,8 @@ def fragment(version: int, v: Values, config_path: str | None = None, *, transfe
     _table(doc, *keys, "registry").add("config_path", config_path or v.hosts_dir)
     if transfer:
         _table(doc, "plugins", V3_TRANSFER).add("max_concurrent_downloads", v.max_concurrent_downloads)
+    for key, value in v.snapshotter_settings(version):
+        _table(doc, *key[:-1]).add(key[-1], value)
     return tomlkit.dumps(doc)
 
 

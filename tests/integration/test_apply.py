@@ -54,6 +54,9 @@ class Node:
         self.hosts_dir.symlink_to(self.root / str(self.hosts_dir).lstrip("/"))
         self.config_toml.parent.mkdir(parents=True)
         self.config_yaml.parent.mkdir(parents=True)
+        if line.major >= 2:  # apply reads the installed version from it (the pull path follows it)
+            (self.root / "usr/bin").mkdir(parents=True)
+            (self.root / "usr/bin/containerd").symlink_to(line.binary())
         # the stock `containerd config default`, with only the daemon's own paths moved into the
         # sandbox (so it runs next to anything else on this machine); apply's keys are untouched
         if line.major < 2:

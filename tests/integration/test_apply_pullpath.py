@@ -111,7 +111,8 @@ class PullNode(Node):
     def __init__(self, sandbox: Sandbox, binary: Path, cri_images: dict[str, object] | None = None) -> None:
         super().__init__(sandbox)
         self.binary = binary
-        (self.root / "usr/bin").mkdir(parents=True)
+        (self.root / "usr/bin").mkdir(parents=True, exist_ok=True)
+        (self.root / "usr/bin/containerd").unlink(missing_ok=True)  # Node's link to the line's binary
         (self.root / "usr/bin/containerd").symlink_to(binary)
         stock = subprocess.run([str(binary), "config", "default"], capture_output=True, text=True, check=True)
         doc = tomlkit.parse(stock.stdout)

@@ -5,7 +5,8 @@
   for as long as the object is open (nobody else can take the port meanwhile).
 - ``HungServer``: accepts TCP connections and never sends a byte (models a wedged mirror).
 - ``ThrottleProxy``: a TCP proxy in front of ``upstream`` that limits each connection to
-  ``rate`` bytes/s from upstream to client (models a registry with limited per-connection throughput).
+  ``rate`` bytes/s from upstream to client (models a registry with limited per-connection throughput),
+  and optionally all connections together to ``total_rate`` (the registry's or the link's total).
 
 All are context managers and threads only; ``close()`` stops them and closes every socket.
 """
@@ -121,16 +122,27 @@ class HungServer(_Listener):
 
 
 class ThrottleProxy(_Listener):
-    """TCP proxy to ``upstream`` ("host:port"), at most ``rate`` bytes/s per connection downstream."""
+    """TCP proxy to ``upstream`` ("host:port"), at most ``rate`` bytes/s per connection downstream and,
+    with ``total_rate``, at most that many bytes/s over all connections. Pacing never banks credit:
+    a keep-alive connection that sat idle gets no burst afterwards."""
 
-    def __init__(self, upstream: str, rate: int, host: str = "127.0.0.1", chunk: int = 16384) -> None:
-        if rate <= 0:
+    def __init__(
+        self,
+        upstream: str,
+        rate: int,
+        host: str = "127.0.0.1",
+        chunk: int = 16384,
+        total_rate: int | None = None,
+    ) -> None:
+        if rate <= 0 or (total_rate is not None and total_rate <= 0):
             raise ValueError("rate must be > 0 bytes/s")
         super().__init__(host, "throttle")
         uh, _, up = upstream.rpartition(":")
         self.upstream = (uh, int(up))
         self.rate = rate
         self.chunk = max(1, min(chunk, rate // 10 or 1))
+        self.total_rate = total_rate
+        self._total_next = 0.0  # when the shared link is free again (monotonic)
         self.connections = 0
         self.bytes_down = 0
         self._lock = threading.Lock()
@@ -154,8 +166,7 @@ class ThrottleProxy(_Listener):
             t.start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, limited: bool) -> None:
-        start = time.monotonic()
-        sent = 0
+        free_at = 0.0  # when this connection may send again
         try:
             while not self._stop.is_set():
                 data = src.recv(self.chunk if limited else 65536)
@@ -163,12 +174,16 @@ class ThrottleProxy(_Listener):
                     break
                 dst.sendall(data)
                 if limited:
-                    sent += len(data)
+                    now = time.monotonic()
+                    free_at = max(free_at, now) + len(data) / self.rate
+                    until = free_at
                     with self._lock:
                         self.bytes_down += len(data)
-                    ahead = sent / self.rate - (time.monotonic() - start)
-                    if ahead > 0:
-                        self._stop.wait(ahead)
+                        if self.total_rate:
+                            self._total_next = max(self._total_next, now) + len(data) / self.total_rate
+                            until = max(until, self._total_next)
+                    if until > now:
+                        self._stop.wait(until - now)
         except OSError:
             pass
         finally:

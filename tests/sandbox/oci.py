@@ -156,7 +156,9 @@ def _dir(name: str) -> tuple[tarfile.TarInfo, None]:
 
 def random_layer(size: int, rng: random.Random, media_type: str, index: int = 0) -> Blob:
     """A layer holding one file of ``size`` random (incompressible) bytes."""
-    return _tar_layer([_dir("data"), _file(f"data/blob-{index}.bin", rng.randbytes(size))], media_type)
+    step = 64 << 20  # randbytes takes at most 256 MiB at once; 64 MiB pieces (same bytes below that)
+    data = b"".join(rng.randbytes(min(step, size - i)) for i in range(0, size, step)) if size else b""
+    return _tar_layer([_dir("data"), _file(f"data/blob-{index}.bin", data)], media_type)
 
 
 def busybox_layer(media_type: str) -> Blob:

@@ -165,9 +165,11 @@ class Sandbox:
     def refused_port(self) -> RefusedPort:
         return self._stack.enter_context(RefusedPort())
 
-    def throttle_proxy(self, upstream: Registry | str, rate: int) -> ThrottleProxy:
+    def throttle_proxy(
+        self, upstream: Registry | str, rate: int, total_rate: int | None = None
+    ) -> ThrottleProxy:
         target = upstream.host if isinstance(upstream, Registry) else upstream
-        return self._stack.enter_context(ThrottleProxy(target, rate))
+        return self._stack.enter_context(ThrottleProxy(target, rate, total_rate=total_rate))
 
     # --- teardown -------------------------------------------------------------------------
     def close(self) -> None:

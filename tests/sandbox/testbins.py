@@ -57,6 +57,11 @@ class Spec:
     # the module's go.mod replaces its own sub-modules with ./staging dirs: replace each with its
     # published version (k8s.io/kubernetes)
     staging_version: str | None = None
+    # extra replace directives for the generated module ("old [v] => new v")
+    replaces: tuple[str, ...] = ()
+    # copy the upstream go.mod's replace directives that point at other modules (not at local
+    # directories, which a module from the proxy does not have)
+    upstream_replaces: bool = False
     # why this entry cannot be built here (then build() reports it and path() raises with it)
     unavailable: str = ""
 
@@ -84,6 +89,8 @@ def _k8s_xflags(version: str) -> dict[str, str]:
 KUBERNETES = "v1.34.4"
 CONTAINERD = "v2.2.9"  # newest 2.2.x: the line current EKS AL2023 AMIs ship
 CONTAINERD_LATEST = "v2.4.2"  # newest 2.x release the proxy serves
+SOCI = "v0.16.1"  # newest soci-snapshotter release the proxy serves
+SOCI_CMD = "v0.0.0-20260930233240-61147fe7c929"  # its cmd module at the v0.16.1 commit
 
 
 def _containerd(name: str, version: str) -> Spec:
@@ -148,17 +155,25 @@ SPECS: dict[str, Spec] = {
         ),
         Spec(
             name="soci-snapshotter",
-            module="github.com/awslabs/soci-snapshotter",
-            version="v0.16.1",
+            # The programs live in the cmd module, which the proxy serves only as a pseudo-version
+            # (the v0.16.1 commit); its go.mod replaces the library with ../ (so `go install` refuses
+            # it): our module replaces that with the served library release of the same commit.
+            module="github.com/awslabs/soci-snapshotter/cmd",
+            version=SOCI_CMD,
             packages={
                 "github.com/awslabs/soci-snapshotter/cmd/soci-snapshotter-grpc": "soci-snapshotter-grpc",
                 "github.com/awslabs/soci-snapshotter/cmd/soci": "soci",
             },
             cgo=True,  # ztoc's gzip index is C (zlib1g-dev)
-            unavailable=(
-                "both programs live in the separate module github.com/awslabs/soci-snapshotter/cmd, "
-                "which the Go module proxy does not serve (only the library module is served)"
+            replaces=(
+                "github.com/awslabs/soci-snapshotter v0.0.0-local => "
+                f"github.com/awslabs/soci-snapshotter {SOCI}",
             ),
+            upstream_replaces=True,
+            xflags={
+                "github.com/awslabs/soci-snapshotter/version.Version": SOCI,
+                "github.com/awslabs/soci-snapshotter/version.Revision": SOCI_CMD.rsplit("-", 1)[1],
+            },
         ),
     )
 }
@@ -197,7 +212,8 @@ def recipe(s: Spec) -> str:
     """A digest of how ``s`` is built: a cached entry built another way (tags, flags, packages) is
     rebuilt, not reused."""
     fields = [s.module, s.version, sorted(s.packages.items()), list(s.tags), s.cgo, sorted(s.xflags.items())]
-    return hashlib.sha256(json.dumps([*fields, s.staging_version]).encode()).hexdigest()[:16]
+    extra = [list(s.replaces), s.upstream_replaces] if s.replaces or s.upstream_replaces else []
+    return hashlib.sha256(json.dumps([*fields, s.staging_version, *extra]).encode()).hexdigest()[:16]
 
 
 def is_cached(s: Spec) -> bool:
@@ -274,6 +290,25 @@ def _module_info(mv: str, cwd: Path, env: dict[str, str]) -> dict[str, str]:
 
 _STAGING_RE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", re.M)
 _GO_RE = re.compile(r"^go\s+(\S+)", re.M)
+_REPLACE_BLOCK_RE = re.compile(r"^replace\s*\((.*?)^\)", re.M | re.S)
+_REPLACE_LINE_RE = re.compile(r"^replace\s+([^(\s].*)$", re.M)
+
+
+def upstream_replace_lines(gomod: str) -> list[str]:
+    """The replace directives of a go.mod whose target is another module (a ``./`` or ``../``
+    directory target is dropped: a module fetched from the proxy has no such directory)."""
+    lines = [ln for block in _REPLACE_BLOCK_RE.findall(gomod) for ln in block.splitlines()]
+    lines += _REPLACE_LINE_RE.findall(gomod)
+    out = []
+    for ln in lines:
+        ln = ln.split("//", 1)[0].strip()
+        if "=>" not in ln:
+            continue
+        target = ln.split("=>", 1)[1].strip()
+        if target.startswith(("./", "../", "/")) or target in (".", ".."):
+            continue
+        out.append(ln)
+    return out
 
 
 def _generate_module(s: Spec, build: Path, env: dict[str, str]) -> str:
@@ -297,6 +332,11 @@ def _generate_module(s: Spec, build: Path, env: dict[str, str]) -> str:
         lines.append("replace (")
         lines += [f"\t{mod} => {mod} {s.staging_version}" for mod in staged]
         lines += [")", ""]
+    replaces = list(s.replaces)
+    if s.upstream_replaces:
+        replaces += upstream_replace_lines(upstream)
+    if replaces:
+        lines += ["replace (", *(f"\t{r}" for r in replaces), ")", ""]
     (build / "go.mod").write_text("\n".join(lines))
     return go_version
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from nodeagent.bake import pin_and_record, sandbox_image, snapshotter_warnings, with_sandbox_image
-from nodeagent.config.model import Config, PrefetchImage
+from nodeagent.config.model import Config, ContainerdConfig, PrefetchImage
 from nodeagent.eviction import baked
 from nodeagent.paths import Paths
 from nodeagent.prefetch import ImageOutcome
@@ -84,6 +84,18 @@ def test_warns_when_soci_is_present_but_cri_unpacks_with_overlayfs(tmp_path: Pat
         'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "soci"\n'
     )
     assert snapshotter_warnings(Config(), paths) == []
+
+
+def test_warns_when_the_config_wants_soci_but_cri_unpacks_with_overlayfs(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    soci = Config(containerd=ContainerdConfig(snapshotter="soci"))
+    (w,) = snapshotter_warnings(soci, paths)
+    assert "containerd.snapshotter: soci" in w and "snapshotter 'overlayfs'" in w and "nodeagent apply" in w
+    paths.containerd_config.parent.mkdir(parents=True)
+    paths.containerd_config.write_text(
+        'version = 3\n[plugins."io.containerd.cri.v1.images"]\n  snapshotter = "soci"\n'
+    )
+    assert snapshotter_warnings(soci, paths) == []  # applied: the bake pins what nodes will use
 
 
 def test_unreadable_containerd_config_is_a_warning(tmp_path: Path) -> None:

@@ -179,3 +179,12 @@ def test_section_summary_lines_replace_the_generic_dump(tmp_path: Path) -> None:
     text = render(collect(paths, now=NOW))
     assert "  docker.io  http://m:5000  UP" in text
     assert "mirrors: 1" not in text
+
+
+def test_status_names_the_snapshotter_and_pull_mode(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    write(paths, daemon_doc(), {**APPLY_OK, "snapshotter": "soci", "pull_mode": "parallel"})
+    assert "snapshotter    soci (pull mode parallel)" in render(collect(paths, now=NOW))
+    write(paths, daemon_doc(), {**APPLY_OK, "snapshotter": "overlayfs", "pull_mode": ""})
+    text = render(collect(paths, now=NOW))
+    assert "snapshotter    overlayfs\n" in text

@@ -31,11 +31,43 @@ def test_path_finds_a_cached_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         testbins.path("containerd", "kubelet")
 
 
-def test_unknown_and_unavailable_entries_say_why() -> None:
+def test_unknown_and_unavailable_entries_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KeyError, match="known: crictl"):
         testbins.spec("dockerd")
+    gone = dataclasses.replace(testbins.spec("crictl"), unavailable="the proxy does not serve it")
+    monkeypatch.setitem(testbins.SPECS, "crictl", gone)
     with pytest.raises(testbins.TestbinMissing, match="does not serve"):
-        testbins.path("soci-snapshotter", "soci")
+        testbins.path("crictl")
+
+
+SOCI_CMD_GOMOD = """module github.com/awslabs/soci-snapshotter/cmd
+
+require github.com/awslabs/soci-snapshotter v0.0.0-local
+
+replace (
+	// Import local packages.
+	github.com/awslabs/soci-snapshotter v0.0.0 => ../
+	github.com/awslabs/soci-snapshotter v0.0.0-local => ../
+
+	// Temporary fork
+	github.com/hashicorp/golang-lru => github.com/ktock/golang-lru v0.5.5-0.20211029085301-ec551be6f75c
+)
+
+replace cyphar.com/go-pathrs => github.com/cyphar/libpathrs/go-pathrs v0.2.1
+"""
+
+
+def test_upstream_replaces_keep_module_targets_and_drop_local_directories() -> None:
+    # soci-snapshotter's cmd module (as the proxy serves it) points the library at ../, which a
+    # module from the proxy does not have; its other replaces must be kept for the build to match.
+    assert testbins.upstream_replace_lines(SOCI_CMD_GOMOD) == [
+        "github.com/hashicorp/golang-lru => github.com/ktock/golang-lru v0.5.5-0.20211029085301-ec551be6f75c",
+        "cyphar.com/go-pathrs => github.com/cyphar/libpathrs/go-pathrs v0.2.1",
+    ]
+    soci = testbins.spec("soci-snapshotter")
+    assert soci.module == "github.com/awslabs/soci-snapshotter/cmd" and soci.upstream_replaces
+    assert any(r.endswith(f"github.com/awslabs/soci-snapshotter {testbins.SOCI}") for r in soci.replaces)
+    assert soci.binaries == ("soci-snapshotter-grpc", "soci")
 
 
 def test_go_names_a_major_version_package_after_its_parent() -> None:
