@@ -4,22 +4,19 @@ A benchmark script is a module with ``main(argv) -> int`` (0 = target met). It m
 baseline taken in the same run (ratios, not absolute times alone), because the machine is shared.
 
 Results files: a benchmark that keeps its figures for later (plots, comparisons across runs) writes
-them with ``write_results(name, data)`` as ``<results dir>/<name>.json``; the results dir is
-``$NODEAGENT_BENCH_RESULTS`` or ``bench/results/`` (not tracked by git). Each file is one JSON
-object with at least ``benchmark`` (the name), ``schema`` (an integer, bumped when the format
-changes) and ``created`` (UTC, RFC 3339); the rest is described in the benchmark's docstring.
+them with ``bench.results.write(name, data)`` as ``<results dir>/<name>.json``; the results dir is
+``$NODEAGENT_BENCH_RESULTS`` or ``bench/results/``. Each file is one JSON object with at least
+``benchmark`` (the name) and ``finished_at`` (UTC); the rest is described in the benchmark's
+docstring, and bench/plot.py lists the fields each chart reads.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_ENV = "NODEAGENT_BENCH_RESULTS"
@@ -27,21 +24,6 @@ RESULTS_ENV = "NODEAGENT_BENCH_RESULTS"
 
 def results_dir() -> Path:
     return Path(os.environ.get(RESULTS_ENV) or REPO / "bench" / "results")
-
-
-def write_results(name: str, data: Mapping[str, Any], schema: int = 1) -> Path:
-    """Write ``data`` as ``<results dir>/<name>.json`` (atomically), with the common header fields."""
-    from nodeagent.atomicio import write_atomic
-
-    doc = {
-        "benchmark": name,
-        "schema": schema,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **data,
-    }
-    path = results_dir() / f"{name}.json"
-    write_atomic(path, json.dumps(doc, indent=2) + "\n")
-    return path
 
 
 def import_times(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[tuple[int, str]]:

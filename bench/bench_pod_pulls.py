@@ -13,7 +13,7 @@ present and a kubelet that has already started one pod (so only the pod's own pu
   and a later one putting ``imageServiceEndpoint`` back on containerd; the timeline comes from the
   kubelet's own ``Pulling`` / ``Pulled`` events (its log, at level 3).
 
-Printed and written to ``<bench results dir>/pod_pulls.json`` (``bench.write_results``; the dir is
+Printed and written to ``<bench results dir>/pod_pulls.json`` (``bench.results.write``; the dir is
 ``$NODEAGENT_BENCH_RESULTS`` or ``bench/results/``). Format (schema 1), all times in seconds
 relative to the pod's creation (the moment the static pod manifest is written):
 
@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench import write_results
+from bench import results
 from nodeagent.cri.client import CriClient
 from tests.sandbox import NodeAgent, Sandbox, testbins
 from tests.sandbox.kubelet import (
@@ -254,7 +254,7 @@ def main(argv: list[str]) -> int:
         print(f"bench_pod_pulls: {e}", file=sys.stderr)
         return 1
     kubelet_version = testbins.SPECS["kubelet"].version
-    path = write_results(
+    path = results.write(
         "pod_pulls",
         {
             "setup": {

@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 
+from bench import results
 from nodeagent.cri.client import CriClient
 from tests.sandbox import Sandbox
 from tests.sandbox.oci import push_many
@@ -39,8 +40,12 @@ async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
+# Every pair measured in this run, per call (ms), for ``bench/results/proxy.json`` (bench/plot.py).
+PAIRS: dict[str, dict[str, list[float]]] = {}
+
+
 async def compare(
-    direct: Callable[[], Awaitable[Any]], proxied: Callable[[], Awaitable[Any]], n: int
+    label: str, direct: Callable[[], Awaitable[Any]], proxied: Callable[[], Awaitable[Any]], n: int
 ) -> tuple[float, float, float]:
     """(median direct ms, median proxied ms, median of paired differences ms) over ``n`` pairs of
     back-to-back calls, alternating which goes first (so machine noise hits both alike)."""
@@ -56,6 +61,7 @@ async def compare(
         else:
             p.append(await timed(proxied))
             d.append(await timed(direct))
+    PAIRS[label] = {"direct": [round(x, 4) for x in d], "proxied": [round(x, 4) for x in p]}
     return (
         statistics.median(d),
         statistics.median(p),
@@ -107,12 +113,16 @@ def main(argv: list[str]) -> int:
                 await d.pull_image(img.reference)
                 out = {
                     "ImageStatus": await compare(
+                        "ImageStatus",
                         lambda: d.image_status(img.reference),
                         lambda: p.image_status(img.reference),
                         args.calls,
                     ),
                     "PullImage (cached)": await compare(
-                        lambda: d.pull_image(img.reference), lambda: p.pull_image(img.reference), args.pulls
+                        "PullImage (cached)",
+                        lambda: d.pull_image(img.reference),
+                        lambda: p.pull_image(img.reference),
+                        args.pulls,
                     ),
                 }
                 return out
@@ -149,7 +159,7 @@ def main(argv: list[str]) -> int:
         async def listing() -> tuple[float, float, float, int]:
             async with CriClient(node.endpoint) as d, CriClient(agent.proxy_endpoint) as p:
                 n = len(await d.list_images())
-                dm, pm, added = await compare(d.list_images, p.list_images, 40)
+                dm, pm, added = await compare("ListImages", d.list_images, p.list_images, 40)
                 return dm, pm, added, n
 
         d_ms, p_ms, _added, n = asyncio.run(listing())
@@ -178,6 +188,7 @@ def main(argv: list[str]) -> int:
             f"(target < {RSS_MB_TARGET} MB: {'ok' if hit_rss else 'MISSED'})"
         )
         agent.stop()
+    results.write("proxy", {"pairs_ms": PAIRS, "targets_met": ok})
     return 0 if ok else 1
 
 

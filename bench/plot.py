@@ -11,8 +11,8 @@ Charts and the fields they read:
   ``ok``), ``filesystem_bytes``, ``thresholds_percent``: image filesystem usage over the churn.
 - ``proxy`` (bench_proxy.py, when it writes one): ``pairs_ms`` = {call: {"direct": [...],
   "proxied": [...]}}, interleaved pairs: the distribution of the time the proxy adds.
-- ``pod_pulls`` (a kubelet pod-pull benchmark, when there is one): ``runs`` = {label: [{"image",
-  "start", "end"} (seconds from pod creation)]}: a pull timeline per run.
+- ``pod_pulls`` (bench_pod_pulls.py): ``runs`` = [{"label", "pulls": [{"image", "start_seconds",
+  "end_seconds"} (seconds from pod creation)]}]: a pull timeline per run.
 
     python -m bench --plot               # every chart whose results exist
     python -m bench.plot --out DIR       # elsewhere
@@ -154,11 +154,12 @@ def plot_proxy(data: dict[str, Any], path: Path) -> Path:
 
 def plot_pod_pulls(data: dict[str, Any], path: Path) -> Path:
     runs = data["runs"]
-    fig, ax = _figure(7.0, 1.0 + 0.35 * sum(len(v) for v in runs.values()))
+    fig, ax = _figure(7.0, 1.0 + 0.35 * sum(len(r["pulls"]) for r in runs))
     y, ticks = 0, []
-    for i, (label, pulls) in enumerate(runs.items()):
-        for p in sorted(pulls, key=lambda p: p["start"]):
-            ax.barh(y, p["end"] - p["start"], left=p["start"], color=f"C{i}")
+    for i, run in enumerate(runs):
+        label = run["label"]
+        for p in sorted(run["pulls"], key=lambda p: p["start_seconds"]):
+            ax.barh(y, p["end_seconds"] - p["start_seconds"], left=p["start_seconds"], color=f"C{i}")
             ticks.append((y, f"{label}: {p['image']}"[-50:]))
             y += 1
     ax.set_yticks([t for t, _ in ticks], [n for _, n in ticks], fontsize=7)

@@ -12,11 +12,15 @@ from typing import Any
 
 from nodeagent.atomicio import write_atomic
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+def _dir(results_dir: Path | None) -> Path:
+    from bench import results_dir as default_dir  # $NODEAGENT_BENCH_RESULTS or bench/results/
+
+    return results_dir or default_dir()
 
 
 def write(name: str, data: dict[str, Any], results_dir: Path | None = None) -> Path:
-    path = (results_dir or RESULTS_DIR) / f"{name}.json"
+    path = _dir(results_dir) / f"{name}.json"
     doc = {
         "benchmark": name,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -30,7 +34,7 @@ def write(name: str, data: dict[str, Any], results_dir: Path | None = None) -> P
 
 
 def read(name: str, results_dir: Path | None = None) -> dict[str, Any] | None:
-    path = (results_dir or RESULTS_DIR) / f"{name}.json"
+    path = _dir(results_dir) / f"{name}.json"
     if not path.exists():
         return None
     data: dict[str, Any] = json.loads(path.read_text())

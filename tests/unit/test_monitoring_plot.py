@@ -31,10 +31,22 @@ SAMPLES = {
     },
     "proxy": {"pairs_ms": {"ImageStatus": {"direct": [0.7, 0.8, 0.75], "proxied": [1.0, 1.1, 1.2]}}},
     "pod_pulls": {
-        "runs": {
-            "stock": [{"image": "a", "start": 0.0, "end": 2.0}, {"image": "b", "start": 2.0, "end": 4.0}],
-            "nodeagent": [{"image": "a", "start": 0.0, "end": 2.0}, {"image": "b", "start": 0.1, "end": 2.1}],
-        }
+        "runs": [
+            {
+                "label": "stock",
+                "pulls": [
+                    {"image": "a", "start_seconds": 0.0, "end_seconds": 2.0},
+                    {"image": "b", "start_seconds": 2.0, "end_seconds": 4.0},
+                ],
+            },
+            {
+                "label": "nodeagent",
+                "pulls": [
+                    {"image": "a", "start_seconds": 0.0, "end_seconds": 2.0},
+                    {"image": "b", "start_seconds": 0.1, "end_seconds": 2.1},
+                ],
+            },
+        ]
     },
 }
 
