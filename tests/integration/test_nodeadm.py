@@ -4,11 +4,15 @@ For each user-data (cluster details only; plus a version-2 containerd fragment; 
 plus kubelet ``maxPods``), ``nodeagent apply --flavor eks-al2023`` runs against a fake IMDSv2 serving
 that user-data, on a tree whose ``usr/bin/containerd`` is containerd 2.2.9 (as AL2023 ships). Then:
 
-- **nodeadm** (the newest version the Go module proxy serves, 2024-02-29; testbins) reads the
+- **nodeadm** (2026-02-13 main, ``v0.0.0-20260213141146-147b13ea3f4a``; testbins) reads the
   user-data's NodeConfig parts with our drop-in as the last part (drop-ins win) from the fake IMDS
-  (``AWS_EC2_METADATA_SERVICE_ENDPOINT``), decodes and merges them: ``nodeadm config check`` must
-  accept it. That nodeadm has no ``config dump``, its file source reads neither MIME nor a
-  directory, and it does not merge containerd TOML, so it cannot show the merged result;
+  (``AWS_EC2_METADATA_SERVICE_ENDPOINT``): ``nodeadm config check`` must accept it; and
+  ``nodeadm config dump -c imds://user-data -c file://ROOT/etc/eks/nodeadm.d/`` (the sources
+  nodeadm-run reads, in its order; the real MIME user-data, nodeagent's own part included; a
+  ``file://`` source may be a directory) must show the merged NodeConfig with the user's cluster,
+  ``maxPods`` and containerd fragment keys and nodeagent's kubelet pull settings and containerd
+  fragment keys (ours win a key both set). nodeadm merges the ``spec.containerd.config`` strings as
+  TOML and re-serialises them when there are two, so the keys are compared, not the text;
 - **the containerd config current nodeadm writes** from those fragments is assembled the way
   nodeadm's source does it (``internal/containerd/config.go``: version-3 template when the merged
   fragments mention ``io.containerd.cri.v1.images``/``runtime``, else version 2; fragments merged
@@ -20,6 +24,7 @@ that user-data, on a tree whose ``usr/bin/containerd`` is containerd 2.2.9 (as A
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tomllib
@@ -82,6 +87,14 @@ def user_nodeconfig(case: str) -> dict[str, Any]:
     return doc
 
 
+def flat(doc: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every leaf key of a TOML document with its table path."""
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in doc.items():
+        out.update(flat(v, (*prefix, k)) if isinstance(v, dict) else {(*prefix, k): v})
+    return out
+
+
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -134,8 +147,8 @@ def test_nodeadm_merge_keeps_user_and_nodeagent_values(sandbox: Sandbox, tmp_pat
     assert any(m in ours for m in V3_MARKERS) == (case != "v2"), ours
     assert dropin["spec"]["kubelet"]["config"]["maxParallelImagePulls"] == 4
 
-    # nodeadm (2024-02-29) reads that user-data with our drop-in as its last part from the fake IMDS
-    # (its file source takes no MIME and no directory), decodes every part and merges them
+    # nodeadm reads that user-data with our drop-in as its last part from the fake IMDS,
+    # decodes every part, merges them and checks the result
     judged = render_mime([(NODECONFIG_CONTENT_TYPE, user_text), (NODECONFIG_CONTENT_TYPE, dropin_text)])
     with FakeImds(judged.encode()) as fake:
         check = subprocess.run(
@@ -147,6 +160,42 @@ def test_nodeadm_merge_keeps_user_and_nodeagent_values(sandbox: Sandbox, tmp_pat
         )
         assert "/latest/user-data" in [p for _, p, st in fake.requests if st == 200]
     assert check.returncode == 0 and "Configuration is valid" in check.stderr, check.stderr[-2000:]
+
+    # the pinned nodeadm (2026-02) dumps the NodeConfig nodeadm-run would act on: the real user-data
+    # (MIME, nodeagent's own part included) from the fake IMDS, then the drop-in directory, in that order
+    with FakeImds(user_data.encode()) as fake:
+        dumped = subprocess.run(
+            [
+                str(nodeadm),
+                "config",
+                "dump",
+                "-c",
+                "imds://user-data",
+                "-c",
+                f"file://{root / 'etc/eks/nodeadm.d'}/",
+                "-o",
+                str(tmp_path / "dump.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": fake.endpoint},
+        )
+        assert "/latest/user-data" in [p for _, p, st in fake.requests if st == 200]
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    spec = json.loads((tmp_path / "dump.json").read_text())["spec"]
+    assert spec["cluster"] == user["spec"]["cluster"]  # the user's
+    kubelet = spec["kubelet"]["config"]
+    for key, value in dropin["spec"]["kubelet"]["config"].items():  # nodeagent's pull settings
+        assert kubelet[key] == value, (key, kubelet)
+    if case == "maxpods":
+        assert kubelet["maxPods"] == 58  # the user's
+    merged_toml = flat(tomllib.loads(spec["containerd"]["config"]))
+    expected = flat(tomllib.loads(user["spec"].get("containerd", {}).get("config", "")))
+    expected.update(flat(tomllib.loads(ours)))  # the drop-in comes last and wins a key both set
+    assert merged_toml == expected, spec["containerd"]["config"]
+    if case in ("v2", "v3"):  # the user's discard_unpacked_layers = false kept beside nodeagent's keys
+        assert [v for k, v in merged_toml.items() if k[-1] == "discard_unpacked_layers"] == [False]
 
     # containerd 2.2.9 on the config nodeagent's and the user's fragments give
     fragments = [f for f in (user["spec"].get("containerd", {}).get("config"), ours) if f]
