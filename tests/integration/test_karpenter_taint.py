@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from nodeagent import userdata
@@ -48,6 +49,7 @@ def call(
 MERGE = "application/merge-patch+json"
 
 
+@pytest.mark.no_containerd
 def test_the_node_identity_cannot_remove_its_taint_so_no_startup_taint_is_rendered(sandbox: Sandbox) -> None:
     cp = ControlPlane(sandbox.dir / "cp", node_name="na-taint-node")
     sandbox.callback(cp.stop)
