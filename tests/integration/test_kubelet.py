@@ -83,7 +83,10 @@ def test_three_container_static_pod_pulls_through_nodeagent(
     for line in lines:
         assert line["bytes"] > 1 * MiB and line["duration_seconds"] > 0
     text = agent.scrape()
-    assert value(text, "nodeagent_image_pulls_total", registry=registry.host, result="success") == 3
+    assert (
+        value(text, "nodeagent_image_pulls_total", registry=registry.host, result="success", origin="kubelet")
+        == 3
+    )
     # the kubelet asks ImageStatus before each pull: three misses, through nodeagent too
     assert value(text, "nodeagent_image_cache_requests_total", result="miss") >= 3
     wait_until("status file shows the pulls", lambda: agent.status()["pulls"]["totals"] == {"success": 3}, 10)
@@ -124,7 +127,10 @@ def test_nodeagent_crash_and_restart_while_the_kubelet_runs(
     assert kl.pid == kubelet_pid and kl.running  # no kubelet restart
     assert pulls_of(agent).get(second.reference) == "success"
     text = agent.scrape()  # the new process counted it
-    assert value(text, "nodeagent_image_pulls_total", registry=registry.host, result="success") >= 1
+    assert (
+        value(text, "nodeagent_image_pulls_total", registry=registry.host, result="success", origin="kubelet")
+        >= 1
+    )
     before = kl.pod("before")
     assert before is not None and before["status"]["containerStatuses"][0]["restartCount"] == 0
     assert pod["status"]["containerStatuses"][0]["ready"] is True
