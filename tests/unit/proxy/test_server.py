@@ -113,7 +113,9 @@ def test_pull_deadline_is_kept_per_caller_and_the_last_one_to_leave_cancels_upst
                 await asyncio.sleep(0.02)
             assert rt.cancelled == ["PullImage"]
             (rec,) = p.records
-            assert rec.code == "DEADLINE_EXCEEDED" and rec.result == "canceled"
+            # The proxy's timer for the caller's deadline and the caller's own reset at that deadline
+            # race (both at ~0.5 s): either way the pull is recorded once, as canceled.
+            assert rec.code in ("DEADLINE_EXCEEDED", "CANCELLED") and rec.result == "canceled"
 
     run(main())
 
