@@ -274,7 +274,6 @@ def main(argv: list[str]) -> int:
         + ", ".join(f"{r.max_parallel} ({r.label})" for r in runs)
         + " (baseline for issue 14: no target yet)"
     )
-    print(f"results: {path}")
     return 0
 
 
