@@ -254,7 +254,7 @@ def main(argv: list[str]) -> int:
         print(f"bench_pod_pulls: {e}", file=sys.stderr)
         return 1
     kubelet_version = testbins.SPECS["kubelet"].version
-    path = results.write(
+    results.write(
         "pod_pulls",
         {
             "setup": {
