@@ -21,7 +21,6 @@ import contextlib
 import difflib
 import glob
 import json
-import os
 import re
 import sys
 import time
@@ -47,8 +46,6 @@ DEFAULT_RESTART_COMMAND = ContainerdConfig().restart_command
 BACKUP_SUFFIX = ".nodeagent.bak"
 RESTART_TIMEOUT = 120.0  # the restart command itself
 HEALTH_TIMEOUT = 30.0  # CRI Version must answer within this after a restart
-# Test-only fault injection: sleep this long before each write step, announcing it on stderr.
-FAULT_DELAY_ENV = "NODEAGENT_APPLY_FAULT_DELAY"
 
 Renderer = Callable[[Config, NodeFacts], TargetPlan]
 
@@ -143,21 +140,6 @@ def unified_diff(path: Path, old: bytes | None, new: str | None, *, secret: bool
 # --- writing ---------------------------------------------------------------------------------
 
 
-class _Faults:
-    def __init__(self, err: TextIO) -> None:
-        raw = os.environ.get(FAULT_DELAY_ENV, "")
-        self.delay = float(raw) if raw else 0.0
-        self.n = 0
-        self.err = err
-
-    def point(self, what: str) -> None:
-        if self.delay <= 0:
-            return
-        self.n += 1
-        print(f"fault-point {self.n} {what}", file=self.err, flush=True)
-        time.sleep(self.delay)
-
-
 def _mode_for(f: DesiredFile, current_mode: int | None) -> int:
     # a file we patch keeps its owner's permissions; our own files get the mode we chose
     if not f.owned and current_mode is not None:
@@ -176,7 +158,7 @@ def remove_stale_temp_files(path: Path) -> None:
             t.unlink()
 
 
-def write_file(f: DesiredFile, report: ApplyReport, faults: _Faults) -> bool:
+def write_file(f: DesiredFile, report: ApplyReport) -> bool:
     remove_stale_temp_files(f.path)
     data = f.content.encode()
     current = read_bytes_or_none(f.path)
@@ -187,21 +169,18 @@ def write_file(f: DesiredFile, report: ApplyReport, faults: _Faults) -> bool:
     if current is not None and not is_owned(current):
         backup = f.path.with_name(f.path.name + BACKUP_SUFFIX)
         if not backup.exists():
-            faults.point(f"backup {backup}")
             write_atomic(backup, current, mode=current_mode or 0o600)
             report.backups.append(str(backup))
-    faults.point(f"write {f.path}")
     changed = write_atomic(f.path, data, mode=mode)
     if changed:
         report.changed.append(str(f.path))
     return changed
 
 
-def remove_file(path: Path, report: ApplyReport, faults: _Faults) -> None:
+def remove_file(path: Path, report: ApplyReport) -> None:
     current = read_bytes_or_none(path)
     if current is None or not is_owned(current):
         return  # only ever remove what carries our marker
-    faults.point(f"remove {path}")
     if remove_durably(path):
         report.removed.append(str(path))
     with contextlib.suppress(OSError):
@@ -287,12 +266,10 @@ def run_apply(
     flavor: str = "auto",
     dry_run: bool = False,
     out: TextIO | None = None,
-    err: TextIO | None = None,
     restarter: Restarter | None = None,
     mirror_check: MirrorCheck | None = None,
 ) -> ApplyReport:
     out = out or sys.stdout
-    err = err or sys.stderr
     if flavor == "auto":
         flavor = detect_flavor(facts)
     if flavor not in TARGETS:
@@ -327,7 +304,6 @@ def run_apply(
                 report.removed.append(str(path))
         return report
 
-    faults = _Faults(err)
     for p in plans:
         try:
             restart_needed = False
@@ -337,11 +313,11 @@ def run_apply(
                 if p.restart_on_change:
                     cur = read_bytes_or_none(f.path)
                     snapshots[f.path] = (cur, f.path.stat().st_mode & 0o7777 if cur is not None else None)
-                if write_file(f, report, faults):
+                if write_file(f, report):
                     changed_here = True
                     restart_needed = p.restart_on_change
             for path in p.remove:
-                remove_file(path, report, faults)
+                remove_file(path, report)
             if p.target == "soci" and changed_here and flavor == "generic":
                 restart_soci(config, facts, report)
                 continue

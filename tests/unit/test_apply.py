@@ -46,7 +46,7 @@ def _apply(cfg: Config, root: Path, **kw: object) -> tuple[ApplyReport, str]:
     out = io.StringIO()
     restarts: list[Config] = []
     kw.setdefault("restarter", lambda c: restarts.append(c))
-    report = run_apply(cfg, gather(Paths(root), cfg.containerd.hosts_dir), out=out, err=io.StringIO(), **kw)  # type: ignore[arg-type]
+    report = run_apply(cfg, gather(Paths(root), cfg.containerd.hosts_dir), out=out, **kw)  # type: ignore[arg-type]
     return report, out.getvalue()
 
 
@@ -226,9 +226,7 @@ def test_temp_files_left_by_a_killed_run_are_cleaned(tmp_path: Path) -> None:
 def test_default_restart_command_never_restarts_the_hosts_containerd_for_a_root_tree(tmp_path: Path) -> None:
     _stock(tmp_path)
     # run_apply without a restarter: the real restart path decides, and must not run systemctl here
-    report = run_apply(
-        config(), gather(Paths(tmp_path)), flavor="generic", out=io.StringIO(), err=io.StringIO()
-    )
+    report = run_apply(config(), gather(Paths(tmp_path)), flavor="generic", out=io.StringIO())
     assert report.ok and not report.containerd_restarted
     assert any("would restart this host's containerd" in w for w in report.warnings)
 
