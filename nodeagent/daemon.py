@@ -31,7 +31,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodeagent import __version__
 from nodeagent.atomicio import write_atomic
@@ -49,6 +49,12 @@ from nodeagent.sd_daemon import (
     take_unix_listener,
     watchdog_interval,
 )
+
+if TYPE_CHECKING:
+    from nodeagent.cri.client import CriClient
+    from nodeagent.cri.runtime import ImageService
+    from nodeagent.proxy.pulls import PullWrapper
+    from nodeagent.proxy.server import ImageProxy
 
 log = get_logger(__name__)
 
@@ -114,14 +120,14 @@ class Daemon:
         self._worker_state: dict[str, dict[str, Any]] = {}
         self._pull_listeners: list[PullListener] = []
         self._status_hooks: dict[str, StatusHook] = {}
-        self._pull_wrapper: Any = None
+        self._pull_wrapper: PullWrapper | None = None
         self._stop: asyncio.Event | None = None
         self._dirty_event: asyncio.Event | None = None
         self._last_upstream_ok = 0.0
         self._checked_mono = 0.0
-        self._proxy: Any = None
+        self._proxy: ImageProxy | None = None
         self._http: asyncio.Server | None = None
-        self._cri: Any = None
+        self._cri: CriClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._listener_tasks: set[asyncio.Task[None]] = set()
 
@@ -142,7 +148,7 @@ class Daemon:
         ``degraded`` key makes ``nodeagent status`` exit 1."""
         self._status_hooks[name] = fn
 
-    def set_pull_wrapper(self, fn: Any) -> None:
+    def set_pull_wrapper(self, fn: PullWrapper) -> None:
         """``await fn(registry, call) -> (response, retry_reason)`` wraps every upstream PullImage
         (mirror health uses it to restart a pull stuck on a mirror that went down)."""
         self._pull_wrapper = fn
@@ -150,13 +156,14 @@ class Daemon:
             self._proxy.pull_wrapper = fn
 
     @property
-    def proxy(self) -> Any:
+    def proxy(self) -> ImageProxy | None:
         """The running CRI proxy (``nodeagent.proxy.server.ImageProxy``), or None."""
         return self._proxy
 
     @property
-    def cri(self) -> Any:
-        """The daemon's CRI client to the upstream image service (``cri.endpoint``)."""
+    def cri(self) -> ImageService:
+        """The daemon's CRI client to the upstream image service (``cri.endpoint``); made by ``run``."""
+        assert self._cri is not None, "the daemon is not running"
         return self._cri
 
     def mark_status_dirty(self) -> None:
@@ -355,7 +362,7 @@ class Daemon:
         if max_age and self._checked_mono and time.monotonic() - self._checked_mono < max_age:
             return bool(self.upstream_ok)
         try:
-            await self._cri.image_fs_info()
+            await self.cri.image_fs_info()
         except CriError as e:
             answered = e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             self._on_upstream(answered, "" if answered else str(e))
@@ -404,9 +411,9 @@ class Daemon:
         it (``eviction.imagefsPath`` under ``--root``, else the runtime's mountpoint; statvfs)."""
         from nodeagent.eviction import usage
 
-        images = await self._cri.list_images()
+        images = await self.cri.list_images()
         configured = self.config.eviction.imagefs_path
-        mountpoint = "" if configured else usage.mountpoint_from_imagefs_info(await self._cri.image_fs_info())
+        mountpoint = "" if configured else usage.mountpoint_from_imagefs_info(await self.cri.image_fs_info())
         ratio: float | None = None
         path = ""
         try:

@@ -21,11 +21,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Protocol, TextIO
 
 from nodeagent import humanize
 from nodeagent.config.model import PrefetchImage
 from nodeagent.credentials import Auth, CredentialError, Credentials
+from nodeagent.cri.gen import cri_api_pb2 as pb
+from nodeagent.cri.runtime import ImageService
 from nodeagent.proxy.records import ORIGIN_PREFETCH, classify
 
 PRESENT = "present"
@@ -105,7 +107,7 @@ class Progress(Protocol):
 class Prefetcher:
     def __init__(
         self,
-        cri: Any,  # nodeagent.cri.client.CriClient (or a stand-in with the same image calls)
+        cri: ImageService,  # nodeagent.cri.client.CriClient
         images: Sequence[PrefetchImage],
         *,
         concurrency: int = 4,
@@ -175,9 +177,9 @@ class Prefetcher:
             await asyncio.sleep(self._tick_interval)
             self.progress.tick()
 
-    def _fill(self, o: ImageOutcome, image: Any) -> None:
-        o.image_id = str(image.id)
-        o.size = int(image.size)
+    def _fill(self, o: ImageOutcome, image: pb.Image) -> None:
+        o.image_id = image.id
+        o.size = image.size
         o.digest = pick_digest(o.image, list(image.repo_digests))
 
     async def _one(self, o: ImageOutcome) -> None:

@@ -5,7 +5,9 @@ protobuf messages of ``nodeagent.cri.gen.cri_api_pb2``).
 (tests/unit/cri/fakes.py) in its place. Each user names the smallest one it needs:
 
 - ``ImageService``: prefetch, pod pulls and the daemon's cache statistics (image calls only);
-- ``Runtime``: eviction (images, what uses them: containers and pod sandboxes, and removal).
+- ``Runtime``: eviction (images, what uses them: containers and pod sandboxes, and removal);
+- ``ImageRecords``: bake, which pins images through containerd's own images API
+  (``ContainerdImages``: CRI has no call for labels).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from nodeagent.cri.gen import containerd_images_pb2 as cpb
 from nodeagent.cri.gen import cri_api_pb2 as pb
 
 # runtime.v1 AuthConfig, or a mapping of its fields (``Auth.cri_fields()``)
@@ -54,3 +57,12 @@ class Runtime(ImageService, Protocol):
     ) -> pb.PodSandboxStatusResponse: ...
 
     async def close(self) -> None: ...
+
+
+class ImageRecords(Protocol):
+    """containerd's image records (containerd.services.images.v1), as ``ContainerdImages`` reads
+    and pins them."""
+
+    async def list(self, filters: list[str] | None = None) -> list[cpb.Image]: ...
+
+    async def pin(self, name: str) -> cpb.Image: ...

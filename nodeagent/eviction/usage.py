@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nodeagent.eviction.policy import FsUsage
 from nodeagent.paths import Paths
+
+if TYPE_CHECKING:
+    from nodeagent.cri.gen import cri_api_pb2 as pb
 
 
 class UsageError(RuntimeError):
@@ -35,10 +38,10 @@ def measure(path: Path) -> FsUsage:
     return FsUsage(used_bytes=max(0, used), total_bytes=total)
 
 
-def mountpoint_from_imagefs_info(response: Any) -> str:
+def mountpoint_from_imagefs_info(response: pb.ImageFsInfoResponse) -> str:
     """The image filesystem's mountpoint from a CRI ImageFsInfoResponse ("" when it names none)."""
-    for fs in getattr(response, "image_filesystems", ()):
-        mp = str(fs.fs_id.mountpoint)
+    for fs in response.image_filesystems:
+        mp = fs.fs_id.mountpoint
         if mp:
             return mp
     return ""

@@ -130,7 +130,7 @@ def _apply(cfg: Config, root: Path, flavor: str = "generic", **kw: object) -> Ap
     f = gather(Paths(root), cfg.containerd.hosts_dir)
     if kw:
         f = type(f)(**{**f.__dict__, **kw})
-    return run_apply(cfg, f, flavor=flavor, out=io.StringIO(), err=io.StringIO(), restarter=lambda c: None)
+    return run_apply(cfg, f, flavor=flavor, out=io.StringIO(), restarter=lambda c: None)
 
 
 def test_generic_apply_writes_soci_config_and_containerd_proxy_plugin(tmp_path: Path) -> None:
