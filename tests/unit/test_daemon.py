@@ -23,7 +23,7 @@ from nodeagent.cri.gen import cri_api_pb2_grpc as cri_grpc
 from nodeagent.daemon import Daemon, parse_listen, sd_notify, watchdog_interval
 from nodeagent.paths import Paths
 from nodeagent.proxy.records import PullRecord
-from tests.unit.cri.fakes import fake_runtime
+from tests.unit.cri.fakes import FakeRuntime, fake_runtime
 from tests.unit.proxy.helpers import rm, short_tmp
 
 
@@ -333,18 +333,6 @@ def test_sigterm_drain_is_bounded() -> None:
     rm(d)
 
 
-class _ListingOnly:
-    """Stands in for the daemon's CRI client: counts ListImages, has no ImageFsInfo (so the
-    measured path must come from eviction.imagefsPath)."""
-
-    def __init__(self) -> None:
-        self.lists = 0
-
-    async def list_images(self) -> list[object]:
-        self.lists += 1
-        return []
-
-
 def test_cache_stats_measure_imagefs_like_eviction_under_root(tmp_path: Path) -> None:
     cfg = Config(
         cri=CriConfig(proxy_socket=""),
@@ -353,10 +341,11 @@ def test_cache_stats_measure_imagefs_like_eviction_under_root(tmp_path: Path) ->
     )
     (tmp_path / "var/lib/containerd").mkdir(parents=True)
     d = Daemon(cfg, Paths(tmp_path), environ={})
-    cri = _ListingOnly()
-    d._cri = cri
+    cri = FakeRuntime()
+    d._cri = cri  # type: ignore[assignment]
     asyncio.run(d.refresh_cache_stats())
-    assert cri.lists == 1
+    assert len(cri.calls("ListImages")) == 1
+    assert cri.calls("ImageFsInfo") == []  # the measured path comes from eviction.imagefsPath
     assert d.cache["imagefsPath"] == str(tmp_path / "var/lib/containerd")
     assert 0.0 <= d.cache["imagefsUsedRatio"] <= 1.0
 
