@@ -126,7 +126,6 @@ def test_budget_cancels_running_pulls_and_counts_as_missing() -> None:
     (o,) = report.outcomes
     assert (o.result, o.error) == ("canceled", BUDGET_SPENT)
     assert report.budget_spent and report.exit_code == 1
-    assert report.seconds < 5
     assert cri.pulls[0][2] is not None and cri.pulls[0][2] <= 0.2  # the gRPC deadline is the budget left
 
 
