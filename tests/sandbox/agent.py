@@ -26,7 +26,7 @@ import yaml
 
 from nodeagent.paths import Paths
 from tests.sandbox.activation import HeldSocket
-from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
+from tests.sandbox.process import Daemon, SandboxError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,6 @@ class NodeAgent:
         daemon = self._daemon
 
         def ready() -> bool:
-            daemon.check_alive()
             if not self.status_file.exists():
                 return False
             st = self.status()
@@ -126,11 +125,7 @@ class NodeAgent:
                 and st["startedAt"] >= started - 1
             )
 
-        try:
-            wait_until(f"nodeagent (log {self.log_path})", ready, timeout, interval=0.02)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.log_path)}") from None
+        daemon.wait_ready("nodeagent", ready, timeout, interval=0.02, stop=self.stop)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         return self._daemon.stop(timeout=timeout) if self._daemon else None

@@ -36,7 +36,7 @@ from nodeagent import proc
 from tests.sandbox import testbins
 from tests.sandbox.kubelet import pod_running
 from tests.sandbox.net import free_port
-from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
+from tests.sandbox.process import Daemon, SandboxError, wait_until
 
 SERVICE_CIDR = "10.96.0.0/24"
 CERT_DAYS = "2"
@@ -167,19 +167,12 @@ class ControlPlane:
             "--log-level=warn",
         ]
         self._etcd = Daemon("etcd", argv, self.etcd_log)
-        self._etcd.start()
-        etcd = self._etcd
 
         def healthy() -> bool:
-            etcd.check_alive()
             with urllib.request.urlopen(f"{client}/health", timeout=2) as r:
                 return bool(json.load(r).get("health") == "true")
 
-        try:
-            wait_until(f"etcd (log {self.etcd_log})", healthy, timeout, interval=0.2)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.etcd_log)}") from None
+        self._etcd.start_and_wait("etcd", healthy, timeout, interval=0.2, stop=self.stop)
 
     def start_apiserver(self, timeout: float = 180.0) -> None:
         crt, key = self._serving
@@ -208,20 +201,23 @@ class ControlPlane:
             "--v=1",
         ]
         self._apiserver = Daemon("kube-apiserver", argv, self.apiserver_log)
-        self._apiserver.start()
         api = self._apiserver
-
-        def ready() -> bool:
-            api.check_alive()
-            return self.get("/readyz", timeout=3) == "ok"
-
-        try:
-            wait_until(f"kube-apiserver /readyz (log {self.apiserver_log})", ready, timeout, interval=0.3)
-            # RBAC's bootstrap roles (system:node, system:basic-user) are in place once this answers
-            wait_until("RBAC bootstrap", lambda: self.get("/api/v1/namespaces/kube-node-lease"), 60)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.apiserver_log, 30)}") from None
+        api.start_and_wait(
+            "kube-apiserver /readyz",
+            lambda: self.get("/readyz", timeout=3) == "ok",
+            timeout,
+            interval=0.3,
+            stop=self.stop,
+            log_lines=30,
+        )
+        # RBAC's bootstrap roles (system:node, system:basic-user) are in place once this answers
+        api.wait_ready(
+            "RBAC bootstrap",
+            lambda: self.get("/api/v1/namespaces/kube-node-lease"),
+            60,
+            stop=self.stop,
+            log_lines=30,
+        )
 
     def stop_apiserver(self) -> None:
         if self._apiserver is not None:

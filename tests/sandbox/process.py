@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -85,6 +85,44 @@ class Daemon:
                 raise SandboxError(f"{self.name}: {self.argv[0]} not found (run scripts/setup.sh)") from None
         with _live_lock:
             _live.add(self)
+
+    def start_and_wait(
+        self,
+        what: str,
+        ready: Callable[[], object],
+        timeout: float,
+        *,
+        interval: float = 0.1,
+        stop: Callable[[], object] | None = None,
+        log_lines: int = 15,
+    ) -> None:
+        """``start()``, then ``wait_ready``: every sandbox daemon comes up this one way."""
+        self.start()
+        self.wait_ready(what, ready, timeout, interval=interval, stop=stop, log_lines=log_lines)
+
+    def wait_ready(
+        self,
+        what: str,
+        ready: Callable[[], object],
+        timeout: float,
+        *,
+        interval: float = 0.1,
+        stop: Callable[[], object] | None = None,
+        log_lines: int = 15,
+    ) -> None:
+        """Poll ``ready()`` (failing at once if the process exited) until it is truthy. On timeout
+        ``stop()`` (default: this process's) runs and SandboxError names ``what``, the log file and
+        its last ``log_lines`` lines."""
+
+        def alive_and_ready() -> object:
+            self.check_alive()
+            return ready()
+
+        try:
+            wait_until(f"{what} (log {self.log_path})", alive_and_ready, timeout, interval=interval)
+        except SandboxError as e:
+            (stop or self.stop)()
+            raise SandboxError(f"{e}\n{tail(self.log_path, log_lines)}") from None
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from nodeagent import proc
 from tests.sandbox.net import free_port
-from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
+from tests.sandbox.process import Daemon, SandboxError
 
 # combined log format as the registry writes it: ... "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 1234 ...
 _ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/v2/\S*) HTTP/[\d.]+" (?P<status>\d{3}) (?P<size>\d+|-)')
@@ -142,11 +142,8 @@ class Registry:
         self._daemon = Daemon(
             f"registry {self.host}", [self.binary, "serve", str(self.config_path)], self.log_path
         )
-        self._daemon.start()
-        daemon = self._daemon
 
         def ready() -> bool:
-            daemon.check_alive()
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
                     return True
@@ -155,11 +152,7 @@ class Registry:
             except OSError:
                 return False
 
-        try:
-            wait_until(f"registry {self.url} (log {self.log_path})", ready, timeout)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.log_path)}") from None
+        self._daemon.start_and_wait(f"registry {self.url}", ready, timeout, stop=self.stop)
 
     def stop(self) -> None:
         if self._daemon is not None:
