@@ -125,7 +125,7 @@ class NodeAgent:
                 and st["startedAt"] >= started - 1
             )
 
-        daemon.wait_ready("nodeagent", ready, timeout, interval=0.02, stop=self.stop)
+        daemon.start_and_wait("nodeagent", ready, timeout, interval=0.02, stop=self.stop, started=True)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         return self._daemon.stop(timeout=timeout) if self._daemon else None

@@ -211,12 +211,13 @@ class ControlPlane:
             log_lines=30,
         )
         # RBAC's bootstrap roles (system:node, system:basic-user) are in place once this answers
-        api.wait_ready(
+        api.start_and_wait(
             "RBAC bootstrap",
             lambda: self.get("/api/v1/namespaces/kube-node-lease"),
             60,
             stop=self.stop,
             log_lines=30,
+            started=True,
         )
 
     def stop_apiserver(self) -> None:

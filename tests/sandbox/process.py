@@ -95,24 +95,14 @@ class Daemon:
         interval: float = 0.1,
         stop: Callable[[], object] | None = None,
         log_lines: int = 15,
+        started: bool = False,
     ) -> None:
-        """``start()``, then ``wait_ready``: every sandbox daemon comes up this one way."""
-        self.start()
-        self.wait_ready(what, ready, timeout, interval=interval, stop=stop, log_lines=log_lines)
-
-    def wait_ready(
-        self,
-        what: str,
-        ready: Callable[[], object],
-        timeout: float,
-        *,
-        interval: float = 0.1,
-        stop: Callable[[], object] | None = None,
-        log_lines: int = 15,
-    ) -> None:
-        """Poll ``ready()`` (failing at once if the process exited) until it is truthy. On timeout
-        ``stop()`` (default: this process's) runs and SandboxError names ``what``, the log file and
-        its last ``log_lines`` lines."""
+        """Every sandbox daemon comes up this one way: ``start()`` (unless ``started``), then poll
+        ``ready()`` (failing at once if the process exited) until it is truthy. On timeout ``stop()``
+        (default: this process's) runs and SandboxError names ``what``, the log file and its last
+        ``log_lines`` lines."""
+        if not started:
+            self.start()
 
         def alive_and_ready() -> object:
             self.check_alive()
