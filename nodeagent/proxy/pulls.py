@@ -16,9 +16,9 @@ import grpc
 from nodeagent.cri.client import auth_secrets, redact
 from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.log import get_logger
-from nodeagent.metrics import Metrics
-from nodeagent.proxy.h2grpc import Channel, RpcError, ServerCall
+from nodeagent.proxy.h2grpc import RpcError, ServerCall
 from nodeagent.proxy.methods import PULL, for_caller
+from nodeagent.proxy.pullrecords import CancelSummary, PullRecording
 from nodeagent.proxy.records import (
     ORIGIN_KUBELET,
     ORIGIN_POD,
@@ -26,9 +26,6 @@ from nodeagent.proxy.records import (
     registry_of,
 )
 from nodeagent.proxy.singleflight import Flight, Flights, Key, Waiting, pull_key
-
-if TYPE_CHECKING:
-    from nodeagent.proxy.pullrecords import CancelSummary
 
 log = get_logger("nodeagent.proxy.server")
 
@@ -42,30 +39,19 @@ LEAD_ENTRIES = 1024
 DEADLINE_GRACE = 1.0
 
 
-class PullPath:
-    """The PullImage handling of ``ImageProxy``."""
+class PullPath(PullRecording):
+    """The PullImage handling of ``ImageProxy`` (its records: ``PullRecording``)."""
 
     if TYPE_CHECKING:  # provided by ImageProxy (nodeagent.proxy.server)
-        metrics: Metrics
         flights: Flights
         in_flight: int
         pull_wrapper: PullWrapper | None
-        _channel: Channel | None
         _cancels: CancelSummary
         _pod_ready: OrderedDict[str, float]
 
         def _note(self, method: str, code: grpc.StatusCode) -> None: ...
         def _passthrough(self, call: ServerCall) -> None: ...
         def _spawn(self, coro: Awaitable[None]) -> None: ...
-        async def _record_pull(
-            self,
-            pull: _Pull,
-            duration: float,
-            code: str,
-            details: str,
-            response: bytes,
-            retry_reason: str | None,
-        ) -> None: ...
 
     # --- inspected calls -----------------------------------------------------------------------
     @staticmethod

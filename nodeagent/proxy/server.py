@@ -53,7 +53,7 @@ from nodeagent.proxy.methods import (
     for_caller,
     proxy_limits,
 )
-from nodeagent.proxy.pullrecords import CancelSummary, PullRecording
+from nodeagent.proxy.pullrecords import CancelSummary
 from nodeagent.proxy.pulls import PullPath, PullWrapper
 from nodeagent.proxy.records import (
     PullRecord,
@@ -63,7 +63,7 @@ from nodeagent.proxy.singleflight import Flights
 log = get_logger(__name__)
 
 
-class ImageProxy(PullPath, PullRecording):
+class ImageProxy(PullPath):
     def __init__(
         self,
         upstream: str,
