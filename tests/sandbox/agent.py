@@ -26,12 +26,12 @@ import yaml
 
 from nodeagent.paths import Paths
 from tests.sandbox.activation import HeldSocket
-from tests.sandbox.process import Daemon, SandboxError
+from tests.sandbox.process import Daemon, RunsDaemon, SandboxError
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class NodeAgent:
+class NodeAgent(RunsDaemon):
     def __init__(self, workdir: Path, cri_endpoint: str, config: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.root = workdir / "root"
@@ -64,14 +64,6 @@ class NodeAgent:
     @property
     def status_file(self) -> Path:
         return Paths(self.root).daemon_status_file
-
-    @property
-    def pid(self) -> int | None:
-        return self._daemon.pid if self._daemon else None
-
-    @property
-    def running(self) -> bool:
-        return self._daemon is not None and self._daemon.running
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.status_file.read_text())

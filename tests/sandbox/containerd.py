@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.sandbox.process import Daemon, SandboxError, kill_tree, pids_mentioning
+from tests.sandbox.process import Daemon, RunsDaemon, SandboxError, kill_tree, pids_mentioning
 
 CRI_VERSION_METHOD = "/runtime.v1.RuntimeService/Version"
 
@@ -177,7 +177,7 @@ def hosts_toml(server: str, mirrors: Sequence[Mirror] = ()) -> str:
     return "\n".join(lines)
 
 
-class Containerd:
+class Containerd(RunsDaemon):
     def __init__(
         self,
         workdir: Path,
@@ -212,14 +212,6 @@ class Containerd:
     @property
     def endpoint(self) -> str:
         return f"unix://{self.socket}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._daemon.pid if self._daemon else None
-
-    @property
-    def running(self) -> bool:
-        return self._daemon is not None and self._daemon.running
 
     def write_hosts_toml(self, host: str, server: str | None = None, mirrors: Sequence[Mirror] = ()) -> Path:
         """Write ``certs.d/<host>/hosts.toml``; ``server`` defaults to ``http://<host>``."""

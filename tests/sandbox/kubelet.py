@@ -54,7 +54,7 @@ from tests.sandbox import testbins
 from tests.sandbox.agent import REPO, NodeAgent
 from tests.sandbox.containerd import Containerd
 from tests.sandbox.net import free_port
-from tests.sandbox.process import Daemon, SandboxError, wait_until
+from tests.sandbox.process import Daemon, RunsDaemon, SandboxError, wait_until
 from tests.sandbox.stack import Sandbox
 
 HOST_DIRS = (Path("/var/lib/kubelet"), Path("/usr/libexec/kubernetes"), Path("/var/log/containers"))
@@ -179,7 +179,7 @@ def static_pod(
     }
 
 
-class Kubelet:
+class Kubelet(RunsDaemon):
     def __init__(
         self,
         workdir: Path,
@@ -239,14 +239,6 @@ class Kubelet:
         self._registered = False
 
     # --- process --------------------------------------------------------------------------
-    @property
-    def pid(self) -> int | None:
-        return self._daemon.pid if self._daemon else None
-
-    @property
-    def running(self) -> bool:
-        return self._daemon is not None and self._daemon.running
-
     def write_config(self) -> None:
         for d in (self.root_dir, self.cert_dir, self.manifests, self.config_dir, self.pod_logs_dir):
             d.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,20 @@ class Daemon:
             _live.discard(self)
 
 
+class RunsDaemon:
+    """A sandbox component run as one ``Daemon`` (``_daemon``: None until it is started)."""
+
+    _daemon: Daemon | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._daemon.pid if self._daemon else None
+
+    @property
+    def running(self) -> bool:
+        return self._daemon is not None and self._daemon.running
+
+
 def kill_tree(pids: Sequence[int], timeout: float = 5.0) -> list[int]:
     """Kill the given PIDs and all their descendants (SIGTERM, then SIGKILL). Returns what was signalled."""
     procs: list[psutil.Process] = []

@@ -65,6 +65,7 @@ class Pull(NamedTuple):
     timeout: float | None
     retry: bool
     metadata: Sequence[tuple[str, str]] | None
+    sandbox_config: pb.PodSandboxConfig | None
 
 
 @dataclass
@@ -86,6 +87,7 @@ class FakeRuntime:
     # pulls: ``missing`` images do not exist (NOT_FOUND); ``pull_errors`` answer successive pulls of
     # an image before one succeeds; each pull takes ``pull_delay`` seconds (or fails at its deadline)
     missing: set[str] = field(default_factory=set)
+    private: dict[str, str] = field(default_factory=dict)  # image -> the one username it may be pulled as
     pull_errors: dict[str, list[tuple[grpc.StatusCode, str]]] = field(default_factory=dict)
     pull_delay: float = 0.0
     pulls: list[Pull] = field(default_factory=list)
@@ -153,7 +155,7 @@ class FakeRuntime:
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> str:
         await self._script("PullImage", image, timeout, metadata)
-        self.pulls.append(Pull(image, auth, timeout, retry, metadata))
+        self.pulls.append(Pull(image, auth, timeout, retry, metadata, sandbox_config))
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
@@ -166,6 +168,11 @@ class FakeRuntime:
                 await asyncio.sleep(self.pull_delay)
             if image in self.missing:
                 raise CriError("fake", "PullImage", grpc.StatusCode.NOT_FOUND, f"{image}: not found")
+            user = auth.get("username") if isinstance(auth, Mapping) else getattr(auth, "username", None)
+            if image in self.private and user != self.private[image]:
+                raise CriError(
+                    "fake", "PullImage", grpc.StatusCode.UNKNOWN, f"pull {image}: 401 Unauthorized"
+                )
             script = self.pull_errors.get(image)
             if script:
                 code, details = script.pop(0)
