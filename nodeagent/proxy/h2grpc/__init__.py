@@ -26,7 +26,8 @@ ENHANCE_YOUR_CALM). A protocol error closes that stream or connection with ``h2`
 
 Modules: ``wire`` (gRPC framing, status and timeout headers), ``limits`` (``Limits``, the log
 limiter), ``peer`` (one HTTP/2 connection on an asyncio transport), ``call`` (``ServerCall``),
-``serverconn`` (a kubelet-side connection: requests, floods, budgets, timeouts), ``server``
+``serverconn`` (a kubelet-side connection: requests, floods, budgets, timeouts), ``tasks`` (handlers run
+as tasks, streamed answers with back-pressure), ``server``
 (``Server``), ``clientconn`` (the upstream connection and its calls), ``channel`` (``Channel``).
 """
 

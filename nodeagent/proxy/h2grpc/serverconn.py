@@ -29,13 +29,12 @@ from nodeagent.proxy.h2grpc.limits import (
     FloodCounter,
 )
 from nodeagent.proxy.h2grpc.peer import _batch, _Peer
+from nodeagent.proxy.h2grpc.tasks import run_task
 from nodeagent.proxy.h2grpc.wire import (
     _HOP,
-    _OK_TRAILERS,
     _RESPONSE_HEADERS,
     RpcError,
     decode_timeout,
-    message_frame,
     status_headers,
 )
 
@@ -324,7 +323,7 @@ class _ServerConn(_Peer):
             log.exception("handler for %s failed", call.method)
             call.fail(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")
             return
-        call.task = asyncio.get_running_loop().create_task(self._run(call))
+        call.task = asyncio.get_running_loop().create_task(run_task(self, call))
 
     # -- timeouts (Server._tick, once a second)
     def tick(self, now: float) -> None:
@@ -362,56 +361,3 @@ class _ServerConn(_Peer):
         for call in list(self.calls.values()):
             call.cancel()
         self.abort(ErrorCodes.NO_ERROR if what == "handshake" else ErrorCodes.CANCEL)
-
-    # -- task handlers
-    async def send_message(self, call: ServerCall, message: bytes) -> None:
-        """One message of a server-streaming answer; waits while more than one stream window of it
-        is queued (back-pressure to the handler)."""
-        call.start_response()
-        self.send(call.sid, message_frame(message))
-        while (
-            not self.closed and not call.finished and self._queued_for(call.sid) > self.limits.stream_window
-        ):
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-            def wake(n: int, fut: asyncio.Future[None] = fut) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            out = self.out.get(call.sid)
-            if out is None:
-                break
-            out.on_sent = wake
-            await fut
-        if self.closed or call.finished:
-            raise ConnectionResetError("the caller went away")
-
-    def _queued_for(self, sid: int) -> int:
-        out = self.out.get(sid)
-        return 0 if out is None else out.size
-
-    async def _run(self, call: ServerCall) -> None:
-        """A task-based handler ("unary" or "stream")."""
-        try:
-            if call.kind == "stream":
-                async for msg in call.handler(call.message, call):
-                    if call.finished:
-                        return
-                    await self.send_message(call, msg)
-                if call._finish():
-                    if call.headers_sent:
-                        self.send(call.sid, b"", trailers=_OK_TRAILERS)
-                    else:
-                        self.send_headers(call.sid, [*_RESPONSE_HEADERS, *_OK_TRAILERS], end=True)
-            else:
-                call.reply(await call.handler(call.message, call))
-        except RpcError as e:
-            call.fail(e.code(), e.details())
-        except ConnectionResetError:
-            call.cancel()
-        except asyncio.CancelledError:
-            call.fail(grpc.StatusCode.CANCELLED, "call cancelled")  # the server stops
-            raise
-        except Exception as e:
-            log.exception("handler for %s failed", call.method)
-            call.fail(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")
