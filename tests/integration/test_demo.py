@@ -35,6 +35,7 @@ def test_demo_runs_every_step_and_cleans_up(containerd_line: ContainerdLine) -> 
     assert "containerd requests to the upstream: 0" in out
     assert "passwords in the daemon log or status file: 0" in out
     assert out.count("  pod      demo/pod-") == 3, out
+    assert "soci-snapshotter log: 3 layer(s) prepared with parallel pull/unpack" in out
     sandbox_dir = next(
         line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("sandbox dir: ")
     )
