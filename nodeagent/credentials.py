@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from nodeagent import proc
-from nodeagent.config.formats import parse_duration
+from nodeagent.durations import parse_duration
 from nodeagent.imageref import DEFAULT_REGISTRY, DOCKER_HUB_ALIASES
 from nodeagent.log import event, get_logger
 from nodeagent.paths import UnsafePathError, child

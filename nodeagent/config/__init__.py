@@ -2,7 +2,7 @@
 
 from nodeagent.config.loader import default_config, load, load_data, load_text, parse_yaml
 from nodeagent.config.model import AUTO, Config
-from nodeagent.config.types import ConfigError, Problem
+from nodeagent.config.problems import ConfigError, Problem
 
 __all__ = [
     "AUTO",

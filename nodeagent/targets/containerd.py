@@ -49,8 +49,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeagent.config.model import Config
+from nodeagent.durations import format_duration
 from nodeagent.facts import ContainerdVersion, NodeFacts
-from nodeagent.targets import DesiredFile, TargetError, TargetPlan, go_duration, owned_header
+from nodeagent.targets import DesiredFile, TargetError, TargetPlan, owned_header
 from nodeagent.targets.mirrors import spegel_mirrors
 from nodeagent.tuning import resolve
 
@@ -91,7 +92,7 @@ def values(config: Config, facts: NodeFacts) -> Values:
         snap = (tuple(soci.containerd_settings(config, 2)), tuple(soci.containerd_settings(config, 3)))
     return Values(
         max_concurrent_downloads=resolve(config, facts).max_concurrent_downloads.value,
-        image_pull_progress_timeout=go_duration(cd.image_pull_progress_timeout),
+        image_pull_progress_timeout=format_duration(cd.image_pull_progress_timeout, go=True),
         hosts_dir=cd.hosts_dir,
         snapshotter=snap,
     )

@@ -25,8 +25,10 @@ from typing import Any
 import yaml
 
 from nodeagent.config.model import Config
+from nodeagent.durations import format_duration
+from nodeagent.endpoints import unix_endpoint
 from nodeagent.facts import NodeFacts
-from nodeagent.targets import DesiredFile, TargetError, TargetPlan, go_duration, owned_header
+from nodeagent.targets import DesiredFile, TargetError, TargetPlan, owned_header
 from nodeagent.tuning import resolve
 
 API_VERSION = "kubelet.config.k8s.io/v1beta1"
@@ -51,7 +53,7 @@ def image_service_endpoint(config: Config) -> str | None:
     sock = config.cri.proxy_socket
     if not sock:
         return None
-    return sock if sock.startswith("unix://") else f"unix://{sock}"
+    return unix_endpoint(sock)
 
 
 def settings(config: Config, facts: NodeFacts) -> dict[str, Any]:
@@ -88,9 +90,9 @@ def settings(config: Config, facts: NodeFacts) -> dict[str, Any]:
     out["registryBurst"] = kl.registry_burst
     out["imageGCHighThresholdPercent"] = hi
     out["imageGCLowThresholdPercent"] = lo
-    out["imageMinimumGCAge"] = go_duration(kl.image_minimum_gc_age)
+    out["imageMinimumGCAge"] = format_duration(kl.image_minimum_gc_age, go=True)
     if kl.image_maximum_gc_age > 0:
-        out["imageMaximumGCAge"] = go_duration(kl.image_maximum_gc_age)
+        out["imageMaximumGCAge"] = format_duration(kl.image_maximum_gc_age, go=True)
     endpoint = image_service_endpoint(config)
     if endpoint:
         out["imageServiceEndpoint"] = endpoint

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from nodeagent.config.formats import check_registry_host
 from nodeagent.config.model import Config, Mirror
+from nodeagent.durations import format_duration
 from nodeagent.facts import NodeFacts
 from nodeagent.paths import Paths, UnsafePathError, child
 from nodeagent.targets import (
@@ -29,7 +30,6 @@ from nodeagent.targets import (
     DesiredFile,
     TargetError,
     TargetPlan,
-    go_duration,
     is_owned,
     owned_header,
 )
@@ -120,7 +120,7 @@ def _host_body(key: str, m: Mirror, indent: str) -> list[str]:
     if m.override_path:
         out.append(f"{indent}override_path = true\n")
     if m.dial_timeout is not None:
-        out.append(f"{indent}dial_timeout = {_q(go_duration(m.dial_timeout))}\n")
+        out.append(f"{indent}dial_timeout = {_q(format_duration(m.dial_timeout, go=True))}\n")
     if m.header:
         out.append(f"{indent}[{key}.header]\n" if key else "\n[header]\n")
         for name, values in m.header:
