@@ -32,6 +32,7 @@ from typing import TextIO
 
 from nodeagent.atomicio import read_bytes_or_none, remove_durably, write_atomic
 from nodeagent.config.model import Config, ContainerdConfig, SociConfig
+from nodeagent.config.warnings import config_warnings
 from nodeagent.facts import NodeFacts
 from nodeagent.paths import Paths
 from nodeagent.targets import DesiredFile, TargetError, TargetPlan, is_owned
@@ -416,16 +417,3 @@ def restart_skip_reason(config: Config, facts: NodeFacts) -> str | None:
             "this host's containerd"
         )
     return None
-
-
-def config_warnings(config: Config) -> list[str]:
-    w = []
-    ev, kl = config.eviction, config.kubelet
-    if ev.enabled and ev.high_threshold_percent >= kl.image_gc_high_threshold_percent:
-        w.append(
-            f"eviction.highThresholdPercent ({ev.high_threshold_percent}) is not below "
-            f"kubelet.imageGCHighThresholdPercent ({kl.image_gc_high_threshold_percent}): the kubelet's "
-            "image GC acts first and nodeagent's eviction (which protects pinned and baked images) never does"
-        )
-    w.extend(mirrors_target.config_warnings(config))
-    return w

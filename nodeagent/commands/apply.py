@@ -10,19 +10,15 @@ import sys
 
 from nodeagent.apply import MirrorCheck, run_apply
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
-from nodeagent.config import ConfigError
-from nodeagent.config.sources import load_for_command
+from nodeagent.commands.loadconfig import load
 from nodeagent.facts import gather
 from nodeagent.paths import Paths
 
 
 def run(args: argparse.Namespace) -> int:
     paths = Paths.at(args.root)
-    try:
-        loaded = load_for_command(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
-    except ConfigError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
+    loaded = load(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
+    if loaded is None:
         return EXIT_INVALID_CONFIG
     config = loaded.config
     facts = gather(paths, config.containerd.hosts_dir, user_data=loaded.user_data)

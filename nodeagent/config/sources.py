@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from nodeagent.config.loader import load_data
 from nodeagent.config.model import Config
@@ -139,14 +139,6 @@ def _apply_parts(
         return load_data(merged, f"{baked_path} + user-data"), None
     except ConfigError as e:
         return None, _problems(f"user-data merged over {baked_path}", e, lines=False)
-
-
-def print_notes(loaded: LoadedConfig, stream: TextIO) -> None:
-    """IMDS warnings and a bad-user-data error, for commands without a report of their own."""
-    for w in loaded.warnings:
-        print(f"warning: {w}", file=stream)
-    if loaded.userdata_error:
-        print(f"error: {loaded.userdata_error}", file=stream)
 
 
 def _fallback(path: Path) -> str:

@@ -167,37 +167,6 @@ def has_headers(mirrors: Sequence[Mirror]) -> bool:
     return any(m.header for m in mirrors)
 
 
-def config_warnings(config: Config) -> list[str]:
-    """What ``validate`` and ``apply`` say about mirror settings that are valid but have a price."""
-    out = []
-    cd = config.containerd
-    for registry, mirrors in cd.mirrors:
-        if cd.is_mirror_only(registry):
-            n = len(mirrors)
-            out.append(
-                f"containerd.mirrors.{registry}.mirrorOnly: pulls from {registry} never go to the registry "
-                f"itself: while {'its mirror is' if n == 1 else f'all {n} of its mirrors are'} down every "
-                f"pull from {registry} fails (fast, with the reason in the pull record); "
-                + ("add a second mirror, or " if n == 1 else "")
-                + "leave mirrorOnly out to fall back to the registry"
-            )
-        if any(m.credentials and any(n.lower() == "authorization" for n, _ in m.header) for m in mirrors):
-            out.append(
-                f"containerd.mirrors.{registry}: a mirror has both credentials and an Authorization header; "
-                "the credentials win"
-            )
-    if (
-        cd.mirrors
-        and not cd.mirror_health.enabled
-        and any(m.credentials is not None for _, ms in cd.mirrors for m in ms)
-    ):
-        out.append(
-            "containerd.mirrorHealth.enabled is false: mirror credentials are written at apply time but "
-            "never refreshed (the daemon's mirror health refreshes them)"
-        )
-    return out
-
-
 def spegel_mirrors(config: Config) -> list[str]:
     """Mirror endpoints that look like Spegel (in-cluster P2P registry, ports 30020/30021 by default)."""
     found = []
