@@ -323,6 +323,7 @@ def run_apply(
                 if current != f.content.encode():
                     out.write(unified_diff(f.path, current, f.content, secret=f.secret))
                     report.changed.append(str(f.path))
+                    _note_change(p, report)
             for path in p.remove:
                 out.write(unified_diff(path, read_bytes_or_none(path), None, secret=True))
                 report.removed.append(str(path))
@@ -340,6 +341,7 @@ def run_apply(
                     snapshots[f.path] = (cur, f.path.stat().st_mode & 0o7777 if cur is not None else None)
                 if write_file(f, report, faults):
                     changed_here = True
+                    _note_change(p, report)
                     restart_needed = p.restart_on_change
             for path in p.remove:
                 remove_file(path, report, faults)
@@ -355,6 +357,12 @@ def run_apply(
         except OSError as e:
             report.errors.append(f"{p.target}: {e.strerror or e}: {e.filename or ''}".rstrip(": "))
     return report
+
+
+def _note_change(plan: TargetPlan, report: ApplyReport) -> None:
+    for n in plan.notes_on_change:
+        if n not in report.notes:
+            report.notes.append(n)
 
 
 def restart_soci(config: Config, facts: NodeFacts, report: ApplyReport) -> None:

@@ -54,6 +54,8 @@ class NodeFacts:
     nodeconfigs: tuple[NodeConfigSource, ...] = ()  # other NodeConfigs nodeadm merges, in its order
     nodeconfig_warnings: tuple[str, ...] = ()  # NodeConfigs that could not be read
     kubelet_main_configs: tuple[tuple[Path, str], ...] = ()  # existing kubelet --config files, text
+    kubelet_process: tuple[int, tuple[str, ...]] | None = None  # a running kubelet: (pid, argv)
+    kubelet_units: tuple[tuple[Path, str], ...] = ()  # kubelet's systemd unit, drop-ins, env files
 
     @property
     def memory_gib(self) -> float:
@@ -242,6 +244,40 @@ def kubelet_main_configs(paths: Paths) -> tuple[tuple[Path, str], ...]:
     return tuple(out)
 
 
+MAX_CMDLINE_BYTES = 64 << 10
+
+
+def kubelet_process(paths: Paths) -> tuple[int, tuple[str, ...]] | None:
+    """The running kubelet's pid and argv, from ``/proc`` under the root (None: none found)."""
+    proc = paths.host("/proc")
+    try:
+        pids = sorted(int(n) for n in os.listdir(proc) if n.isdigit())
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(proc / str(pid) / "cmdline", "rb") as fh:
+                raw = fh.read(MAX_CMDLINE_BYTES)
+        except OSError:
+            continue
+        argv = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
+        if argv and os.path.basename(argv[0]) == "kubelet":
+            return pid, argv
+    return None
+
+
+def kubelet_units(paths: Paths) -> tuple[tuple[Path, str], ...]:
+    """Text of the kubelet's systemd unit, its drop-ins and the usual environment files."""
+    out = []
+    for p in paths.kubelet_unit_files:
+        try:
+            with open(p, "rb") as fh:
+                out.append((p, fh.read(MAX_NODECONFIG_BYTES).decode(errors="replace")))
+        except OSError:
+            continue
+    return tuple(out)
+
+
 def gather(
     paths: Paths, hosts_dir: str = "/etc/containerd/certs.d", *, user_data: bytes | None = None
 ) -> NodeFacts:
@@ -262,4 +298,6 @@ def gather(
         nodeconfigs=configs,
         nodeconfig_warnings=config_warnings,
         kubelet_main_configs=kubelet_main_configs(paths),
+        kubelet_process=kubelet_process(paths),
+        kubelet_units=kubelet_units(paths),
     )

@@ -6,6 +6,7 @@ can run against a fixture tree. Nothing else in the package builds host paths by
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -118,6 +119,17 @@ class Paths:
             self.host("/etc/kubernetes/kubelet/kubelet-config.json"),
             self.host("/etc/kubernetes/kubelet-config.yaml"),
         )
+
+    @property
+    def kubelet_unit_files(self) -> tuple[Path, ...]:
+        """The kubelet's systemd unit, its drop-ins (sorted) and the environment files packages give
+        it (kubeadm's ``/etc/default/kubelet``, RPMs' ``/etc/sysconfig/kubelet``)."""
+        out: list[Path] = []
+        for base in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"):
+            out.append(self.host(f"{base}/kubelet.service"))
+            with contextlib.suppress(OSError):
+                out += sorted(self.host(f"{base}/kubelet.service.d").glob("*.conf"))
+        return (*out, self.host("/etc/default/kubelet"), self.host("/etc/sysconfig/kubelet"))
 
     @property
     def soci_binaries(self) -> tuple[Path, ...]:

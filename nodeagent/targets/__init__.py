@@ -49,4 +49,5 @@ class TargetPlan:
     remove: list[Path] = field(default_factory=list)  # our own files that are no longer wanted
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # decisions worth printing (not problems)
+    notes_on_change: list[str] = field(default_factory=list)  # printed only when a file of the plan changes
     restart_on_change: bool = False  # a change to these files takes effect only after a containerd restart
