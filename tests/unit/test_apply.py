@@ -268,7 +268,8 @@ def test_generic_apply_says_to_restart_the_kubelet_only_when_the_dropin_changed(
     assert not any("kubelet" in w for w in report.warnings)
     assert (
         "kubelet drop-in changed; the running kubelet (pid 4242) has "
-        "--config-dir=/etc/kubernetes/kubelet.conf.d, and the kubelet reads its drop-ins only when it starts: restart it (systemctl restart kubelet)"
+        "--config-dir=/etc/kubernetes/kubelet.conf.d, and the kubelet reads its drop-ins only when it "
+        "starts: restart it (systemctl restart kubelet)"
     ) in report.notes
     again, _ = _apply(config(), tmp_path, flavor="generic")
     assert not again.changed and not any("kubelet" in n for n in again.notes)
