@@ -141,6 +141,24 @@ def unified_diff(path: Path, old: bytes | None, new: str | None, *, secret: bool
     return text
 
 
+def mirrors_header(config: Config, left_out: tuple[str, ...], *, offline: bool) -> str:
+    """The dry run's first lines: how mirrors were checked, and each mirror left out and why."""
+    cd = config.containerd
+    if not cd.mirrors:
+        return ""
+    if offline:
+        how = "--offline: no mirror probed, no credentials fetched"
+    elif cd.mirror_health.enabled:
+        how = "each mirror probed once now"
+    else:
+        how = "not probed (containerd.mirrorHealth.enabled: false)"
+    if not left_out:
+        return f"# mirrors: {how}; none left out of hosts.toml\n"
+    lines = [f"# mirrors: {how}; what is left out of the hosts.toml diffs below, and why:"]
+    lines += [f"#   {w}" for w in left_out]
+    return "\n".join(lines) + "\n"
+
+
 # --- writing ---------------------------------------------------------------------------------
 
 
@@ -291,6 +309,7 @@ def run_apply(
     err: TextIO | None = None,
     restarter: Restarter | None = None,
     mirror_check: MirrorCheck | None = None,
+    offline: bool = False,
 ) -> ApplyReport:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -304,6 +323,7 @@ def run_apply(
     for c in resolve(config, facts).choices():
         report.tuning.append({"key": c.key, "value": c.value, "auto": c.auto, "reason": c.reason})
     report.warnings.extend(config_warnings(config))
+    left_out: tuple[str, ...] = ()
     if mirror_check is not None:  # mirror health (issue 8): a mirror dead right now is not written
         config, left_out = mirror_check(config, facts.paths)
         report.warnings.extend(left_out)
@@ -317,6 +337,7 @@ def run_apply(
         return report  # nothing is written when any target cannot render
 
     if dry_run:
+        out.write(mirrors_header(config, left_out, offline=offline))
         for p in plans:
             for f in p.files:
                 current = read_bytes_or_none(f.path)

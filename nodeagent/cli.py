@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         "containerd); auto (default) eks-al2023 where nodeadm is installed, else generic",
     )
     p.add_argument("--dry-run", action="store_true", help="print a unified diff per file, write nothing")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="probe no mirror and fetch no mirror credentials (AMI builds, reviews): every mirror "
+        "without credentials is written; the ones with credentials are left out (nodeagent run adds "
+        "them once it has them)",
+    )
 
     p = sub.add_parser(
         "prefetch",
