@@ -33,7 +33,7 @@ from typing import TextIO
 from nodeagent.atomicio import read_bytes_or_none, remove_durably, write_atomic
 from nodeagent.config.model import Config, ContainerdConfig, SociConfig
 from nodeagent.config.warnings import config_warnings
-from nodeagent.facts import NodeFacts
+from nodeagent.facts import NodeFacts, missing_mirror_cas
 from nodeagent.paths import Paths
 from nodeagent.targets import DesiredFile, TargetError, TargetPlan, is_owned
 from nodeagent.targets import containerd as containerd_target
@@ -323,6 +323,7 @@ def run_apply(
     for c in resolve(config, facts).choices():
         report.tuning.append({"key": c.key, "value": c.value, "auto": c.auto, "reason": c.reason})
     report.warnings.extend(config_warnings(config))
+    report.warnings.extend(missing_mirror_cas(config, facts.paths))
     left_out: tuple[str, ...] = ()
     if mirror_check is not None:  # mirror health (issue 8): a mirror dead right now is not written
         config, left_out = mirror_check(config, facts.paths)

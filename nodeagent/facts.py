@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodeagent.paths import Paths
+from nodeagent.config.model import Config
+from nodeagent.paths import Paths, UnsafePathError
 from nodeagent.targets import is_owned
 
 ContainerdVersion = tuple[int, int, int]
@@ -245,6 +246,26 @@ def kubelet_main_configs(paths: Paths) -> tuple[tuple[Path, str], ...]:
 
 
 MAX_CMDLINE_BYTES = 64 << 10
+
+
+def missing_mirror_cas(config: Config, paths: Paths) -> list[str]:
+    """A warning per mirror ``ca`` file that does not exist, resolved as the probes and containerd
+    resolve it (``Paths.mirror_ca``: under ``--root``)."""
+    out = []
+    cd = config.containerd
+    for registry, mirrors in cd.mirrors:
+        for i, m in enumerate(mirrors):
+            for ca in m.ca:
+                try:
+                    path = paths.mirror_ca(cd.hosts_dir, registry, ca)
+                except UnsafePathError:
+                    continue  # an unsafe registry name: the mirrors target reports it
+                if not path.is_file():
+                    out.append(
+                        f"containerd.mirrors.{registry}[{i}].ca: {ca} (read as {path}) does not exist: "
+                        "containerd and the mirror probes cannot verify this mirror's certificate"
+                    )
+    return out
 
 
 def kubelet_process(paths: Paths) -> tuple[int, tuple[str, ...]] | None:

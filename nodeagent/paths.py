@@ -85,6 +85,13 @@ class Paths:
     def hosts_dir(self, configured: str) -> Path:
         return self.host(configured)
 
+    def mirror_ca(self, hosts_dir: str, registry: str, ca: str) -> Path:
+        """A mirror's ``ca`` file as containerd reads it, under the root: an absolute path is a host
+        path, a relative one is relative to the registry's hosts.toml directory."""
+        if ca.startswith("/"):
+            return self.host(ca)
+        return child(self.hosts_dir(hosts_dir), registry) / ca
+
     # --- other components' files that nodeagent only reads ---------------------------------------
     @property
     def containerd_root(self) -> Path:

@@ -291,3 +291,20 @@ def test_generic_apply_checks_the_kubelet_unit_when_no_kubelet_runs(tmp_path: Pa
     assert f"kubelet drop-in changed; {unit} passes --config-dir=/etc/kubernetes/kubelet.conf.d" in " ".join(
         report.notes
     )
+
+
+def test_mirror_ca_files_are_looked_up_under_root_as_containerd_reads_them(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    cfg = config(
+        "containerd:\n  restartCommand: []\n  mirrors:\n    q.io:\n      - endpoint: https://m.example\n"
+        "        ca: /etc/pki/mirror.pem\n"
+    )
+    report, _ = _apply(cfg, tmp_path, flavor="generic", dry_run=True)
+    assert [w for w in report.warnings if ".ca:" in w] == [
+        f"containerd.mirrors.q.io[0].ca: /etc/pki/mirror.pem (read as {tmp_path}/etc/pki/mirror.pem) "
+        "does not exist: containerd and the mirror probes cannot verify this mirror's certificate",
+    ]
+    (tmp_path / "etc/pki").mkdir()
+    (tmp_path / "etc/pki/mirror.pem").write_text("cert")
+    report, _ = _apply(cfg, tmp_path, flavor="generic", dry_run=True)
+    assert not [w for w in report.warnings if ".ca:" in w]
