@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TextIO
 
 from nodeagent.atomicio import read_bytes_or_none, remove_durably, write_atomic
+from nodeagent.backoff import Backoff
 from nodeagent.config.model import Config, ContainerdConfig, SociConfig
 from nodeagent.config.warnings import config_warnings
 from nodeagent.facts import NodeFacts, missing_mirror_cas
@@ -48,6 +49,7 @@ DEFAULT_RESTART_COMMAND = ContainerdConfig().restart_command
 BACKUP_SUFFIX = ".nodeagent.bak"
 RESTART_TIMEOUT = 120.0  # the restart command itself
 HEALTH_TIMEOUT = 30.0  # CRI Version must answer within this after a restart
+HEALTH_POLL = Backoff(0.5, cap=0.5, factor=1.0)  # ask CRI Version every 0.5 s until then
 # Test-only fault injection: sleep this long before each write step, announcing it on stderr.
 FAULT_DELAY_ENV = "NODEAGENT_APPLY_FAULT_DELAY"
 
@@ -247,6 +249,7 @@ def cri_healthy(endpoint: str, timeout: float = HEALTH_TIMEOUT) -> str | None:
 
     deadline = time.monotonic() + timeout
     last = "no answer"
+    delays = HEALTH_POLL.delays()
     while True:
         try:
             asyncio.run(once())
@@ -255,7 +258,7 @@ def cri_healthy(endpoint: str, timeout: float = HEALTH_TIMEOUT) -> str | None:
             last = str(e)[:300]
         if time.monotonic() >= deadline:
             return f"CRI Version on {endpoint} did not answer within {timeout:g}s: {last}"
-        time.sleep(0.5)
+        time.sleep(next(delays))
 
 
 def restart_containerd(config: Config) -> str | None:

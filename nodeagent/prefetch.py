@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 from nodeagent import humanize
+from nodeagent.backoff import Backoff
 from nodeagent.config.model import PrefetchImage
 from nodeagent.credentials import Auth, CredentialError, Credentials
 from nodeagent.proxy.records import ORIGIN_PREFETCH, classify
@@ -92,7 +93,7 @@ class PullRetry:
 
     def delay(self, result: str, retry: int, rng: Callable[[], float] = random.random) -> float:
         base = self.rate_limited_base if result == "rate_limited" else self.base
-        return min(self.max_backoff, base * (2.0**retry)) * (0.5 + 0.5 * rng())
+        return Backoff(base, self.max_backoff, jitter="equal").delay(retry, rng)
 
 
 class Progress(Protocol):
