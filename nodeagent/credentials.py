@@ -24,7 +24,6 @@ import binascii
 import fnmatch
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,10 +35,10 @@ import yaml
 
 from nodeagent import proc
 from nodeagent.durations import parse_duration
-from nodeagent.imageref import DEFAULT_REGISTRY, DOCKER_HUB_ALIASES
+from nodeagent.endpoints import strip_scheme
+from nodeagent.imageref import DEFAULT_REGISTRY, registry_host, split_reference
 from nodeagent.log import event, get_logger
 from nodeagent.paths import UnsafePathError, child
-from nodeagent.proxy.records import split_reference
 
 log = get_logger(__name__)
 
@@ -102,8 +101,7 @@ class _Url:
 
 
 def _parse_schemeless(text: str) -> _Url:
-    s = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", text.strip())
-    hostport, _, path = s.partition("/")
+    hostport, _, path = strip_scheme(text).partition("/")
     host, port = hostport, ""
     if hostport.startswith("["):  # [v6]:port
         end = hostport.find("]")
@@ -149,9 +147,8 @@ def best_match_target(keys: Sequence[str], target: str) -> str | None:
 
 
 def _fold_docker_hub(key: str) -> str:
-    u = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", key.strip())
-    host, sep, path = u.partition("/")
-    if host.lower() in DOCKER_HUB_ALIASES:
+    host, sep, path = strip_scheme(key).partition("/")
+    if registry_host(host) == DEFAULT_REGISTRY:
         host = DEFAULT_REGISTRY
         if path in ("v1/", "v1", "v2/", "v2"):  # "https://index.docker.io/v1/" means the whole hub
             sep, path = "", ""
@@ -513,8 +510,7 @@ def mirror_target(endpoint: str) -> str:
     """The schemeless ``host[:port]/path`` credentials are looked up for: the mirror's host and its
     path without the registry API root (``https://1111.dkr.ecr.us-west-2.amazonaws.com/v2/docker-hub``
     -> ``1111.dkr.ecr.us-west-2.amazonaws.com/docker-hub``)."""
-    rest = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", endpoint.strip())
-    hostport, _, path = rest.partition("/")
+    hostport, _, path = strip_scheme(endpoint).partition("/")
     hostport = hostport.rpartition("@")[2]
     parts = [p for p in path.split("/") if p]
     if parts[:1] == ["v2"]:
