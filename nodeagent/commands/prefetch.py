@@ -19,7 +19,8 @@ from nodeagent.paths import Paths
 
 def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     from nodeagent.credentials import PROVIDER_TIMEOUT, CredentialError, Credentials, DockerConfig
-    from nodeagent.prefetch import LineProgress, Prefetcher, TtyProgress, format_summary
+    from nodeagent.prefetch import Prefetcher
+    from nodeagent.prefetch_output import LineProgress, TtyProgress, format_summary
 
     out = stdout or sys.stdout
     paths = Paths.at(args.root)
