@@ -234,9 +234,10 @@ def nodeconfigs(
     return tuple(found), tuple(warnings)
 
 
-def kubelet_main_configs(paths: Paths) -> tuple[tuple[Path, str], ...]:
+def existing_texts(files: tuple[Path, ...]) -> tuple[tuple[Path, str], ...]:
+    """``(path, text)`` of each of ``files`` that can be read (at most ``MAX_NODECONFIG_BYTES`` each)."""
     out = []
-    for p in paths.kubelet_main_configs:
+    for p in files:
         try:
             with open(p, "rb") as fh:
                 out.append((p, fh.read(MAX_NODECONFIG_BYTES).decode(errors="replace")))
@@ -287,18 +288,6 @@ def kubelet_process(paths: Paths) -> tuple[int, tuple[str, ...]] | None:
     return None
 
 
-def kubelet_units(paths: Paths) -> tuple[tuple[Path, str], ...]:
-    """Text of the kubelet's systemd unit, its drop-ins and the usual environment files."""
-    out = []
-    for p in paths.kubelet_unit_files:
-        try:
-            with open(p, "rb") as fh:
-                out.append((p, fh.read(MAX_NODECONFIG_BYTES).decode(errors="replace")))
-        except OSError:
-            continue
-    return tuple(out)
-
-
 def gather(
     paths: Paths, hosts_dir: str = "/etc/containerd/certs.d", *, user_data: bytes | None = None
 ) -> NodeFacts:
@@ -318,7 +307,7 @@ def gather(
         containerd_version_source=version_source,
         nodeconfigs=configs,
         nodeconfig_warnings=config_warnings,
-        kubelet_main_configs=kubelet_main_configs(paths),
+        kubelet_main_configs=existing_texts(paths.kubelet_main_configs),
         kubelet_process=kubelet_process(paths),
-        kubelet_units=kubelet_units(paths),
+        kubelet_units=existing_texts(paths.kubelet_unit_files),
     )

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from nodeagent import config
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_INVALID_USAGE, EXIT_OK
-from nodeagent.commands.loadconfig import load, print_notes
+from nodeagent.commands.loadconfig import load
 from nodeagent.eviction import baked, usage
 from nodeagent.eviction.policy import REMOVE, Plan
 from nodeagent.humanize import ago, size, table
@@ -120,10 +120,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         )
         return EXIT_INVALID_USAGE
     paths = Paths.at(args.root)
-    loaded = load(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
+    loaded = load(args, paths, notes=True)  # baked file + user-data part (IMDS), docs/eks.md
     if loaded is None:
         return EXIT_INVALID_CONFIG
-    print_notes(loaded, sys.stderr)
     cfg = loaded.config
     from nodeagent.cri.client import CriError
 

@@ -36,12 +36,18 @@ def report_invalid(source: str, problems: Sequence[Problem | str], stream: TextI
 
 
 def load(
-    args: argparse.Namespace, paths: Paths, *, use_imds: bool = True, stream: TextIO | None = None
+    args: argparse.Namespace,
+    paths: Paths,
+    *,
+    use_imds: bool = True,
+    notes: bool = False,
+    stream: TextIO | None = None,
 ) -> LoadedConfig | None:
-    """The command's config, or None after reporting why it is invalid (the caller exits 2)."""
+    """The command's config, or None after reporting why it is invalid (the caller exits 2).
+    ``notes``: also print what loading said about the user-data (``print_notes``)."""
     path = paths.config_for(getattr(args, "config", None))
     try:
-        return load_for_command(args, paths, use_imds=use_imds)
+        loaded = load_for_command(args, paths, use_imds=use_imds)
     except ConfigError as e:
         report_invalid(e.source or str(path), e.problems, stream)
         if not path.exists():
@@ -50,6 +56,9 @@ def load(
                 file=stream or sys.stderr,
             )
         return None
+    if notes:
+        print_notes(loaded, stream)
+    return loaded
 
 
 def print_notes(loaded: LoadedConfig, stream: TextIO | None = None) -> None:

@@ -13,7 +13,7 @@ import sys
 from typing import TextIO
 
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG
-from nodeagent.commands.loadconfig import load, print_notes
+from nodeagent.commands.loadconfig import load
 from nodeagent.paths import Paths
 
 
@@ -24,10 +24,9 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
 
     out = stdout or sys.stdout
     paths = Paths.at(args.root)
-    loaded = load(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
+    loaded = load(args, paths, notes=True)  # baked file + user-data part (IMDS), docs/eks.md
     if loaded is None:
         return EXIT_INVALID_CONFIG
-    print_notes(loaded)
     cfg = loaded.config
     images = cfg.images
 

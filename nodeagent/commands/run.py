@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG
-from nodeagent.commands.loadconfig import load, print_notes
+from nodeagent.commands.loadconfig import load
 from nodeagent.config import Config
 from nodeagent.paths import Paths
 
@@ -61,10 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
     log.setup()
     paths = Paths.at(args.root)
-    loaded = load(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
+    loaded = load(args, paths, notes=True)  # baked file + user-data part (IMDS), docs/eks.md
     if loaded is None:
         return EXIT_INVALID_CONFIG
-    print_notes(loaded, sys.stderr)
     config = loaded.config
     from nodeagent.proxy.sockets import SocketInUseError
 
