@@ -10,7 +10,6 @@ tests see exact delays. Callers keep their own attempt count and deadline; this 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -25,15 +24,18 @@ class Backoff:
     factor: float = 2.0
     jitter: Jitter = "none"
 
-    def delay(self, retry: int, rng: Callable[[], float] = random.random) -> float:
+    def delay(self, retry: int, rng: Callable[[], float] | None = None) -> float:
+        """``rng``: a uniform [0, 1) source (default ``random.random``; imported only for jitter)."""
         d = min(self.cap, self.base * self.factor ** max(0, retry))
-        if self.jitter == "full":
-            return rng() * d
-        if self.jitter == "equal":
-            return d * (0.5 + 0.5 * rng())
-        return d
+        if self.jitter == "none":
+            return d
+        if rng is None:
+            import random
 
-    def delays(self, rng: Callable[[], float] = random.random) -> Iterator[float]:
+            rng = random.random
+        return rng() * d if self.jitter == "full" else d * (0.5 + 0.5 * rng())
+
+    def delays(self, rng: Callable[[], float] | None = None) -> Iterator[float]:
         """The delay before each retry in turn (endless; the caller stops)."""
         n = 0
         while True:
