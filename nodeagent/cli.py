@@ -19,6 +19,7 @@ DEFAULT_CONFIG = str(Paths().config_file)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID_CONFIG = 2
+EXIT_INVALID_USAGE = 2  # what argparse exits with for a bad command line
 
 
 def _common(p: argparse.ArgumentParser, *, config: bool = True, imds: bool = True) -> None:
@@ -77,8 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
         "2 invalid config.",
     )
     _common(p)
-    p.add_argument("--flavor", choices=["auto", "eks-al2023", "generic"], default="auto")
+    p.add_argument(
+        "--flavor",
+        choices=["auto", "eks-al2023", "generic"],
+        default="auto",
+        help="what to write: eks-al2023 a nodeadm NodeConfig drop-in (nodeadm applies it at boot); "
+        "generic a kubelet --config-dir drop-in and containerd's config.toml (then restarts "
+        "containerd); auto (default) eks-al2023 where nodeadm is installed, else generic",
+    )
     p.add_argument("--dry-run", action="store_true", help="print a unified diff per file, write nothing")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="probe no mirror and fetch no mirror credentials (AMI builds, reviews): every mirror "
+        "without credentials is written; the ones with credentials are left out (nodeagent run adds "
+        "them once it has them)",
+    )
 
     p = sub.add_parser(
         "prefetch",
@@ -103,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "line; the daemon does the removing.",
     )
     _common(p)
-    p.add_argument("--dry-run", action="store_true", required=True, help="print the plan, remove nothing")
+    # not required=True: without it the command says why only --dry-run exists (commands/evict.py)
+    p.add_argument("--dry-run", action="store_true", help="print the plan, remove nothing (required)")
 
     p = sub.add_parser(
         "status",

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nodeagent import config, userdata
+from nodeagent import userdata
 from nodeagent.cli import EXIT_INVALID_CONFIG, EXIT_OK
+from nodeagent.commands.loadconfig import load
 from nodeagent.paths import Paths
 
 
@@ -37,20 +38,11 @@ def _cluster(args: argparse.Namespace) -> tuple[userdata.ClusterDetails | None, 
 
 
 def run(args: argparse.Namespace) -> int:
-    path = Paths.at(args.root).config_for(args.config)
-    try:
-        text = path.read_text(encoding="utf-8")
-        config.load_text(text, str(path))
-    except OSError as e:
-        print(f"{path}: cannot read: {e.strerror}", file=sys.stderr)
+    # the file alone: this machine's own user-data must not leak into what it publishes
+    loaded = load(args, Paths.at(args.root), use_imds=False)
+    if loaded is None:
         return EXIT_INVALID_CONFIG
-    except UnicodeDecodeError:
-        print(f"{path}: not UTF-8 text", file=sys.stderr)
-        return EXIT_INVALID_CONFIG
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(f"{path}: {p}", file=sys.stderr)
-        return EXIT_INVALID_CONFIG
+    text = loaded.text
 
     try:
         # the part carries the settings, not the file's comments (EC2 caps user-data at 16 KiB)

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nodeagent.backoff import Backoff
 from nodeagent.credentials import Auth, CredentialError, parse_docker_config
 from nodeagent.log import event, get_logger
 from nodeagent.podpulls.pods import PodInfo, from_api
@@ -173,7 +174,8 @@ class PodWatch:
     async def run(self) -> None:
         from lightkube import ApiError
 
-        backoff = BACKOFF_INITIAL
+        backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX, jitter="equal")
+        failures = 0
         while True:
             try:
                 if self.resource_version is None:
@@ -192,10 +194,10 @@ class PodWatch:
             except Exception as e:  # connection refused, TLS, timeouts, a malformed answer...
                 self.on_state(False, _safe(e) if str(e) else type(e).__name__)
             else:
-                backoff = BACKOFF_INITIAL
+                failures = 0
                 continue
-            await self._sleep(backoff * (0.5 + 0.5 * self._rng()))
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            await self._sleep(backoff.delay(failures, self._rng))
+            failures += 1
 
     async def _list(self) -> None:
         from lightkube.resources.core_v1 import Pod
