@@ -16,9 +16,9 @@ is True. The same condition suits the Kubernetes node-readiness-controller's Nod
 ``ImagesReady`` is the daemon worker: it waits for the kubeconfig (``podPulls.kubeconfig``), learns
 the node name, then checks the ``required: true`` images of ``images.prefetch`` through CRI and pulls
 the missing ones (prefetch's code: credentials, retries, ``images.prefetchBudget`` per round), and
-writes the condition whenever it changes. Before the kubelet registered the Node the write gets 404:
-it tries again with bounded backoff (1 s doubling to 10 s), so the condition lands seconds after
-registration.
+writes the condition whenever it changes (images are looked at every 30 s, every 5 s while some are
+missing). Before the kubelet registered the Node the write gets 404: it tries again with bounded
+backoff (1 s doubling to 10 s), so the condition lands seconds after registration.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ KUBECONFIG_RETRY = 10.0
 WRITE_RETRY_INITIAL = 1.0
 WRITE_RETRY_MAX = 10.0
 RECHECK = 30.0  # images are looked at again this often once the condition is written
+RECHECK_MISSING = 5.0  # ... and this often while some are missing (each round pulls them again)
 
 
 def condition(missing: Sequence[str], required: int, now: datetime) -> dict[str, str]:
@@ -90,7 +91,7 @@ class ImagesReady:
                 missing = await self._check_images()
                 if self.written != self._key(missing):
                     await self._write(missing)
-                await asyncio.sleep(RECHECK)
+                await asyncio.sleep(RECHECK_MISSING if missing else RECHECK)
         finally:
             if self._client is not None:
                 await asyncio.shield(self._close())

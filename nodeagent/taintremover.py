@@ -171,7 +171,7 @@ class TaintRemover:
 
     def _on_state(self, ok: bool, error: str) -> None:
         if not ok:
-            event(log, "taint remover: API server not answering", level=30, error=error)
+            event(log, "taint remover: listing or watching nodes failed", level=30, error=error)
 
     def observe(self, node: dict[str, Any], deleted: bool) -> None:
         name = str((node.get("metadata") or {}).get("name") or "")
