@@ -27,7 +27,9 @@ import yaml
 from nodeagent import readiness, userdata
 from nodeagent.podpulls import kube
 from tests.sandbox import Sandbox
-from tests.sandbox.controlplane import ControlPlane
+from tests.sandbox.cluster import one_node_cluster
+from tests.sandbox.controlplane import ControlPlane, pod_manifest
+from tests.sandbox.oci import build_image, push_image
 from tests.sandbox.process import Daemon, SandboxError, wait_until
 
 TAINT = {"key": "nodeagent.io/images-not-ready", "value": "true", "effect": "NoSchedule"}
@@ -337,3 +339,72 @@ def test_opt_in_startup_taint_is_removed_by_the_rendered_remover_once_images_are
     wait_until("web scheduled to the node", lambda: cp.pod("web")["spec"].get("nodeName") == node, 60)
     rss_kib = int(Path(f"/proc/{remover.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
     print(f"taint-remover RSS {rss_kib / 1024:.1f} MiB")
+
+
+def test_the_daemon_reports_images_ready_and_the_remover_lifts_the_kubelets_startup_taint() -> None:
+    """End to end on a real node: the kubelet registers with the rendered startup taint
+    (``registerWithTaints``, as Karpenter makes it), ``nodeagent run`` on the node reports
+    ImagesReady=False while its required image is missing from the registry, keeps trying, reports True
+    once it has pulled it; the remover then lifts the taint, the scheduler places a pod without a
+    toleration for it, and the kubelet runs it. (Runs once, on the default containerd line, like the
+    pod-pull tests: the containerd-specific part is prefetch's, tested per line in test_prefetch.py.)"""
+    with Sandbox(prefix="na-taint-") as sb:
+        reg = sb.registry()
+        required = f"{reg.host}/taint/required:v1"  # not pushed yet
+        rendered = userdata.render_karpenter(
+            userdata.compact_config(CONFIG.read_text()), remover_image=REMOVER_IMAGE
+        )
+        docs = list(yaml.safe_load_all(rendered))
+        (pool,) = [d for d in docs if d["kind"] == "NodePool"]
+        startup_taints = pool["spec"]["template"]["spec"]["startupTaints"]
+        cluster = one_node_cluster(
+            sb,
+            reg,
+            agent_config={"images": {"prefetch": [{"image": required, "required": True}]}},
+            kubelet_config={"registerWithTaints": startup_taints},
+        )
+        cp, node = cluster.cp, cluster.node_name
+        assert cluster.agent is not None
+        cp.start_scheduler()
+        sb.pids.extend(cp.pids)
+        assert "nodeagent.io/images-not-ready" in taint_keys(cp, node)  # there at registration
+
+        manifests = [d for d in docs if d["kind"] not in ("EC2NodeClass", "NodePool")]
+        for d in manifests:
+            cp.apply(d)
+        sa = manifests[0]["metadata"]
+        kc = cp.service_account_kubeconfig(sa["namespace"], sa["name"], sb.dir / "remover.kubeconfig")
+        remover = Remover(sb, kc, "taint-remover")
+        remover.wait_for(
+            "the node reports its required image missing",
+            lambda ln: (
+                ln.get("node") == node
+                and "is False: 1 of 1 required image(s) missing" in ln.get("reason", "")
+            ),
+            timeout=120,
+        )
+        assert "nodeagent.io/images-not-ready" in taint_keys(cp, node)
+        assert cluster.agent.status()["sections"]["imagesReady"]["missing"] == [required]
+
+        push_image(reg, "taint/required", "v1", build_image(layers=1, layer_size=1 << 20, busybox=True))
+        wait_until(
+            "the startup taint removed",
+            lambda: "nodeagent.io/images-not-ready" not in taint_keys(cp, node),
+            120,
+        )
+        conds = cp.get(f"/api/v1/nodes/{node}")["status"]["conditions"]
+        (cond,) = [c for c in conds if c["type"] == readiness.CONDITION_TYPE]
+        assert (cond["status"], cond["message"]) == ("True", "all 1 required image(s) present")
+        assert {c["type"] for c in conds} >= {"Ready", "MemoryPressure"}  # the kubelet's stay next to ours
+        section = cluster.agent.status()["sections"]["imagesReady"]
+        assert (section["reported"], section["missing"]) == ("True", [])
+
+        # a pod with no toleration for our taint (only for not-ready, which no controller lifts here)
+        pod = pod_manifest("web", node, [("app", required)])
+        del pod["spec"]["nodeName"]
+        pod["spec"]["tolerations"] = [
+            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+        cp.create(pod)
+        running = cp.wait_running("web")
+        assert running["spec"]["nodeName"] == node
