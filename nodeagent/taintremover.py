@@ -188,12 +188,12 @@ class TaintRemover:
 
     async def _reconcile_loop(self) -> None:
         while True:
+            self._wake.clear()  # first: a node observed while we reconcile below sets it again
             now = self._clock()
             for name in [n for n, at in self.due.items() if at <= now]:
                 await self.reconcile(name)
             later = [at for at in self.due.values() if at > self._clock()]
             timeout = max(0.05, min(later) - self._clock()) if later else None
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 

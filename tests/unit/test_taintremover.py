@@ -5,6 +5,7 @@ tests/integration/test_karpenter_taint.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from lightkube import ApiError
@@ -117,5 +118,57 @@ def test_waiting_node_is_decided_again_at_its_deadline_and_untainted_nodes_are_d
         r.observe(node([OURS], None), False)
         r.observe(node([OTHER], None), False)  # someone else removed it: forgotten
         assert "n1" not in r.pending and "n1" not in r.due
+
+    asyncio.run(main())
+
+
+class Listing:
+    def __init__(self, items: list[Any], rv: str) -> None:
+        self.items, self.resourceVersion = items, rv
+
+    async def __aiter__(self) -> Any:
+        for i in self.items:
+            yield i
+
+
+class Cluster(Client):
+    """list + watch + patch: one listed node without the condition, then a watch event with it True."""
+
+    def __init__(self, listed: list[Any], events: list[tuple[str, Any]]) -> None:
+        super().__init__(errors=[])
+        self.listed, self.events = listed, events
+        self.patched = asyncio.Event()
+
+    def list(self, res: Any) -> Listing:
+        return Listing(self.listed, "10")
+
+    async def watch(self, res: Any, *, resource_version: str) -> Any:
+        assert resource_version == "10"
+        for e in self.events:
+            yield e
+        await asyncio.Event().wait()
+
+    async def patch(self, res: Any, name: str, obj: dict[str, Any], *, patch_type: Any) -> None:
+        await super().patch(res, name, obj, patch_type=patch_type)
+        self.patched.set()
+
+
+def test_run_lists_watches_and_removes_when_the_condition_turns_true() -> None:
+    from lightkube.resources.core_v1 import Node
+
+    async def main() -> None:
+        client = Cluster(
+            listed=[Node.from_dict(node([OURS, KEEP], "False", rv="5"))],
+            events=[("MODIFIED", Node.from_dict(node([OURS, KEEP], "True", rv="11")))],
+        )
+        r = TaintRemover(client, max_wait=0)
+        task = asyncio.create_task(r.run())
+        await asyncio.wait_for(client.patched.wait(), 5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        ((name, body),) = client.patches
+        assert name == "n1" and body["metadata"]["resourceVersion"] == "11"
+        assert body["spec"]["taints"] == [KEEP]
 
     asyncio.run(main())
