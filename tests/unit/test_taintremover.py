@@ -9,7 +9,7 @@ import contextlib
 from typing import Any
 
 from lightkube import ApiError
-from lightkube.core.internal_models import meta_v1
+from lightkube.models.meta_v1 import Status
 
 from nodeagent.readiness import CONDITION_TYPE, TAINT_KEY
 from nodeagent.taintremover import NONE, REMOVE, WAIT, TaintRemover, decide, removal_patch
@@ -77,7 +77,7 @@ class Client:
         self.patches.append((name, obj))
         if self.errors:
             code = self.errors.pop(0)
-            raise ApiError(status=meta_v1.Status(code=code, message=f"answer {code}"))
+            raise ApiError(status=Status(code=code, message=f"answer {code}"))
 
 
 def test_reconcile_conflict_waits_for_the_watch_errors_back_off_success_forgets() -> None:
