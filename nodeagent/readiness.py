@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,7 +70,15 @@ def condition(missing: Sequence[str], required: int, now: datetime) -> dict[str,
 class ImagesReady:
     """The daemon worker (wired in ``nodeagent/commands/run.py``)."""
 
-    def __init__(self, config: Any, paths: Any, daemon: Any) -> None:
+    def __init__(
+        self,
+        config: Any,
+        paths: Any,
+        daemon: Any,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._sleep = sleep
         self.config = config
         self.paths = paths
         self.daemon = daemon
@@ -91,7 +99,7 @@ class ImagesReady:
                 missing = await self._check_images()
                 if self.written != self._key(missing):
                     await self._write(missing)
-                await asyncio.sleep(RECHECK_MISSING if missing else RECHECK)
+                await self._sleep(RECHECK_MISSING if missing else RECHECK)
         finally:
             if self._client is not None:
                 await asyncio.shield(self._close())
@@ -121,7 +129,7 @@ class ImagesReady:
                 event(log, "images ready: kubeconfig not usable", level=40, error=msg)
                 last = msg
             if self._client is None:
-                await asyncio.sleep(KUBECONFIG_RETRY)
+                await self._sleep(KUBECONFIG_RETRY)
         delay = WRITE_RETRY_INITIAL
         while not self.node:
             try:
@@ -134,7 +142,7 @@ class ImagesReady:
                 if msg != last:
                     event(log, "images ready: node name not known yet", level=30, error=msg)
                     last = msg
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, WRITE_RETRY_MAX * 3)
         self._set("checking", "")
 
@@ -192,7 +200,7 @@ class ImagesReady:
                         log, "images ready: condition not written yet", level=20 if waiting else 30, error=msg
                     )
                     last = msg
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, WRITE_RETRY_MAX)
                 continue
             self.written = (cond["status"], cond["message"])
