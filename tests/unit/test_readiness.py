@@ -41,7 +41,7 @@ def test_false_names_the_missing_images_bounded() -> None:
     assert len(long) == MAX_MESSAGE and long.endswith("...")
 
 
-# --- the worker: writes with a stand-in API client and the prefetch tests' CRI stand-in ----------------------
+# --- the worker: a stand-in API client and the prefetch tests' CRI stand-in ------------------------------
 class Api:
     """``patch`` answers 404 ``not_found`` times (the Node not registered yet), then accepts."""
 
