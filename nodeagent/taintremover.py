@@ -105,6 +105,10 @@ def removal_patch(node: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+class WatchRefused(Exception):
+    """The API server refused the watch request (an HTTP error status, e.g. 403 without ``watch``)."""
+
+
 class NodeWatch(PodWatch):
     """PodWatch's list/watch/backoff loop over every Node; ``on_node(node_dict, deleted)``."""
 
@@ -133,12 +137,19 @@ class NodeWatch(PodWatch):
         from lightkube.resources.core_v1 import Node
 
         self.watches += 1
-        async for kind, obj in self.client.watch(Node, resource_version=self.resource_version):
-            rv = obj.metadata.resourceVersion if obj.metadata is not None else None
-            if rv:
-                self.resource_version = rv
-            if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self.on_node(obj.to_dict(), kind == "DELETED")
+        try:
+            async for kind, obj in self.client.watch(Node, resource_version=self.resource_version):
+                rv = obj.metadata.resourceVersion if obj.metadata is not None else None
+                if rv:
+                    self.resource_version = rv
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self.on_node(obj.to_dict(), kind == "DELETED")
+        except Exception as e:
+            # lightkube raises the HTTP error of a refused watch with a URL, not the API server's reason
+            response = getattr(e, "response", None)
+            if response is None or getattr(response, "status_code", None) is None:
+                raise
+            raise WatchRefused(f"watch nodes: API server answered {response.status_code}") from None
 
 
 class TaintRemover:
