@@ -387,7 +387,14 @@ def test_the_daemon_reports_images_ready_and_the_remover_lifts_the_kubelets_star
             timeout=120,
         )
         assert "nodeagent.io/images-not-ready" in taint_keys(cp, node)
-        assert cluster.agent.status()["sections"]["imagesReady"]["missing"] == [required]
+        wait_until(
+            "nodeagent status names the missing image",
+            lambda: (
+                cluster.agent is not None
+                and cluster.agent.status()["sections"]["imagesReady"]["missing"] == [required]
+            ),
+            30,
+        )
 
         push_image(reg, "taint/required", "v1", build_image(layers=1, layer_size=1 << 20, busybox=True))
         wait_until(
@@ -399,8 +406,13 @@ def test_the_daemon_reports_images_ready_and_the_remover_lifts_the_kubelets_star
         (cond,) = [c for c in conds if c["type"] == readiness.CONDITION_TYPE]
         assert (cond["status"], cond["message"]) == ("True", "all 1 required image(s) present")
         assert {c["type"] for c in conds} >= {"Ready", "MemoryPressure"}  # the kubelet's stay next to ours
-        section = cluster.agent.status()["sections"]["imagesReady"]
-        assert (section["reported"], section["missing"]) == ("True", [])
+        agent = cluster.agent
+
+        def reported_true() -> bool:  # the status file is written off the loop, a moment later
+            section = agent.status()["sections"]["imagesReady"]
+            return bool((section["reported"], section["missing"]) == ("True", []))
+
+        wait_until("nodeagent status shows ImagesReady True", reported_true, 30)
 
         # a pod with no toleration for our taint (only for not-ready, which no controller lifts here)
         pod = pod_manifest("web", node, [("app", required)])
