@@ -5,7 +5,10 @@ plugin, as on EKS (tests/sandbox/controlplane.py).
 The node's own identity (``system:node:<name>`` in ``system:nodes``, the kubelet's client certificate:
 the only Kubernetes identity on a node) may register its Node with a taint, may change its Node
 otherwise, but may not remove the taint afterwards. So nothing on the node can lift an
-image-readiness startup taint, and a rendered taint would keep every node empty.
+image-readiness startup taint, and a rendered taint would keep every node empty: by default none is
+rendered. The opt-in (``--startup-taint``) renders the taint together with ``nodeagent taint-remover``
+and its RBAC; the tests below run that flow against the real API server and kube-scheduler, and end
+to end with the real kubelet, containerd and ``nodeagent run``.
 """
 
 from __future__ import annotations
