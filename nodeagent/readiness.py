@@ -17,8 +17,9 @@ is True. The same condition suits the Kubernetes node-readiness-controller's Nod
 the node name, then checks the ``required: true`` images of ``images.prefetch`` through CRI and pulls
 the missing ones (prefetch's code: credentials, retries, ``images.prefetchBudget`` per round), and
 writes the condition whenever it changes (images are looked at every 30 s, every 5 s while some are
-missing). Before the kubelet registered the Node the write gets 404: it tries again with bounded
-backoff (1 s doubling to 10 s), so the condition lands seconds after registration.
+missing; it is rewritten unchanged every 5 min, so a re-created Node gets it back, with its
+``lastTransitionTime`` kept). Before the kubelet registered the Node the write gets 404: it tries
+again with bounded backoff (1 s doubling to 10 s), so the condition lands seconds after registration.
 """
 
 from __future__ import annotations
@@ -43,12 +44,19 @@ KUBECONFIG_RETRY = 10.0
 WRITE_RETRY_INITIAL = 1.0
 WRITE_RETRY_MAX = 10.0
 RECHECK = 30.0  # images are looked at again this often once the condition is written
+HEARTBEAT = 300.0  # the condition is rewritten this often unchanged (a re-created Node gets it back)
 RECHECK_MISSING = 5.0  # ... and this often while some are missing (each round pulls them again)
 
 
-def condition(missing: Sequence[str], required: int, now: datetime) -> dict[str, str]:
-    """The Node condition for ``missing`` of ``required`` images (pure)."""
-    stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _stamp(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(
+    missing: Sequence[str], required: int, now: datetime, since: datetime | None = None
+) -> dict[str, str]:
+    """The Node condition for ``missing`` of ``required`` images (pure); ``since``: when the status
+    last changed (default ``now``)."""
     if missing:
         message = f"{len(missing)} of {required} required image(s) missing: " + ", ".join(missing)
         if len(message) > MAX_MESSAGE:
@@ -62,8 +70,8 @@ def condition(missing: Sequence[str], required: int, now: datetime) -> dict[str,
         "status": status,
         "reason": reason,
         "message": message,
-        "lastHeartbeatTime": stamp,
-        "lastTransitionTime": stamp,
+        "lastHeartbeatTime": _stamp(now),
+        "lastTransitionTime": _stamp(since or now),
     }
 
 
@@ -77,8 +85,10 @@ class ImagesReady:
         daemon: Any,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._sleep = sleep
+        self._now = now
         self.config = config
         self.paths = paths
         self.daemon = daemon
@@ -90,6 +100,7 @@ class ImagesReady:
         self.missing: list[str] | None = None
         self.written: tuple[str, str] | None = None  # (status, message) last written to the Node
         self.written_at: float | None = None
+        self.since: datetime | None = None  # when the written status last changed
         self._client: Any = None
 
     async def run(self) -> None:
@@ -97,7 +108,8 @@ class ImagesReady:
             await self._connect()
             while True:
                 missing = await self._check_images()
-                if self.written != self._key(missing):
+                stale = self.written_at is None or time.time() - self.written_at >= HEARTBEAT
+                if stale or self.written != self._key(missing):
                     await self._write(missing)
                 await self._sleep(RECHECK_MISSING if missing else RECHECK)
         finally:
@@ -176,7 +188,7 @@ class ImagesReady:
         return missing
 
     def _key(self, missing: Sequence[str]) -> tuple[str, str]:
-        c = condition(missing, len(self.required), datetime.now(UTC))
+        c = condition(missing, len(self.required), self._now())
         return c["status"], c["message"]
 
     async def _write(self, missing: Sequence[str]) -> None:
@@ -185,7 +197,10 @@ class ImagesReady:
 
         delay, last = WRITE_RETRY_INITIAL, ""
         while True:
-            cond = condition(missing, len(self.required), datetime.now(UTC))
+            now = self._now()
+            status = "False" if missing else "True"
+            since = self.since if self.written is not None and self.written[0] == status else now
+            cond = condition(missing, len(self.required), now, since)
             try:
                 await kube.set_node_condition(self._client, self.node, cond)
             except (asyncio.CancelledError, KeyboardInterrupt):
@@ -203,8 +218,11 @@ class ImagesReady:
                 await self._sleep(delay)
                 delay = min(delay * 2, WRITE_RETRY_MAX)
                 continue
-            self.written = (cond["status"], cond["message"])
-            self.written_at = time.time()
+            changed = self.written is None or self.written[0] != cond["status"]
+            self.written, self.written_at, self.since = (cond["status"], cond["message"]), time.time(), since
+            self._set("reported", "")
+            if not changed:
+                return  # a heartbeat or a new message: not worth a log line
             event(
                 log,
                 "images ready: condition written",
@@ -212,7 +230,6 @@ class ImagesReady:
                 status=cond["status"],
                 reason=cond["reason"],
             )
-            self._set("reported", "")
             return
 
     def _set(self, state: str, error: str) -> None:

@@ -4,7 +4,7 @@ tests/integration/test_karpenter_taint.py."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,10 @@ def test_worker_checks_required_images_and_writes_once_the_node_exists(tmp_path:
         f"  credentialProviderConfig: {tmp_path}/none.json\n  dockerConfig: {tmp_path}/none.json\n"
     )
     cri = FakeCri(fail={"r.example/a:1": None})  # a required image that does not exist (yet)
-    worker = readiness.ImagesReady(cfg, Paths.at(str(tmp_path)), Daemon(cri), sleep=sleep)
+    clock = [NOW]
+    worker = readiness.ImagesReady(
+        cfg, Paths.at(str(tmp_path)), Daemon(cri), sleep=sleep, now=lambda: clock[0]
+    )
     api = Api(not_found=2)
     worker._client, worker.node = api, "n1"
 
@@ -97,7 +100,14 @@ def test_worker_checks_required_images_and_writes_once_the_node_exists(tmp_path:
         missing = await worker._check_images()
         assert missing == [] and cri.pulls[-1][0] == "r.example/a:1"
         assert worker.written != worker._key(missing)  # changed: written again
+        clock[0] = NOW + timedelta(minutes=1)
         await worker._write(missing)
-        assert api.bodies[-1][1]["status"]["conditions"][0]["status"] == "True"
+        first = api.bodies[-1][1]["status"]["conditions"][0]
+        assert first["status"] == "True" and first["lastTransitionTime"] == "2026-12-06T11:01:00Z"
+        clock[0] = NOW + timedelta(minutes=6)  # the heartbeat: same status, transition time kept
+        await worker._write(missing)
+        beat = api.bodies[-1][1]["status"]["conditions"][0]
+        assert beat["lastHeartbeatTime"] == "2026-12-06T11:06:00Z"
+        assert beat["lastTransitionTime"] == "2026-12-06T11:01:00Z"
 
     asyncio.run(main())
