@@ -252,7 +252,9 @@ class TaintRemover:
             self._failed(name, " ".join(str(e).split())[:300] or type(e).__name__)
             return
         self.removed += 1
-        event(log, "taint remover: taint removed", node=name, taint=TAINT_KEY, reason=reason)
+        # removed by --max-wait rather than by the node's own report: worth a warning
+        level = 20 if reason.startswith(CONDITION_TYPE) else 30
+        event(log, "taint remover: taint removed", level=level, node=name, taint=TAINT_KEY, reason=reason)
         for d in (self.pending, self.due, self.backoff, self.waiting_reason):
             d.pop(name, None)
 
