@@ -150,6 +150,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="tag that selects the baked AMI (default nodeagent.io/baked=true)",
     )
+    g.add_argument(
+        "--startup-taint",
+        action="store_true",
+        help="opt in: the NodePool gets the startup taint nodeagent.io/images-not-ready:NoSchedule and the "
+        "output adds nodeagent taint-remover (ServiceAccount, ClusterRole, ClusterRoleBinding, Deployment) "
+        "that removes it once the node reports nodeagent.io/ImagesReady=True; needs --remover-image",
+    )
+    g.add_argument(
+        "--remover-image",
+        metavar="IMAGE",
+        help="container image holding the nodeagent package, for the taint remover's Deployment",
+    )
+    g.add_argument(
+        "--remover-max-wait",
+        default="15m",
+        metavar="DURATION",
+        help="the remover lifts the taint anyway this long after a Node registered (default 15m; 0 = never)",
+    )
+
+    p = sub.add_parser(
+        "taint-remover",
+        help="cluster controller: remove the opt-in startup taint once a node reports its images ready",
+        description="Watch every Node and remove the startup taint nodeagent.io/images-not-ready from a "
+        "Node whose condition nodeagent.io/ImagesReady is True (or --max-wait after it registered). "
+        "Runs in the cluster as a Deployment with its own service account (nodes: list, watch, patch); "
+        "`nodeagent userdata --format karpenter --startup-taint` renders it. Exit 0 after SIGTERM, "
+        "1 when it cannot start.",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        default=None,
+        help="kubeconfig to use (default: the pod's service account, in-cluster)",
+    )
+    p.add_argument(
+        "--max-wait",
+        default="15m",
+        metavar="DURATION",
+        help="remove the taint anyway this long after the Node was created (default 15m; 0 = never)",
+    )
     return parser
 
 
@@ -157,9 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.command
     try:
-        module = importlib.import_module(f"nodeagent.commands.{name}")
+        module = importlib.import_module(f"nodeagent.commands.{name.replace('-', '_')}")
     except ModuleNotFoundError as e:
-        if e.name != f"nodeagent.commands.{name}":
+        if e.name != f"nodeagent.commands.{name.replace('-', '_')}":
             raise
         print(f"nodeagent {name}: not implemented yet", file=sys.stderr)
         return EXIT_FAILED

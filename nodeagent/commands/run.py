@@ -53,6 +53,12 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
         pod_pulls = PodPulls(config, paths, daemon, evictor)
         daemon.add_worker("podpulls", pod_pulls.run)
         daemon.add_status_hook("podPulls", pod_pulls.status)
+    if config.images.ready_condition:  # the Node condition the opt-in startup taint waits for (issue 15)
+        from nodeagent.readiness import ImagesReady
+
+        ready = ImagesReady(config, paths, daemon)
+        daemon.add_worker("imagesready", ready.run)
+        daemon.add_status_hook("imagesReady", ready.status)
     return daemon
 
 

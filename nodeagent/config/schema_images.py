@@ -92,6 +92,15 @@ IMAGES = Object(
             Str(fmt.ABS_PATH),
             "A docker `config.json` whose `auths` prefetch also uses (the kubelet reads the same file).",
         ),
+        Field(
+            "readyCondition",
+            "ready_condition",
+            Bool(),
+            "`nodeagent run` reports the Node condition `nodeagent.io/ImagesReady` (True once every "
+            "`required` prefetch image is present; it keeps pulling missing ones) with the node's own "
+            "identity (`podPulls.kubeconfig`, `podPulls.nodeName`). The opt-in Karpenter startup taint's "
+            "remover waits for it (docs/eks.md, 'Image readiness').",
+        ),
     ],
     m.ImagesConfig,
     "Images to prefetch at boot and images to protect from eviction.",

@@ -10,6 +10,9 @@
 - ``pull_secret_auths(client, namespace, names)``: the docker config entries of a pod's
   ``imagePullSecrets`` (the node authorizer lets a node read the secrets its pods reference).
 - ``runtime_handler(client, name)``: a RuntimeClass's handler.
+- ``set_node_condition(client, node, condition)``: one condition in the Node's status (a strategic
+  merge patch of ``nodes/NAME/status``, keyed by ``type``: the kubelet's own conditions and other
+  agents' stay; the node authorizer and NodeRestriction let a node do this to its own Node).
 """
 
 from __future__ import annotations
@@ -145,6 +148,12 @@ async def runtime_handler(client: Any, name: str) -> str:
 
     rc = await client.get(RuntimeClass, name)
     return str(rc.handler or "")
+
+
+async def set_node_condition(client: Any, node: str, condition: dict[str, str]) -> None:
+    from lightkube.resources.core_v1 import Node
+
+    await client.patch(Node.Status, node, {"status": {"conditions": [condition]}})
 
 
 class PodWatch:
