@@ -15,14 +15,12 @@ from nodeagent.credentials import Auth, Credentials
 from nodeagent.prefetch import (
     BUDGET_SPENT,
     ImageOutcome,
-    LineProgress,
     Prefetcher,
     PrefetchReport,
     PullRetry,
-    TtyProgress,
-    format_summary,
     pick_digest,
 )
+from nodeagent.prefetch_output import LineProgress, TtyProgress, format_summary
 from tests.unit.cri.fakes import FakeClock, FakeRuntime
 
 
