@@ -15,7 +15,7 @@ under ``io.containerd.grpc.v1.cri``).
 what RunPodSandbox needs on these hybrid-cgroup VMs. ``root_dir`` puts the image store on a given
 directory (for example a small loop-mounted filesystem). ``snapshotter`` (a
 ``tests.sandbox.soci.SociSnapshotter``) makes SOCI CRI's snapshotter: containerd gets its proxy
-plugin, and ``start``/``stop`` start and stop soci-snapshotter-grpc with it.
+plugin, and ``start``/``stop`` start (before containerd) and stop soci-snapshotter-grpc with it.
 """
 
 from __future__ import annotations
@@ -336,7 +336,13 @@ state = {_toml_value(str(self.state))}
         if self.socket.exists():  # left by a kill -9
             self.socket.unlink()
         cmd = [self.line.binary(), "--config", str(self.config_path)]
-        if self.pods:
+        snap = self.snapshotter
+        if snap is not None:  # first, as its unit orders it (tests/sandbox/soci.py); with pods it
+            snap.stop()  # makes the private mount namespace containerd joins
+            snap.start(self.socket, private_ns=self.pods, timeout=timeout)
+        if self.pods and snap is not None:
+            cmd = ["nsenter", "-t", str(snap.pid), "-m", "--", *cmd]
+        elif self.pods:
             inner = "umount -R /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec " + " ".join(
                 shlex.quote(c) for c in cmd
             )
@@ -355,12 +361,6 @@ state = {_toml_value(str(self.state))}
 
         try:
             wait_until(f"containerd CRI at {self.endpoint} (log {self.log_path})", ready, timeout)
-            if self.snapshotter is not None:
-                # in containerd's mount namespace (a new private one with pods: started again there)
-                if self.pods:
-                    self.snapshotter.stop()
-                if not self.snapshotter.running:
-                    self.snapshotter.start(self.socket, self.pid if self.pods else None, timeout)
         except SandboxError as e:
             self.stop()
             raise SandboxError(f"{e}\n{tail(self.log_path)}") from None

@@ -4,12 +4,16 @@ sandbox containerd 2.x, for tests that need a SOCI node without going through ``
 
     soci = SociSnapshotter(tmp / "soci", mode="parallel")
     node = Containerd(tmp / "node", snapshotter=soci, pods=True, line=EKS_LINE)
-    node.start()   # containerd, then soci-snapshotter-grpc in containerd's mount namespace
+    node.start()   # soci-snapshotter-grpc, then containerd in its mount namespace
     node.stop()    # both, by PID
 
-soci-snapshotter-grpc runs in containerd's mount namespace (``nsenter -t PID -m``): with
-``pods=True`` containerd has a private one, and the FUSE mounts of lazy loading must be visible to
-the containerd that mounts the container's rootfs on them. Its content store is containerd's
+soci-snapshotter-grpc starts first, as its systemd unit orders it (``Before=containerd.service``):
+containerd's CRI plugin checks at start-up that each image is unpacked in the snapshotter, and an
+image it cannot check (proxy snapshotter not answering) is left out of CRI's image list until it is
+pulled again. With ``pods=True`` soci-snapshotter-grpc starts in a new private mount namespace (the
+cgroup2-only one containerd needs for pods) and containerd joins it (``nsenter -t PID -m``): the
+FUSE mounts of lazy loading must be visible to the containerd that mounts a container's rootfs on
+them. Its content store is containerd's
 (``[content_store] type = "containerd"``, as nodeadm and ``nodeagent apply`` configure it), and
 its root (``exports.root``) is the directory CRI ImageFsInfo reports for the image filesystem.
 """
@@ -17,6 +21,7 @@ its root (``exports.root``) is the directory CRI ImageFsInfo reports for the ima
 from __future__ import annotations
 
 import json
+import shlex
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,9 +97,10 @@ class SociSnapshotter:
 
         return str(testbins.path("soci-snapshotter", "soci-snapshotter-grpc"))
 
-    def start(self, containerd_socket: Path, mount_ns_pid: int | None, timeout: float = 30.0) -> None:
-        """Start serving ``containerd_socket``'s containerd, in the mount namespace of process
-        ``mount_ns_pid`` (None: this one); wait until the socket accepts connections."""
+    def start(self, containerd_socket: Path, private_ns: bool, timeout: float = 30.0) -> None:
+        """Start for ``containerd_socket``'s containerd (which may start after it), in a new private
+        mount namespace that sees only a cgroup2 mount when ``private_ns`` (containerd then joins
+        it); wait until the socket accepts connections."""
         if self.running:
             raise SandboxError(f"soci-snapshotter-grpc at {self.address}: already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +113,12 @@ class SociSnapshotter:
             *("--address", str(self.address), "--root", str(self.root)),
             *("--config", str(self.config_path), "--log-level", "debug"),
         ]
-        if mount_ns_pid is not None:
-            argv = ["nsenter", "-t", str(mount_ns_pid), "-m", "--", *argv]
+        if private_ns:
+            inner = "umount -R /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec " + " ".join(
+                shlex.quote(a) for a in argv
+            )
+            # unshare execs sh, which execs soci-snapshotter-grpc: the PID we hold is its own
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", inner]
         self._daemon = Daemon("soci-snapshotter-grpc", argv, self.log_path)
         self._daemon.start()
         daemon = self._daemon
