@@ -355,10 +355,10 @@ def test_nodeadm_judges_the_soci_settings(tmp_path: Path) -> None:
         ).stdout
     )
     plugin = dump["proxy_plugins"]["soci"]
-    assert (plugin["type"], plugin["address"], plugin["exports"]) == (
+    assert (plugin["type"], plugin["address"], plugin["exports"]["root"]) == (
         "snapshot",
         "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock",
-        {"root": "/var/lib/soci-snapshotter-grpc"},
+        "/var/lib/soci-snapshotter-grpc",
     ), plugin
     images = dump["plugins"]["io.containerd.cri.v1.images"]
     assert (images["snapshotter"], images["disable_snapshot_annotations"]) == ("soci", False)
