@@ -111,8 +111,9 @@ def concurrent_downloads(facts: NodeFacts, parallel_pulls: int) -> tuple[int, st
 # SOCI parallel pull: connections per image: twice the connections that would fill the NIC, because
 # SOCI requests a layer's chunks in waves and the last wave (and each request's ramp-up) leaves the
 # link under-filled when there are only just enough (bench_soci, 2 vCPUs, 16 MB/s per connection,
-# 96 MB/s in all: the 256 MiB layer's download took 4.2 s with the 6 connections that fill the link,
-# 3.5-3.6 s with 10, 2.9-3.1 s with 20; soci-snapshotter-grpc's RSS 65-66 MiB in each). 4 is the
+# 96 MB/s in all: the 256 MiB layer's download took 2.86 s with 20 and 3.07-3.21 s with 10 on a calm
+# machine; under load 2.92-3.13 s with 20, 3.50-3.64 s with 10 and 4.16 s with the 6 connections
+# that fill the link; soci-snapshotter-grpc's RSS 65-66 MiB in each). 4 is the
 # least that beats containerd's one stream per layer on a single large layer; 20 is nodeadm's
 # FastImagePull value and the top of SOCI's advice for ECR (10-20), also the value without a known
 # NIC speed.
