@@ -9,6 +9,12 @@ and CRI snapshotter, the plugin is loaded, a CRI pull through nodeagent's proxy 
 parallel pull/unpack (and recorded in the per-pull metrics), and ImageFsInfo names SOCI's directory
 (what eviction measures). On
 containerd 1.6, lazy loading is refused with nothing written.
+
+The rest of nodeagent on a SOCI node (tests/sandbox/soci.py: soci-snapshotter-grpc as the
+containerd's CRI snapshotter, started before it): eviction on a small SOCI filesystem keeps it under
+the high threshold and keeps in-use, baked and protected images; ``prefetch --bake`` pins survive a
+restart of both daemons; and lazy loading: a container of an image with a SOCI index (manifest v2,
+built with the ``soci`` CLI) starts before its layer's bytes are fetched.
 """
 
 from __future__ import annotations
