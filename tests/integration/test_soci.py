@@ -40,7 +40,7 @@ from nodeagent.eviction.baked import write as write_baked
 from nodeagent.paths import Paths
 from tests.integration.test_apply_pullpath import PullNode, built
 from tests.integration.test_proxy import value, wait_for_pull_lines
-from tests.sandbox import Containerd, PushedImage, Registry, Sandbox, testbins
+from tests.sandbox import Containerd, PushedImage, Registry, Sandbox
 from tests.sandbox.oci import write_oci_layout
 from tests.sandbox.pods import Pod, remove_pod, run_container, run_pod
 from tests.sandbox.soci import SociSnapshotter
@@ -215,6 +215,7 @@ def _soci_pod_node(
     sandbox: Sandbox, registry: Registry, pause: PushedImage, **soci: Any
 ) -> tuple[Containerd, SociSnapshotter]:
     """A pod-capable containerd whose CRI snapshotter is SOCI (parallel pull and unpack)."""
+    built("soci-snapshotter")  # built first when missing
     snap = sandbox.soci_snapshotter(
         parallel={"max_concurrent_downloads_per_image": 4, "concurrent_download_chunk_size": "1mb"},
         **soci,
@@ -409,7 +410,7 @@ def soci_convert_and_push(sandbox: Sandbox, registry: Registry, repository: str)
     img = sandbox.image(registry, repository, layers=1, layer_size=LAZY_LAYER, busybox=True, media="oci")
     src = write_oci_layout(img.image, sandbox.dir / "lazy-src")
     dst = sandbox.dir / "lazy-soci"
-    soci_cli = testbins.path("soci-snapshotter", "soci")
+    soci_cli = built("soci-snapshotter").with_name("soci")
     conv = subprocess.run(
         [
             *(str(soci_cli), "convert", "--standalone", "--format", "oci-dir"),
