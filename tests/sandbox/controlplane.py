@@ -116,6 +116,8 @@ class ControlPlane:
         self._admin: tuple[Path, Path] | None = None
         self._etcd: Daemon | None = None
         self._apiserver: Daemon | None = None
+        self._scheduler: Daemon | None = None
+        self.scheduler_log = workdir / "kube-scheduler.log"
         self.apiserver_log = workdir / "kube-apiserver.log"
         self.etcd_log = workdir / "etcd.log"
 
@@ -125,7 +127,8 @@ class ControlPlane:
 
     @property
     def pids(self) -> list[int]:
-        return [d.pid for d in (self._etcd, self._apiserver) if d is not None and d.pid is not None]
+        daemons = (self._etcd, self._apiserver, self._scheduler)
+        return [d.pid for d in daemons if d is not None and d.pid is not None]
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> None:
@@ -227,7 +230,75 @@ class ControlPlane:
         if self._apiserver is not None:
             self._apiserver.stop()
 
+    def start_scheduler(self, timeout: float = 60.0) -> None:
+        """The real kube-scheduler (default profile, no leader election) as ``system:kube-scheduler``,
+        the identity the bootstrap RBAC roles are bound to. Returns once it answers /healthz."""
+        cert, key = self.pki.issue("scheduler", "/CN=system:kube-scheduler")
+        kubeconfig = self.write_kubeconfig(self.workdir / "scheduler.kubeconfig", cert, key, "scheduler")
+        port = free_port()
+        argv = [
+            str(testbins.path("kube-scheduler")),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={self.workdir / 'scheduler-certs'}",
+            "--authorization-always-allow-paths=/healthz,/readyz,/livez",
+            "--profiling=false",
+            "--v=2",
+        ]
+        self._scheduler = Daemon("kube-scheduler", argv, self.scheduler_log)
+        self._scheduler.start()
+        sched = self._scheduler
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # its self-signed serving cert
+
+        def healthy() -> bool:
+            sched.check_alive()
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=2, context=ctx) as r:
+                return bool(r.read() == b"ok")
+
+        try:
+            wait_until(f"kube-scheduler /healthz (log {self.scheduler_log})", healthy, timeout, interval=0.3)
+        except SandboxError as e:
+            raise SandboxError(f"{e}\n{tail(self.scheduler_log, 30)}") from None
+
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
+        """A kubeconfig holding a bound token of the ServiceAccount ``namespace/name`` (TokenRequest, as
+        the kubelet gets one for a pod): the identity ``system:serviceaccount:NAMESPACE:NAME``."""
+        review = self.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": 3600},
+            },
+        )
+        doc = kubeconfig(self.server, self.pki.ca_crt, Path("/"), Path("/"), name)
+        doc["users"][0]["user"] = {"token": review["status"]["token"]}
+        path.write_text(yaml.safe_dump(doc))
+        path.chmod(0o600)
+        return path
+
+    def apply(self, obj: Mapping[str, Any]) -> Any:
+        """Create an object of a kind the rendered manifests use, as admin."""
+        kind, meta = obj["kind"], obj.get("metadata", {})
+        ns = meta.get("namespace", "default")
+        path = {
+            "ServiceAccount": f"/api/v1/namespaces/{ns}/serviceaccounts",
+            "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+            "Deployment": f"/apis/apps/v1/namespaces/{ns}/deployments",
+            "Pod": f"/api/v1/namespaces/{ns}/pods",
+        }[kind]
+        return self.request("POST", path, obj)
+
     def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
         self.stop_apiserver()
         if self._etcd is not None:
             self._etcd.stop()

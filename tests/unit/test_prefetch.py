@@ -19,14 +19,12 @@ from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.prefetch import (
     BUDGET_SPENT,
     ImageOutcome,
-    LineProgress,
     Prefetcher,
     PrefetchReport,
     PullRetry,
-    TtyProgress,
-    format_summary,
     pick_digest,
 )
+from nodeagent.prefetch_output import LineProgress, TtyProgress, format_summary
 from tests.unit.cri.fakes import FakeClock
 
 
