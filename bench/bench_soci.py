@@ -8,7 +8,16 @@ from the config apply wrote) pulling through CRI.
 
 Target: SOCI's pull of each image <= 1.2x the total-link limit (size / total cap); stock is bounded by
 the per-connection cap for the single layer (its time >= size / per-connection cap). Also reported:
-peak RSS of soci-snapshotter-grpc during the pulls and the unpacked size on disk.
+peak RSS of soci-snapshotter-grpc during the pulls and the unpacked size on disk, and where SOCI's
+time goes, from its own debug log: soci-snapshotter-grpc downloads every layer of an image into a
+file first ("Artifact successfully fetched from remote", with its latency) and unpacks it after
+("Layer successfully unpacked"): the download phase (first request to last layer fetched) and the
+unpack tail (last layer fetched to last layer unpacked) are reported separately.
+
+``--variant NAME:key=value,...`` (repeatable) runs SOCI again on a fresh node with those
+``containerd.soci`` keys set explicitly (e.g. ``unpack1:maxConcurrentUnpacksPerImage=1``), so other
+settings are compared with what ``auto`` chose in the same run. The load average is recorded with
+the figures (the machine is shared).
 
 Run: ``python -m bench soci`` (root; scripts/setup.sh).
 """
@@ -17,10 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -102,16 +114,109 @@ def ranged_fetch_seconds(host: str, repository: str, digest: str, size: int, con
     return time.monotonic() - t0
 
 
+_FETCHED = "Artifact successfully fetched from remote"
+_UNPACKED = "Layer successfully unpacked"
+
+
+def _log_event(line: str) -> tuple[str, float, float] | None:
+    """(kind, end time as epoch seconds, latency seconds) of one soci-snapshotter-grpc debug line for
+    a layer fetched or unpacked in parallel mode (JSON or logfmt lines)."""
+    kind = "fetched" if _FETCHED in line else "unpacked" if _UNPACKED in line else None
+    if kind is None:
+        return None
+    try:
+        rec = json.loads(line)
+        when, latency = str(rec["time"]), float(rec["latency_ms"])
+    except (ValueError, KeyError, TypeError):
+        t = re.search(r'time="?([^" ]+)"?', line)
+        lat = re.search(r"latency_ms=(\d+)", line)
+        if not (t and lat):
+            return None
+        when, latency = t.group(1), float(lat.group(1))
+    end = datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    return kind, end, latency / 1000
+
+
+def soci_phases(log_text: str) -> dict[str, float]:
+    """Where one pull's time went, from the soci-snapshotter-grpc debug log written during it:
+    ``download_s`` (first layer request to last layer fully fetched), ``unpack_tail_s`` (last layer
+    fetched to last layer unpacked), ``unpack_sum_s`` (the unpacks' own latencies added up)."""
+    fetched: list[tuple[float, float]] = []
+    unpacked: list[tuple[float, float]] = []
+    for line in log_text.splitlines():
+        ev = _log_event(line)
+        if ev is not None:
+            (fetched if ev[0] == "fetched" else unpacked).append((ev[1], ev[2]))
+    if not fetched or not unpacked:
+        return {}
+    first = min(end - lat for end, lat in fetched)
+    last_fetch = max(end for end, _ in fetched)
+    return {
+        "download_s": last_fetch - first,
+        "unpack_tail_s": max(end for end, _ in unpacked) - last_fetch,
+        "unpack_sum_s": sum(lat for _, lat in unpacked),
+        "layers": float(len(unpacked)),
+    }
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, object]]:
+    """``NAME:key=value,...`` -> (name, containerd.soci keys); values are ints, true/false or text."""
+    name, _, body = text.partition(":")
+    keys: dict[str, object] = {}
+    for item in filter(None, body.split(",")):
+        k, _, v = item.partition("=")
+        keys[k] = int(v) if v.isdigit() else {"true": True, "false": False}.get(v, v)
+    if not name or not keys:
+        raise argparse.ArgumentTypeError(f"{text!r}: NAME:key=value[,key=value...]")
+    return name, keys
+
+
+def run_soci(
+    sb: Sandbox, containerd: Path, proxy_host: str, refs: dict[str, str], soci_keys: dict[str, object]
+) -> dict[str, object]:
+    """A fresh SOCI node configured by ``nodeagent apply`` (``soci_keys`` over the defaults), each
+    image pulled once: times, phases from SOCI's log, the sizing apply printed, peak RSS, disk."""
+    soci = SociNode(sb, containerd)
+    soci.plain_http(proxy_host)
+    soci.write_soci_config(**soci_keys)
+    soci.start()
+    r = soci.apply("--flavor", "generic")
+    if r.returncode != 0:
+        raise SystemExit(f"bench_soci: apply failed:\n{r.stdout}\n{r.stderr}")
+    sizing = [ln for ln in r.stdout.splitlines() if ln.startswith("tuning: containerd.soci.")]
+    print("\n".join(sizing), flush=True)
+    pid = int(soci.soci_pidfile.read_text())
+    rss = RssPeak(pid)
+    out: dict[str, object] = {"sizing": sizing, "config": soci.soci_config.read_text()}
+    for name, ref in refs.items():
+        mark = soci.soci_log.stat().st_size
+        t = time.monotonic()
+        soci.pull(ref)
+        out[name] = time.monotonic() - t
+        with open(soci.soci_log, "rb") as f:
+            f.seek(mark)
+            out[f"{name}_phases"] = soci_phases(f.read().decode(errors="replace"))
+        print(f"SOCI parallel: {name}: {out[name]:.2f}s; phases {out[f'{name}_phases']}", flush=True)
+    out["peak_rss_bytes"] = rss.stop()
+    out["unpacked_bytes_on_disk"] = disk_usage(soci.soci_root / "snapshotter/snapshots")
+    out["root_bytes_on_disk"] = disk_usage(soci.soci_root)
+    soci.stop()
+    soci.stop_soci()
+    return out
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--per-connection", type=int, default=16, help="MB/s per connection")
     ap.add_argument("--total", type=int, default=96, help="MB/s over all connections")
+    ap.add_argument("--variant", type=parse_variant, action="append", default=[], help="NAME:key=value,...")
     args = ap.parse_args(argv)
     per_conn, total = args.per_connection * 1_000_000, args.total * 1_000_000
     shapes = {"1x256MiB": (1, 256 * MiB), "8x32MiB": (8, 32 * MiB)}
 
     times: dict[str, dict[str, float]] = {"stock": {}, "soci": {}}
     extra: dict[str, object] = {}
+    extra["loadavg_before"] = os.getloadavg()
     with Sandbox(prefix="na-bench-", containerd_line=EKS_LINE) as sb:
         reg = sb.registry()
         proxy = sb.throttle_proxy(reg, per_conn, total_rate=total)
@@ -136,28 +241,26 @@ def main(argv: list[str]) -> int:
             print(f"stock containerd {EKS_LINE.name}: {name}: {times['stock'][name]:.2f}s", flush=True)
         stock.stop()
 
-        soci = SociNode(sb, containerd)
-        soci.plain_http(proxy.address)
-        soci.write_soci_config()
-        soci.start()
-        r = soci.apply("--flavor", "generic")
-        if r.returncode != 0:
-            raise SystemExit(f"bench_soci: apply failed:\n{r.stdout}\n{r.stderr}")
-        sizing = [ln for ln in r.stdout.splitlines() if ln.startswith("tuning: containerd.soci.")]
-        print("\n".join(sizing), flush=True)
-        pid = int(soci.soci_pidfile.read_text())
-        rss = RssPeak(pid)
-        for name, ref in refs.items():
-            t = time.monotonic()
-            soci.pull(ref)
-            times["soci"][name] = time.monotonic() - t
-            print(f"SOCI parallel: {name}: {times['soci'][name]:.2f}s", flush=True)
-        extra["soci_peak_rss_bytes"] = rss.stop()
-        extra["soci_unpacked_bytes_on_disk"] = disk_usage(soci.soci_root / "snapshotter/snapshots")
-        extra["soci_root_bytes_on_disk"] = disk_usage(soci.soci_root)
-        extra["sizing"] = sizing
-        soci.stop()
-        soci.stop_soci()
+        auto = run_soci(sb, containerd, proxy.address, refs, {})
+        for name in shapes:
+            times["soci"][name] = float(str(auto[name]))
+        extra["soci_peak_rss_bytes"] = auto["peak_rss_bytes"]
+        extra["soci_unpacked_bytes_on_disk"] = auto["unpacked_bytes_on_disk"]
+        extra["soci_root_bytes_on_disk"] = auto["root_bytes_on_disk"]
+        extra["sizing"] = auto["sizing"]
+        extra["soci_phases"] = {name: auto[f"{name}_phases"] for name in shapes}
+        variants: dict[str, dict[str, object]] = {}
+        for vname, keys in args.variant:
+            print(f"variant {vname}: {keys}", flush=True)
+            v = run_soci(sb, containerd, proxy.address, refs, keys)
+            variants[vname] = {
+                "keys": keys,
+                **{name: v[name] for name in shapes},
+                **{f"{name}_phases": v[f"{name}_phases"] for name in shapes},
+                "peak_rss_bytes": v["peak_rss_bytes"],
+            }
+        extra["variants"] = variants
+        extra["loadavg_after"] = os.getloadavg()
 
     ok = True
     rows = []
@@ -200,6 +303,22 @@ def main(argv: list[str]) -> int:
         f"soci-snapshotter-grpc peak RSS {rss:.0f} MiB; unpacked on disk {unpacked:.0f} MiB "
         f"(SOCI root {root:.0f} MiB)"
     )
+    for name in shapes:
+        ph = extra["soci_phases"][name]  # type: ignore[index]
+        if ph:
+            print(
+                f"SOCI {name}: download phase {ph['download_s']:.2f}s "
+                f"({ph['download_s'] / (shapes[name][0] * shapes[name][1] / total):.2f}x the link limit), "
+                f"unpack tail after it {ph['unpack_tail_s']:.2f}s (unpacks took {ph['unpack_sum_s']:.2f}s "
+                f"in all over {ph['layers']:.0f} layers)"
+            )
+    for vname, v in variants.items():
+        for name, (n, size) in shapes.items():
+            t = float(str(v[name]))
+            print(
+                f"variant {vname} {v['keys']}: {name} {t:.2f}s = {t / (n * size / total):.2f}x the link limit"
+            )
+    print(f"load average before {extra['loadavg_before']}, after {extra['loadavg_after']}")
     results.write(
         "soci",
         {"per_connection_bps": per_conn, "total_bps": total, "rows": rows, **extra},

@@ -408,11 +408,12 @@ class Daemon:
 
     async def refresh_cache_stats(self) -> None:
         """Image count and size from ListImages; imagefs usage measured the way eviction measures
-        it (``eviction.imagefsPath`` under ``--root``, else the runtime's mountpoint; statvfs)."""
+        it (``eviction.imagefsPath`` or SOCI's root under ``--root``, else the runtime's mountpoint;
+        statvfs)."""
         from nodeagent.eviction import usage
 
         images = await self.cri.list_images()
-        configured = self.config.eviction.imagefs_path
+        configured = usage.configured_path(self.config)
         mountpoint = "" if configured else usage.mountpoint_from_imagefs_info(await self.cri.image_fs_info())
         ratio: float | None = None
         path = ""

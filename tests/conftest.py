@@ -30,7 +30,9 @@ function-scoped (private to one test):
     sandbox           Sandbox (``.containerd()`` starts ``containerd_line``): ``.registry(**kw)``,
                       ``.image(reg, **build)``, ``.containerd(regs, **kw)``,
                       ``.pod_node(reg)``, ``.loopfs(size_mb)``, ``.hung_server()``, ``.refused_port()``,
-                      ``.throttle_proxy(upstream, rate)``, ``.nodeagent(node, config=...)`` (``nodeagent
+                      ``.throttle_proxy(upstream, rate)``, ``.soci_snapshotter(mode=...)`` (SOCI as a
+                      2.x containerd's snapshotter: ``.containerd(regs, snapshotter=...)``),
+                      ``.nodeagent(node, config=...)`` (``nodeagent
                       run`` as a real process: ``.proxy_endpoint``, ``.scrape()``, ``.status()``),
                       ``.callback(fn)``, ``.dir``
     containerd        a started Containerd knowing ``registry`` (``.endpoint``, ``.root``, ``.hosts_dir``,

@@ -89,7 +89,7 @@ async def dry_run(cfg: config.Config, paths: Paths, *, now: float | None = None)
     last_used.load()
     async with CriClient(cfg.cri.endpoint, cfg.cri.timeout) as cri:
         inv = Inventory(cri)
-        configured = ev.imagefs_path
+        configured = usage.configured_path(cfg)
         mountpoint = "" if configured else usage.mountpoint_from_imagefs_info(await cri.image_fs_info())
         fs_path = usage.imagefs_path(paths, configured, mountpoint)
         images = await inv.images()

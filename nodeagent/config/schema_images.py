@@ -144,8 +144,9 @@ EVICTION = Object(
             "imagefsPath",
             "imagefs_path",
             Str(fmt.OPTIONAL_ABS_PATH),
-            'A path on the image filesystem whose usage eviction measures (statvfs). `""`: the '
-            "mountpoint the runtime reports in CRI ImageFsInfo (containerd: its snapshotter root).",
+            'A path on the image filesystem whose usage eviction measures (statvfs). `""`: with '
+            "`containerd.snapshotter: soci` SOCI's `containerd.soci.root`, else the mountpoint the "
+            "runtime reports in CRI ImageFsInfo (containerd: its snapshotter root).",
         ),
     ],
     m.EvictionConfig,

@@ -398,7 +398,7 @@ class EvictionLoop:
     async def measure(self) -> FsUsage:
         try:
             if self._imagefs is None:
-                configured = self.config.eviction.imagefs_path
+                configured = usage.configured_path(self.config)
                 mountpoint = ""
                 if not configured:
                     try:

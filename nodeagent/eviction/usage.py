@@ -6,8 +6,11 @@ the filesystem, which is what makes a pull fail with ENOSPC. Like the kubelet, "
 minus what an unprivileged writer can still use (``f_bavail``), so blocks reserved for root count
 as used.
 
-Which filesystem: ``eviction.imagefsPath`` when configured (a host path, through ``Paths``), else
-the mountpoint CRI ImageFsInfo reports for the image filesystem (containerd: its snapshotter root).
+Which filesystem: ``eviction.imagefsPath`` when configured (a host path, through ``Paths``); else with
+``containerd.snapshotter: soci`` SOCI's directory (``containerd.soci.root``, where it unpacks every
+snapshot: containerd 2.x reports the same directory, containerd before 1.7.16 names a directory of
+its own root that SOCI never writes to); else the mountpoint CRI ImageFsInfo reports for the image
+filesystem (containerd: its snapshotter root).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nodeagent.config.model import Config
 from nodeagent.eviction.policy import FsUsage
 from nodeagent.paths import Paths
 
@@ -44,6 +48,16 @@ def mountpoint_from_imagefs_info(response: pb.ImageFsInfoResponse) -> str:
         mp = fs.fs_id.mountpoint
         if mp:
             return mp
+    return ""
+
+
+def configured_path(config: Config) -> str:
+    """The host path to measure without asking the runtime ("" when only the runtime knows):
+    ``eviction.imagefsPath``, else SOCI's root directory when SOCI is CRI's snapshotter."""
+    if config.eviction.imagefs_path:
+        return config.eviction.imagefs_path
+    if config.containerd.snapshotter == "soci":
+        return config.containerd.soci.root
     return ""
 
 

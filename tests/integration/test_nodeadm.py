@@ -236,3 +236,175 @@ def test_nodeadm_merge_keeps_user_and_nodeagent_values(sandbox: Sandbox, tmp_pat
     else:
         assert fallbacks and all("'DiscardUnpackedLayers'" in ln for ln in fallbacks), fallbacks
         assert "discard_unpacked_layers = true" in note[0]
+
+
+# --- containerd.snapshotter: soci on eks-al2023 ------------------------------------------------
+SOCI_CONFIG = (
+    "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\ncontainerd:\n  restartCommand: []\n"
+    "  snapshotter: soci\n  soci:\n    restartCommand: []\n"
+)
+# nodeadm's template lines for UseSOCISnapshotter (nodeadm/internal/containerd/config.template.toml:
+# the CRI snapshotter keys and the proxy plugin), in version 3 (the fragment's version here)
+NODEADM_SOCI_TEMPLATE = (
+    "[plugins.'io.containerd.cri.v1.images']\nsnapshotter = \"soci\"\ndisable_snapshot_annotations = false\n"
+    '[proxy_plugins.soci]\ntype = "snapshot"\n'
+    'address = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"\n'
+    '[proxy_plugins.soci.exports]\nroot = "/var/lib/soci-snapshotter-grpc"\n'
+)
+
+
+def nodeadm_judges(
+    nodeadm: Path, user_text: str, dropin_text: str, tmp_path: Path, name: str
+) -> dict[str, Any]:
+    """``nodeadm config check`` on the user-data NodeConfig with the drop-in as its last part (must be
+    valid), and the NodeConfig spec ``nodeadm config dump`` shows for the same two sources."""
+    judged = render_mime([(NODECONFIG_CONTENT_TYPE, user_text), (NODECONFIG_CONTENT_TYPE, dropin_text)])
+    with FakeImds(judged.encode()) as fake:
+        env = {**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": fake.endpoint}
+        check = subprocess.run(
+            [str(nodeadm), "config", "check", "--config-source", "imds://user-data"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        out = tmp_path / f"{name}.json"
+        dumped = subprocess.run(
+            [str(nodeadm), "config", "dump", "-c", "imds://user-data", "-o", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    assert check.returncode == 0 and "Configuration is valid" in check.stderr, check.stderr[-2000:]
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    spec: dict[str, Any] = json.loads(out.read_text())["spec"]
+    return spec
+
+
+def test_nodeadm_judges_the_soci_settings(tmp_path: Path) -> None:
+    """``containerd.snapshotter: soci`` with ``--flavor eks-al2023``, judged by nodeadm, containerd 2.2.9
+    and soci-snapshotter-grpc v0.16.1:
+
+    - on this 2-vCPU machine (below nodeadm's FastImagePull minimum of 4 CPUs and 7 GiB) apply writes
+      SOCI's config file and puts the proxy plugin and CRI snapshotter keys into the NodeConfig's
+      containerd fragment; nodeadm accepts the NodeConfig and its dump keeps every one of those keys
+      next to the user's; containerd runs CRI with snapshotter soci through the proxy plugin on the
+      config nodeadm writes from it; soci-snapshotter-grpc reads the file apply wrote;
+    - for an 8-vCPU, 16 GiB node (the same render, node facts of that size) the drop-in carries
+      ``featureGates.FastImagePull: true`` and no SOCI keys of its own: nodeadm accepts the gate and
+      its dump has it; containerd on nodeadm's template with SOCI plus our fragment is valid and
+      keeps snapshot annotations on.
+    """
+    import dataclasses
+
+    from nodeagent.config.loader import load_text
+    from nodeagent.facts import gather
+    from nodeagent.paths import Paths
+    from nodeagent.targets import nodeadm as nodeadm_target
+
+    containerd = built("containerd")
+    nodeadm = built("nodeadm")
+    soci = built("soci-snapshotter")
+    root = tmp_path / "T"
+    for d in ("etc/nodeagent", "etc/eks/nodeadm.d", "usr/bin", "usr/local/bin"):
+        (root / d).mkdir(parents=True)
+    (root / "usr/bin/containerd").symlink_to(containerd)
+    (root / "usr/local/bin/soci-snapshotter-grpc").symlink_to(soci)
+    (root / "etc/nodeagent/config.yaml").write_text(SOCI_CONFIG)
+    user = user_nodeconfig("v3")
+    user_text = "---\n" + yaml.safe_dump(user, sort_keys=False)
+    with FakeImds(render_mime([(NODECONFIG_CONTENT_TYPE, user_text)]).encode()) as fake:
+        cp, _ = apply_process(root, fake.endpoint)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert (
+        "snapshotter soci configured directly (nodeadm's FastImagePull would not apply: 2 CPUs" in cp.stdout
+    )
+    dropin_text = (root / "etc/eks/nodeadm.d/90-nodeagent.yaml").read_text()
+    dropin = yaml.safe_load(dropin_text)
+    assert "featureGates" not in dropin["spec"]
+    ours = flat(tomllib.loads(dropin["spec"]["containerd"]["config"]))
+    soci_keys = {
+        ("proxy_plugins", "soci", "type"): "snapshot",
+        ("proxy_plugins", "soci", "address"): "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock",
+        ("proxy_plugins", "soci", "exports", "root"): "/var/lib/soci-snapshotter-grpc",
+        ("plugins", "io.containerd.cri.v1.images", "snapshotter"): "soci",
+        ("plugins", "io.containerd.cri.v1.images", "disable_snapshot_annotations"): False,
+    }
+    assert {k: ours.get(k) for k in soci_keys} == soci_keys, ours
+
+    spec = nodeadm_judges(nodeadm, user_text, dropin_text, tmp_path, "direct")
+    merged = flat(tomllib.loads(spec["containerd"]["config"]))
+    assert {k: merged.get(k) for k in soci_keys} == soci_keys, spec["containerd"]["config"]
+    assert (
+        merged[("plugins", "io.containerd.cri.v1.images", "discard_unpacked_layers")] is False
+    )  # the user's
+    assert not spec.get("featureGates", {}).get("FastImagePull")
+
+    # containerd 2.2.9 on the config nodeadm writes (no FastImagePull: its template has no SOCI part)
+    written = nodeadm_containerd_config(
+        [V3_FRAGMENT, dropin["spec"]["containerd"]["config"]], containerd, tmp_path
+    )
+    assert 'snapshotter = "soci"' in written
+    dump = tomllib.loads(
+        subprocess.run(
+            [str(containerd), "--config", str(tmp_path / "nodeadm-config.toml"), "config", "dump"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    plugin = dump["proxy_plugins"]["soci"]
+    assert (plugin["type"], plugin["address"], plugin["exports"]["root"]) == (
+        "snapshot",
+        "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock",
+        "/var/lib/soci-snapshotter-grpc",
+    ), plugin
+    images = dump["plugins"]["io.containerd.cri.v1.images"]
+    assert (images["snapshotter"], images["disable_snapshot_annotations"]) == ("soci", False)
+    # soci-snapshotter-grpc's own view of the config file apply wrote for it
+    soci_file = root / "etc/soci-snapshotter-grpc/config.toml"
+    soci_dump = subprocess.run(
+        [str(soci), "--config", str(soci_file), "config", "dump"], capture_output=True, text=True, timeout=60
+    )
+    assert soci_dump.returncode == 0, soci_dump.stderr
+    par = tomllib.loads(soci_dump.stdout)["pull_modes"]["parallel_pull_unpack"]
+    assert par["enable"] is True
+    assert (
+        par["max_concurrent_downloads_per_image"]
+        == tomllib.loads(soci_file.read_text())["pull_modes"]["parallel_pull_unpack"][
+            "max_concurrent_downloads_per_image"
+        ]
+    )
+
+    # an 8-vCPU, 16 GiB node: the same render with node facts of that size
+    config = load_text(SOCI_CONFIG)
+    user_data = render_mime([(NODECONFIG_CONTENT_TYPE, user_text)]).encode()
+    facts = dataclasses.replace(gather(Paths(root), user_data=user_data), cpus=8, memory_bytes=16 << 30)
+    doc, _, notes = nodeadm_target.node_config(config, facts)
+    assert doc["spec"]["featureGates"] == {"FastImagePull": True}
+    assert any("nodeadm's FastImagePull feature gate" in n for n in notes), notes
+    gated = flat(tomllib.loads(doc["spec"]["containerd"]["config"]))
+    assert not [k for k in gated if "proxy_plugins" in k or k[-1] == "snapshotter"], gated  # nodeadm's job
+    gate_text = nodeadm_target.render_text(doc)
+    spec = nodeadm_judges(nodeadm, user_text, gate_text, tmp_path, "gate")
+    assert spec["featureGates"] == {"FastImagePull": True}, spec
+    assert flat(tomllib.loads(spec["containerd"]["config"])) == {
+        **flat(tomllib.loads(V3_FRAGMENT)),
+        **gated,
+    }
+    # nodeadm's template with UseSOCISnapshotter, then the merged fragments: what containerd runs
+    nodeadm_containerd_config(
+        [NODEADM_SOCI_TEMPLATE, V3_FRAGMENT, doc["spec"]["containerd"]["config"]], containerd, tmp_path
+    )
+    dump = tomllib.loads(
+        subprocess.run(
+            [str(containerd), "--config", str(tmp_path / "nodeadm-config.toml"), "config", "dump"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    images = dump["plugins"]["io.containerd.cri.v1.images"]
+    assert (images["snapshotter"], images["disable_snapshot_annotations"]) == ("soci", False)
+    assert dump["proxy_plugins"]["soci"]["type"] == "snapshot"

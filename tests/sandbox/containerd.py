@@ -13,7 +13,9 @@ under ``io.containerd.grpc.v1.cri``).
 
 ``pods=True`` runs containerd in a private mount namespace that sees only a cgroup2 mount, which is
 what RunPodSandbox needs on these hybrid-cgroup VMs. ``root_dir`` puts the image store on a given
-directory (for example a small loop-mounted filesystem).
+directory (for example a small loop-mounted filesystem). ``snapshotter`` (a
+``tests.sandbox.soci.SociSnapshotter``) makes SOCI CRI's snapshotter: containerd gets its proxy
+plugin, and ``start``/``stop`` start (before containerd) and stop soci-snapshotter-grpc with it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.sandbox.process import Daemon, RunsDaemon, SandboxError, kill_tree, pids_mentioning
+from tests.sandbox.soci import SociSnapshotter
 
 CRI_VERSION_METHOD = "/runtime.v1.RuntimeService/Version"
 
@@ -156,6 +159,9 @@ _V3_IMAGE_KEYS = frozenset(
 )
 
 
+_V2_CONTAINERD_KEYS = ("snapshotter", "disable_snapshot_annotations")
+
+
 @dataclass(frozen=True)
 class Mirror:
     """One ``[host."URL"]`` entry of a hosts.toml (tried before ``server``)."""
@@ -188,9 +194,11 @@ class Containerd(RunsDaemon):
         cri_options: Mapping[str, object] | None = None,
         transfer_options: Mapping[str, object] | None = None,
         line: ContainerdLine | None = None,
+        snapshotter: SociSnapshotter | None = None,
     ) -> None:
         """``cri_options``: CRI plugin keys by their version-2 names (placed in the right version-3
-        plugin on 2.x); ``transfer_options``: ``io.containerd.transfer.v1.local`` keys (2.x only)."""
+        plugin on 2.x); ``transfer_options``: ``io.containerd.transfer.v1.local`` keys (2.x only);
+        ``snapshotter``: SOCI as CRI's snapshotter (proxy plugin ``soci``)."""
         self.workdir = workdir
         self.root = root_dir if root_dir is not None else workdir / "root"
         self.state = workdir / "state"
@@ -206,6 +214,9 @@ class Containerd(RunsDaemon):
         self.line = line or default_line()
         if self.transfer_options and self.line.major < 2:
             raise ValueError(f"transfer_options need containerd 2.x, not {self.line.id}")
+        self.snapshotter = snapshotter
+        if snapshotter is not None:
+            self.cri_options.update({"snapshotter": "soci", "disable_snapshot_annotations": False})
         self._daemon: Daemon | None = None
 
     # --- what tests use -------------------------------------------------------------------
@@ -236,17 +247,32 @@ state = {_toml_value(str(self.state))}
   address = {_toml_value(str(self.socket) + ".ttrpc")}
 [debug]
   level = "info"
+""" + self._proxy_plugin()
+
+    def _proxy_plugin(self) -> str:
+        s = self.snapshotter
+        if s is None:
+            return ""
+        return f"""[proxy_plugins.soci]
+  type = "snapshot"
+  address = {_toml_value(str(s.address))}
+  [proxy_plugins.soci.exports]
+    root = {_toml_value(str(s.root))}
 """
 
     def _render_v2(self) -> str:
         cri = {"stats_collect_period": 1, "restrict_oom_score_adj": True, "sandbox_image": self.sandbox_image}
         cri.update(self.cri_options)
+        # version 2 keeps the snapshotter keys in the cri plugin's containerd table
+        snap = {k: cri.pop(k) for k in _V2_CONTAINERD_KEYS if k in cri}
         cri_lines = "\n".join(f"  {k} = {_toml_value(v)}" for k, v in cri.items())
+        snap_lines = "".join(f"    {k} = {_toml_value(v)}\n" for k, v in snap.items())
         return (
             self._header(2)
             + f"""[plugins."io.containerd.grpc.v1.cri"]
 {cri_lines}
-  [plugins."io.containerd.grpc.v1.cri".registry]
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+{snap_lines}  [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = {_toml_value(str(self.hosts_dir))}
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
@@ -302,7 +328,13 @@ state = {_toml_value(str(self.state))}
         if self.socket.exists():  # left by a kill -9
             self.socket.unlink()
         cmd = [self.line.binary(), "--config", str(self.config_path)]
-        if self.pods:
+        snap = self.snapshotter
+        if snap is not None:  # first, as its unit orders it (tests/sandbox/soci.py); with pods it
+            snap.stop()  # makes the private mount namespace containerd joins
+            snap.start(self.socket, private_ns=self.pods, timeout=timeout)
+        if self.pods and snap is not None:
+            cmd = ["nsenter", "-t", str(snap.pid), "-m", "--", *cmd]
+        elif self.pods:
             inner = "umount -R /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec " + " ".join(
                 shlex.quote(c) for c in cmd
             )
@@ -319,10 +351,13 @@ state = {_toml_value(str(self.state))}
         self._daemon.start_and_wait(f"containerd CRI at {self.endpoint}", ready, timeout, stop=self.stop)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM then SIGKILL containerd by PID, then kill this node's shims and their containers."""
+        """SIGTERM then SIGKILL containerd by PID, then kill this node's shims and their containers,
+        then stop the SOCI snapshotter."""
         if self._daemon is not None:
             self._daemon.stop(timeout=timeout)
         self.kill_shims()
+        if self.snapshotter is not None:
+            self.snapshotter.stop(timeout=timeout)
 
     def kill(self) -> None:
         """kill -9 containerd (shims and containers keep running, as on a real node)."""

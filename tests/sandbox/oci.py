@@ -301,3 +301,21 @@ def push_many(registry: object, repository: str, count: int, threads: int = 16) 
     push_image(registry, repository, "t0", images[0])  # the shared layer once
     with ThreadPoolExecutor(threads) as ex:
         return list(ex.map(lambda i: push_image(registry, repository, f"t{i}", images[i]), range(count)))
+
+
+def write_oci_layout(image: Image, directory: Path, tag: str = "v1") -> Path:
+    """``image`` as an OCI image layout directory (``oci-layout``, ``index.json``, ``blobs/sha256/``),
+    the input of ``soci convert --standalone`` and skopeo's ``oci:`` transport."""
+    blobs = directory / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    for data in (image.config.data, *(b.data for b in image.layers), image.manifest):
+        (blobs / sha256_digest(data).removeprefix("sha256:")).write_bytes(data)
+    (directory / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    entry = {
+        "mediaType": image.manifest_media_type,
+        "digest": image.manifest_digest,
+        "size": len(image.manifest),
+        "annotations": {"org.opencontainers.image.ref.name": tag},
+    }
+    (directory / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return directory

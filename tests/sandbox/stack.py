@@ -34,6 +34,7 @@ from tests.sandbox.net import HungServer, RefusedPort, ThrottleProxy
 from tests.sandbox.oci import PushedImage, build_image, push_image
 from tests.sandbox.process import SandboxError
 from tests.sandbox.registry import Registry
+from tests.sandbox.soci import SociSnapshotter
 
 PAUSE_REPOSITORY = "sandbox/pause"
 
@@ -103,8 +104,8 @@ class Sandbox:
         **kw: Any,
     ) -> Containerd:
         """A containerd of ``self.containerd_line`` (kwargs: root_dir, pods, sandbox_image, cri_options,
-        transfer_options, line) with a hosts.toml (plain HTTP) for each registry; ``mirrors`` maps a
-        registry host to mirror entries."""
+        transfer_options, line, snapshotter) with a hosts.toml (plain HTTP) for each registry;
+        ``mirrors`` maps a registry host to mirror entries."""
         if "line" not in kw:
             if self._line is None:
                 raise SandboxError(
@@ -120,7 +121,14 @@ class Sandbox:
         if start:
             node.start()
             self._track(node.pid)
+            if node.snapshotter is not None:
+                self._track(node.snapshotter.pid)
         return node
+
+    def soci_snapshotter(self, **kw: Any) -> SociSnapshotter:
+        """A SOCI snapshotter for ``containerd(..., snapshotter=...)`` (kwargs: mode, root_dir,
+        parallel); started and stopped with that containerd."""
+        return SociSnapshotter(self._name("soci"), **kw)
 
     def pod_node(self, registry: Registry, **kw: Any) -> tuple[Containerd, PushedImage]:
         """containerd able to run real pods (private mount namespace, cgroup2 only), with a

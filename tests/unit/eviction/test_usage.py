@@ -62,3 +62,16 @@ def test_mountpoint_from_imagefs_info() -> None:
     resp = SimpleNamespace(image_filesystems=[SimpleNamespace(fs_id=SimpleNamespace(mountpoint="")), fs])
     assert usage.mountpoint_from_imagefs_info(resp).endswith("overlayfs")
     assert usage.mountpoint_from_imagefs_info(SimpleNamespace(image_filesystems=[])) == ""
+
+
+def test_soci_snapshotter_measures_socis_root_unless_imagefs_path_is_set() -> None:
+    from nodeagent.config.loader import load_text
+
+    head = "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\n"
+    assert usage.configured_path(load_text(head)) == ""  # the runtime's ImageFsInfo decides
+    soci = load_text(head + "containerd:\n  snapshotter: soci\n  soci:\n    root: /data/soci\n")
+    assert usage.configured_path(soci) == "/data/soci"
+    both = load_text(
+        head + "containerd:\n  snapshotter: soci\neviction:\n  imagefsPath: /var/lib/containerd\n"
+    )
+    assert usage.configured_path(both) == "/var/lib/containerd"

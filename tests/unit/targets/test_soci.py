@@ -47,11 +47,12 @@ def _values(t: tuning.SociTuning) -> tuple[int, int, int, int, int]:
 @pytest.mark.parametrize(
     ("kw", "want"),
     [
-        # the benchmark's node: 2 vCPUs, 4 GiB, NIC speed unknown (veth): 10 connections per image,
+        # the benchmark's node: 2 vCPUs, 4 GiB, NIC speed unknown (veth): 20 connections per image,
         # x 2 parallel pulls; unpacks bound by the CPUs
-        (dict(cpus=2, memory_bytes=4 * 2**30, nic_speed_mbps=None), (10, 20, 16, 2, 2)),
-        # t3.medium-like (2 vCPUs, 4 GiB, up to 5 Gb/s): nodeadm's FastImagePull refuses it
-        (dict(cpus=2, memory_bytes=4 * 2**30, nic_speed_mbps=5_000), (10, 20, 16, 2, 2)),
+        (dict(cpus=2, memory_bytes=4 * 2**30, nic_speed_mbps=None), (20, 40, 16, 2, 2)),
+        # t3.medium-like (2 vCPUs, 4 GiB, up to 5 Gb/s): nodeadm's FastImagePull refuses it; twice
+        # the 10 connections that fill 5 Gb/s, also the node total
+        (dict(cpus=2, memory_bytes=4 * 2**30, nic_speed_mbps=5_000), (20, 20, 16, 2, 2)),
         # 1 vCPU, 1 GiB, 1 Gb/s: the floor of 4 connections, also the node total (twice the 2 streams
         # that fill 1 Gb/s), 8 MiB chunks, one unpack
         (dict(cpus=1, memory_bytes=2**30, nic_speed_mbps=1_000), (4, 4, 8, 1, 1)),
@@ -143,8 +144,8 @@ def test_generic_apply_writes_soci_config_and_containerd_proxy_plugin(tmp_path: 
     par = doc["pull_modes"]["parallel_pull_unpack"]
     assert par == {
         "enable": True,
-        "max_concurrent_downloads": 20,
-        "max_concurrent_downloads_per_image": 10,
+        "max_concurrent_downloads": 40,
+        "max_concurrent_downloads_per_image": 20,
         "concurrent_download_chunk_size": "16mb",
         "max_concurrent_unpacks": 2,
         "max_concurrent_unpacks_per_image": 2,
