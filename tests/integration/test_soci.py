@@ -42,7 +42,7 @@ from tests.integration.test_apply_pullpath import PullNode, built
 from tests.integration.test_proxy import value, wait_for_pull_lines
 from tests.sandbox import Containerd, PushedImage, Registry, Sandbox
 from tests.sandbox.oci import write_oci_layout
-from tests.sandbox.pods import Pod, remove_pod, run_container, run_pod
+from tests.sandbox.pods import Pod, container_status, remove_pod, run_container, run_pod
 from tests.sandbox.soci import SociSnapshotter
 
 RESTART_SOCI = Path(__file__).with_name("restart_soci.py")
@@ -459,7 +459,7 @@ def test_lazy_soci_starts_a_container_before_its_bytes_are_fetched(
                 cri, pod, ref, "reader", ["/bin/busybox", "md5sum", "/data/blob-0.bin"], pull=False
             )
             for _ in range(600):
-                st = await cri.container_status(cid)
+                st = await container_status(cri, cid)
                 if st.status.state == 2:  # EXITED
                     break
                 await asyncio.sleep(0.1)
