@@ -23,7 +23,6 @@ from nodeagent.cri.gen import cri_api_pb2_grpc as cri_grpc
 from nodeagent.daemon import Daemon
 from nodeagent.paths import Paths
 from nodeagent.proxy.records import PullRecord
-from nodeagent.run.http import parse_listen
 from nodeagent.sd_daemon import sd_notify, watchdog_interval
 from tests.unit.cri.fakes import fake_runtime
 from tests.unit.proxy.helpers import rm, short_tmp
@@ -74,14 +73,6 @@ class NotifySocket:
                 out.append(self.sock.recv(4096).decode())
             except BlockingIOError:
                 return out
-
-
-def test_parse_listen() -> None:
-    assert parse_listen("0.0.0.0:9847") == ("0.0.0.0", 9847)
-    assert parse_listen(":9847") == ("0.0.0.0", 9847)
-    assert parse_listen("[::1]:9") == ("::1", 9)
-    with pytest.raises(ValueError, match=r"metrics\.listen"):
-        parse_listen("nohost")
 
 
 def test_sd_notify_and_watchdog_env() -> None:

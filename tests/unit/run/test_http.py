@@ -15,7 +15,7 @@ import pytest
 
 from nodeagent.metrics import Metrics
 from nodeagent.run import http
-from nodeagent.run.http import MetricsEndpoint
+from nodeagent.run.http import MetricsEndpoint, parse_listen
 
 
 async def fetch(
@@ -149,3 +149,11 @@ def test_an_address_in_use_stops_the_start() -> None:
                 await other.start()
 
     asyncio.run(main())
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("0.0.0.0:9847") == ("0.0.0.0", 9847)
+    assert parse_listen(":9847") == ("0.0.0.0", 9847)
+    assert parse_listen("[::1]:9") == ("::1", 9)
+    with pytest.raises(ValueError, match=r"metrics\.listen"):
+        parse_listen("nohost")
