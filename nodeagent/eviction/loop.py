@@ -243,8 +243,7 @@ class EvictionLoop:
         """``gather.gather`` with the loop's client, published as the cache figures."""
         inputs = await gather.gather(self._client(), self.imagefs, self.inventory)
         self.last_usage, self.last_usage_at = inputs.usage, self._clock()
-        total = sum(i.size for i in inputs.images)
-        self.cache.report(len(inputs.images), total, inputs.usage, EVICTION)
+        self.cache.report({i.id: i.size for i in inputs.images}, inputs.usage, EVICTION)
         return inputs
 
     async def _act(self, p: Plan, result: CycleResult) -> None:

@@ -2,24 +2,27 @@
 
 ``CacheStats`` is the one place that sets ``nodeagent_image_cache_images``,
 ``nodeagent_image_cache_bytes`` and ``nodeagent_imagefs_used_ratio`` and the status file's
-``cache`` part (with the time it was measured). Two measure: the eviction loop each cycle
-(``report``, and ``report_usage`` after every pull) and the daemon itself (``run``): once at
-start, ``PULL_SETTLE`` seconds after pulls stop unless a report came in since the last pull
-(eviction's own cycle after pulls usually did), and every ``INTERVAL`` seconds when nothing
-reported for that long.
+``cache`` part (with the time it was measured and by whom). Two list the images: the eviction
+loop each cycle (``report``; and ``report_usage``, statvfs alone, after every pull) and the daemon
+itself (``run``): once at start, ``PULL_SETTLE`` seconds after pulls stop unless a listing came in
+since the last pull (eviction's own cycle after pulls usually does), and every ``INTERVAL`` seconds
+when nothing listed for that long. In between, every successful pull of an image not in the last
+listing adds it at once (``on_pull``: the record carries the image id and size), so the figures
+never lag the pulls the status file shows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from nodeagent.eviction.policy import FsUsage
 from nodeagent.eviction.usage import Imagefs, UsageError
 from nodeagent.log import get_logger
 from nodeagent.metrics import Metrics
+from nodeagent.proxy.records import PullRecord
 from nodeagent.statusfile import CacheStatus
 
 log = get_logger(__name__)
@@ -29,7 +32,7 @@ INTERVAL = 60.0
 # own cycle follows pulls after 2 s) reported meanwhile.
 PULL_SETTLE = 3.0
 
-DAEMON, EVICTION = "daemon", "eviction"
+DAEMON, EVICTION, PULLS = "daemon", "eviction", "pulls"  # PULLS: a listing plus the pulls since
 
 
 class CacheStats:
@@ -49,20 +52,28 @@ class CacheStats:
         self._on_change = on_change
         self._clock = clock
         self._last_pull = 0.0
+        self._listed_at = 0.0
+        self._sizes: dict[str, int] = {}  # image id -> size, as of the last listing and pulls since
         self._pulled = asyncio.Event()
 
     # --- reports ------------------------------------------------------------------------------
-    def report(self, images: int, size_bytes: int, usage: FsUsage | None, source: str) -> None:
-        """Image count and bytes just listed, with the usage measured with them (None: unknown)."""
-        self.metrics.cache_images.set(images)
-        self.metrics.cache_bytes.set(size_bytes)
-        if usage is not None:
-            self.metrics.imagefs_used_ratio.set(usage.ratio)
+    def report(self, images: Mapping[str, int], usage: FsUsage | None, source: str) -> None:
+        """The images just listed (id -> size), with the usage measured with them (None: unknown)."""
+        self._sizes = dict(images)
+        self._listed_at = self._clock()
+        self._publish(usage.ratio if usage is not None else None, source)
+
+    def _publish(self, ratio: float | None, source: str) -> None:
+        size = sum(self._sizes.values())
+        self.metrics.cache_images.set(len(self._sizes))
+        self.metrics.cache_bytes.set(size)
+        if ratio is not None:
+            self.metrics.imagefs_used_ratio.set(ratio)
         self.current = CacheStatus(
             at=self._clock(),
-            images=images,
-            bytes=size_bytes,
-            imagefs_used_ratio=None if usage is None else round(usage.ratio, 4),
+            images=len(self._sizes),
+            bytes=size,
+            imagefs_used_ratio=None if ratio is None else round(ratio, 4),
             imagefs_path=str(self.imagefs.path or ""),
             source=source,
         )
@@ -74,10 +85,15 @@ class CacheStats:
         self.metrics.imagefs_used_ratio.set(usage.ratio)
 
     # --- the daemon's own measurements ----------------------------------------------------------
-    def on_pull(self, _record: object) -> None:
-        """Pull listener: the figures are stale now."""
+    def on_pull(self, record: PullRecord) -> None:
+        """Pull listener: a new image counts at once; a listing follows once pulls settle."""
         self._last_pull = self._clock()
         self._pulled.set()
+        current = self.current
+        if current is None or not record.ok or not record.image_ref or record.image_ref in self._sizes:
+            return
+        self._sizes[record.image_ref] = record.bytes
+        self._publish(current.imagefs_used_ratio, PULLS)
 
     async def refresh(self, cri: Any) -> None:
         """List the images and measure the image filesystem the way eviction does. Raises the CRI
@@ -90,13 +106,12 @@ class CacheStats:
             usage = await self.imagefs.measure(cri)
         except (UsageError, CriError):
             usage = None
-        self.report(len(images), sum(int(i.size) for i in images), usage, DAEMON)
+        self.report({i.id: int(i.size) for i in images}, usage, DAEMON)
 
     def _stale(self) -> bool:
         if self.current is None:
             return True
-        age = self._clock() - self.current.at
-        return self.current.at < self._last_pull or age >= self.interval
+        return self._listed_at < self._last_pull or self._clock() - self._listed_at >= self.interval
 
     async def run(self, cri: Any) -> None:
         """Measure at start, after pulls settle and every ``interval`` when nobody else did; until

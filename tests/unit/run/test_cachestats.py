@@ -1,5 +1,6 @@
-"""The image cache figures: measured after pulls settle (the "0 images after 4 pulls" bug), not
-again when eviction already reported, and measured the way eviction measures."""
+"""The image cache figures: current right after pulls and listed again once pulls settle (the
+"0 images after 4 successful pulls" bug), not listed again when eviction already did, and measured
+the way eviction measures."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from nodeagent.eviction.policy import FsUsage
 from nodeagent.eviction.usage import Imagefs
 from nodeagent.metrics import Metrics
 from nodeagent.paths import Paths
-from nodeagent.run.cachestats import DAEMON, EVICTION, CacheStats
+from nodeagent.proxy.records import PullRecord
+from nodeagent.run.cachestats import DAEMON, EVICTION, PULLS, CacheStats
 
 MB = 1_000_000
 
@@ -25,8 +27,20 @@ class Listing:
         self.images: list[Any] = []
         self.lists = 0
 
-    def pull(self, n: int) -> None:
-        self.images.append(pb.Image(id=f"sha256:{n:064x}", size=10 * MB))
+    def pull(self, n: int, ok: bool = True) -> PullRecord:
+        """The image lands in the runtime; the record the proxy would hand on."""
+        image_id = f"sha256:{n:064x}"
+        if ok and image_id not in {i.id for i in self.images}:
+            self.images.append(pb.Image(id=image_id, size=10 * MB))
+        return PullRecord(
+            image=f"reg.local/app{n}:1",
+            registry="reg.local",
+            result="success" if ok else "not_found",
+            duration=0.5,
+            started_at=0.0,
+            bytes=10 * MB if ok else 0,
+            image_ref=image_id if ok else "",
+        )
 
     async def list_images(self) -> list[Any]:
         self.lists += 1
@@ -68,10 +82,14 @@ def test_pulls_make_the_figures_current_once_pulls_settle(tmp_path: Path) -> Non
         try:
             await until(lambda: stats.current is not None)  # measured at start: nothing yet
             assert stats.current is not None and stats.current.images == 0
-            for n in range(4):  # four pulls in a burst
-                cri.pull(n)
-                stats.on_pull(object())
-            await until(lambda: stats.current is not None and stats.current.images == 4)
+            stats.pull_settle = 0.3
+            for n in (0, 1, 2, 3, 3):  # four images in a burst (the last one pulled twice)
+                stats.on_pull(cri.pull(n))
+            stats.on_pull(cri.pull(9, ok=False))  # a failed pull adds nothing
+            c = stats.current
+            assert (c.images, c.bytes, c.source) == (4, 40 * MB, PULLS)  # at once, before any listing
+            assert gauge(metrics, "nodeagent_image_cache_images") == 4
+            await until(lambda: stats.current is not None and stats.current.source == DAEMON)
             await asyncio.sleep(0.2)
             assert cri.lists == 2  # once at start, once for the whole burst
         finally:
@@ -95,10 +113,9 @@ def test_no_listing_of_its_own_when_eviction_reported_after_the_pull(tmp_path: P
         task = asyncio.ensure_future(stats.run(cri))
         try:
             await until(lambda: cri.lists == 1)
-            cri.pull(1)
-            stats.on_pull(object())
+            stats.on_pull(cri.pull(1))
             await asyncio.sleep(0.05)
-            stats.report(1, 10 * MB, FsUsage(30, 100), EVICTION)  # eviction's cycle after the pull
+            stats.report({"sha256:1": 10 * MB}, FsUsage(30, 100), EVICTION)  # eviction's cycle
             await asyncio.sleep(0.5)
         finally:
             task.cancel()
@@ -123,5 +140,7 @@ def test_an_unmeasurable_imagefs_still_gives_the_image_count(tmp_path: Path) -> 
     cri = Listing()
     cri.pull(1)
     asyncio.run(stats.refresh(cri))
+    stats.on_pull(cri.pull(1))  # already listed: not counted twice
+    assert stats.current is not None and stats.current.source == DAEMON
     assert stats.current is not None
     assert (stats.current.images, stats.current.imagefs_used_ratio) == (1, None)
