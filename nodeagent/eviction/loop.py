@@ -36,7 +36,7 @@ from typing import Any
 
 from nodeagent import memory
 from nodeagent.config.model import Config
-from nodeagent.eviction import gather
+from nodeagent.eviction import gather, report
 from nodeagent.eviction.gather import Inputs, StageError
 from nodeagent.eviction.inventory import Inventory
 from nodeagent.eviction.policy import (
@@ -362,28 +362,7 @@ class EvictionLoop:
             self.metrics.evicted_bytes.inc(d.image.size)
             before = fs
             fs = await self.measure()
-            now = self._clock()
-            rec = {
-                "at": now,
-                "image": d.image.name,
-                "id": d.image.id,
-                "size": d.image.size,
-                "freedBytes": max(0, before.used_bytes - fs.used_bytes),
-                "lastUsed": d.last_used,
-                "reason": d.reason,
-            }
-            self.recent.append(rec)
-            event(
-                log,
-                "image evicted",
-                image=d.image.name,
-                image_id=d.image.id,
-                reason=d.reason,
-                size_bytes=d.image.size,
-                freed_bytes=rec["freedBytes"],
-                unused_seconds=None if d.last_used is None else round(now - d.last_used, 1),
-                used_ratio=round(fs.ratio, 4),
-            )
+            self.recent.append(report.evicted(d, before, fs, self._clock()))
         return progressed, fs
 
     def _pressure_over(self, fs: FsUsage) -> None:
@@ -431,6 +410,4 @@ class EvictionLoop:
     # --- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """The ``eviction`` section of the daemon status file (``eviction/report.py``)."""
-        from nodeagent.eviction.report import section
-
-        return section(self)
+        return report.section(self)

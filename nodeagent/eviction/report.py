@@ -1,12 +1,18 @@
-"""The eviction loop's section of the daemon status file, and the lines ``nodeagent status`` shows."""
+"""The eviction loop's section of the daemon status file, the lines ``nodeagent status`` shows, and
+the record (and log line) of each image evicted."""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
+from nodeagent.eviction.policy import Decision, FsUsage
+from nodeagent.log import event, get_logger
+
 if TYPE_CHECKING:
     from nodeagent.eviction.loop import EvictionLoop
+
+log = get_logger("nodeagent.eviction.loop")  # the loop's lines, under the loop's name
 
 DEGRADED_AFTER = 300.0  # a problem (error, low unreachable) lasting this long makes the status degraded
 
@@ -70,3 +76,28 @@ def summary_lines(loop: EvictionLoop, problems: dict[str, dict[str, Any]]) -> li
 
 def _mib(n: int) -> str:
     return f"{n / 1048576:.1f} MiB"
+
+
+def evicted(d: Decision, before: FsUsage, after: FsUsage, now: float) -> dict[str, Any]:
+    """The ``recentEvictions`` entry of a removal (and its ``image evicted`` log line)."""
+    rec = {
+        "at": now,
+        "image": d.image.name,
+        "id": d.image.id,
+        "size": d.image.size,
+        "freedBytes": max(0, before.used_bytes - after.used_bytes),
+        "lastUsed": d.last_used,
+        "reason": d.reason,
+    }
+    event(
+        log,
+        "image evicted",
+        image=d.image.name,
+        image_id=d.image.id,
+        reason=d.reason,
+        size_bytes=d.image.size,
+        freed_bytes=rec["freedBytes"],
+        unused_seconds=None if d.last_used is None else round(now - d.last_used, 1),
+        used_ratio=round(after.ratio, 4),
+    )
+    return rec
