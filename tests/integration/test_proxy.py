@@ -190,7 +190,8 @@ def test_status_shows_the_image_cache_right_after_pulls(
         timeout=30,
     )
     line = next(x for x in out.stdout.splitlines() if x.startswith("image cache"))
-    assert line.startswith(f"image cache    {count} images, {humanize.size(size, binary=True)}; imagefs "), line
+    want = f"image cache    {count} images, {humanize.size(size, binary=True)}; imagefs "
+    assert line.startswith(want), line
     assert "% used" in line and line.endswith(" ago"), line  # measured, and how long ago
 
     # a listing confirms them once pulls settle (the eviction loop's or the daemon's own)
