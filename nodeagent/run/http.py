@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -59,6 +60,14 @@ class _Server(ThreadingWSGIServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """``HTTPServer.server_bind`` without its reverse DNS lookup of the address (``getfqdn``):
+        on a node whose DNS is not up yet that would hold the daemon's start for seconds."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+        self.setup_environ()
 
     def process_request(self, request: _Request, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):

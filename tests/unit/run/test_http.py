@@ -157,3 +157,19 @@ def test_parse_listen() -> None:
     assert parse_listen("[::1]:9") == ("::1", 9)
     with pytest.raises(ValueError, match=r"metrics\.listen"):
         parse_listen("nohost")
+
+
+def test_binding_does_no_reverse_dns_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard library's HTTP server looks its address up (getfqdn) when it binds; on a node
+    whose DNS is not up yet that holds the start for seconds."""
+
+    def no_dns(name: str = "") -> str:
+        raise AssertionError(f"reverse lookup of {name!r}")
+
+    monkeypatch.setattr(socket, "getfqdn", no_dns)
+
+    async def main() -> None:
+        async with serving(answering) as base:
+            assert (await fetch(base + "/metrics"))[0] == 200
+
+    asyncio.run(main())
