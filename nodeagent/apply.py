@@ -9,7 +9,7 @@
    target is reported and the others still run.
 3. generic flavor: when containerd's config changed, restart containerd with
    ``containerd.restartCommand``; if CRI Version does not answer afterwards, restore the previous
-   config, restart again and fail.
+   config, restart again and fail (``nodeagent.restarts``).
 4. Record changed files, warnings and errors in ``Paths.apply_report_file`` for ``nodeagent status``.
 
 ``--dry-run`` prints a unified diff per file and writes nothing (not even the report).
@@ -21,19 +21,25 @@ import contextlib
 import difflib
 import glob
 import json
-import os
 import re
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from nodeagent.atomicio import read_bytes_or_none, remove_durably, write_atomic
-from nodeagent.config.model import Config, ContainerdConfig, SociConfig
-from nodeagent.facts import NodeFacts
+from nodeagent.config.model import Config
+from nodeagent.config.warnings import config_warnings
+from nodeagent.facts import NodeFacts, missing_mirror_cas
 from nodeagent.paths import Paths
+from nodeagent.restarts import (
+    Restarter,
+    restart_containerd,
+    restart_skip_reason,
+    restart_soci,
+    restart_with_rollback,
+)
 from nodeagent.targets import DesiredFile, TargetError, TargetPlan, is_owned
 from nodeagent.targets import containerd as containerd_target
 from nodeagent.targets import kubelet as kubelet_target
@@ -43,12 +49,7 @@ from nodeagent.targets import soci as soci_target
 from nodeagent.tuning import resolve
 
 FLAVORS = ("eks-al2023", "generic")
-DEFAULT_RESTART_COMMAND = ContainerdConfig().restart_command
 BACKUP_SUFFIX = ".nodeagent.bak"
-RESTART_TIMEOUT = 120.0  # the restart command itself
-HEALTH_TIMEOUT = 30.0  # CRI Version must answer within this after a restart
-# Test-only fault injection: sleep this long before each write step, announcing it on stderr.
-FAULT_DELAY_ENV = "NODEAGENT_APPLY_FAULT_DELAY"
 
 Renderer = Callable[[Config, NodeFacts], TargetPlan]
 
@@ -140,22 +141,25 @@ def unified_diff(path: Path, old: bytes | None, new: str | None, *, secret: bool
     return text
 
 
+def mirrors_header(config: Config, left_out: tuple[str, ...], *, offline: bool) -> str:
+    """The dry run's first lines: how mirrors were checked, and each mirror left out and why."""
+    cd = config.containerd
+    if not cd.mirrors:
+        return ""
+    if offline:
+        how = "--offline: no mirror probed, no credentials fetched"
+    elif cd.mirror_health.enabled:
+        how = "each mirror probed once now"
+    else:
+        how = "not probed (containerd.mirrorHealth.enabled: false)"
+    if not left_out:
+        return f"# mirrors: {how}; none left out of hosts.toml\n"
+    lines = [f"# mirrors: {how}; what is left out of the hosts.toml diffs below, and why:"]
+    lines += [f"#   {w}" for w in left_out]
+    return "\n".join(lines) + "\n"
+
+
 # --- writing ---------------------------------------------------------------------------------
-
-
-class _Faults:
-    def __init__(self, err: TextIO) -> None:
-        raw = os.environ.get(FAULT_DELAY_ENV, "")
-        self.delay = float(raw) if raw else 0.0
-        self.n = 0
-        self.err = err
-
-    def point(self, what: str) -> None:
-        if self.delay <= 0:
-            return
-        self.n += 1
-        print(f"fault-point {self.n} {what}", file=self.err, flush=True)
-        time.sleep(self.delay)
 
 
 def _mode_for(f: DesiredFile, current_mode: int | None) -> int:
@@ -176,7 +180,7 @@ def remove_stale_temp_files(path: Path) -> None:
             t.unlink()
 
 
-def write_file(f: DesiredFile, report: ApplyReport, faults: _Faults) -> bool:
+def write_file(f: DesiredFile, report: ApplyReport) -> bool:
     remove_stale_temp_files(f.path)
     data = f.content.encode()
     current = read_bytes_or_none(f.path)
@@ -187,94 +191,27 @@ def write_file(f: DesiredFile, report: ApplyReport, faults: _Faults) -> bool:
     if current is not None and not is_owned(current):
         backup = f.path.with_name(f.path.name + BACKUP_SUFFIX)
         if not backup.exists():
-            faults.point(f"backup {backup}")
             write_atomic(backup, current, mode=current_mode or 0o600)
             report.backups.append(str(backup))
-    faults.point(f"write {f.path}")
     changed = write_atomic(f.path, data, mode=mode)
     if changed:
         report.changed.append(str(f.path))
     return changed
 
 
-def remove_file(path: Path, report: ApplyReport, faults: _Faults) -> None:
+def remove_file(path: Path, report: ApplyReport) -> None:
     current = read_bytes_or_none(path)
     if current is None or not is_owned(current):
         return  # only ever remove what carries our marker
-    faults.point(f"remove {path}")
     if remove_durably(path):
         report.removed.append(str(path))
     with contextlib.suppress(OSError):
         path.parent.rmdir()  # the registry directory, when nothing else is left in it
 
 
-# --- containerd restart ----------------------------------------------------------------------
-
-Restarter = Callable[[Config], str | None]  # returns None when containerd is healthy, else why not
-# (config, paths) -> (config without the mirrors that do not answer, one warning per mirror left out);
+# (config, paths) -> (config without the mirrors that cannot serve now, one warning per mirror left out);
 # commands/apply.py passes nodeagent.mirrorhealth.applycheck.leave_out_dead_mirrors
 MirrorCheck = Callable[[Config, Paths], tuple[Config, tuple[str, ...]]]
-
-
-def cri_healthy(endpoint: str, timeout: float = HEALTH_TIMEOUT) -> str | None:
-    """None once CRI Version answers on ``endpoint``; the last error after ``timeout`` seconds."""
-    import asyncio
-
-    from nodeagent.cri.client import CriClient  # grpc is imported only when a restart happens
-
-    async def once() -> None:
-        async with CriClient(endpoint, timeout=2.0) as c:
-            await c.version()
-
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while True:
-        try:
-            asyncio.run(once())
-            return None
-        except Exception as e:
-            last = str(e)[:300]
-        if time.monotonic() >= deadline:
-            return f"CRI Version on {endpoint} did not answer within {timeout:g}s: {last}"
-        time.sleep(0.5)
-
-
-def restart_containerd(config: Config) -> str | None:
-    from nodeagent import proc
-
-    argv = config.containerd.restart_command
-    if not argv:
-        return "containerd.restartCommand is empty"
-    try:
-        proc.run(argv, timeout=RESTART_TIMEOUT)
-    except proc.CommandError as e:
-        return f"restart command failed: {e}"
-    return cri_healthy(config.cri.endpoint)
-
-
-def _restart_with_rollback(
-    config: Config,
-    path: Path,
-    previous: bytes | None,
-    previous_mode: int | None,
-    restarter: Restarter,
-    report: ApplyReport,
-) -> None:
-    problem = restarter(config)
-    if problem is None:
-        report.containerd_restarted = True
-        return
-    if previous is None:
-        remove_durably(path)
-    else:
-        write_atomic(path, previous, mode=previous_mode or 0o644)
-    if str(path) in report.changed:
-        report.changed.remove(str(path))
-    again = restarter(config)
-    tail = "containerd is healthy on it" if again is None else "containerd is still not healthy on it"
-    report.errors.append(
-        f"containerd: not healthy after the config change ({problem}); previous {path} restored, {tail}"
-    )
 
 
 # --- the runner ------------------------------------------------------------------------------
@@ -287,12 +224,11 @@ def run_apply(
     flavor: str = "auto",
     dry_run: bool = False,
     out: TextIO | None = None,
-    err: TextIO | None = None,
     restarter: Restarter | None = None,
     mirror_check: MirrorCheck | None = None,
+    offline: bool = False,
 ) -> ApplyReport:
     out = out or sys.stdout
-    err = err or sys.stderr
     if flavor == "auto":
         flavor = detect_flavor(facts)
     if flavor not in TARGETS:
@@ -303,6 +239,8 @@ def run_apply(
     for c in resolve(config, facts).choices():
         report.tuning.append({"key": c.key, "value": c.value, "auto": c.auto, "reason": c.reason})
     report.warnings.extend(config_warnings(config))
+    report.warnings.extend(missing_mirror_cas(config, facts.paths))
+    left_out: tuple[str, ...] = ()
     if mirror_check is not None:  # mirror health (issue 8): a mirror dead right now is not written
         config, left_out = mirror_check(config, facts.paths)
         report.warnings.extend(left_out)
@@ -316,18 +254,19 @@ def run_apply(
         return report  # nothing is written when any target cannot render
 
     if dry_run:
+        out.write(mirrors_header(config, left_out, offline=offline))
         for p in plans:
             for f in p.files:
                 current = read_bytes_or_none(f.path)
                 if current != f.content.encode():
                     out.write(unified_diff(f.path, current, f.content, secret=f.secret))
                     report.changed.append(str(f.path))
+                    _note_change(p, report)
             for path in p.remove:
                 out.write(unified_diff(path, read_bytes_or_none(path), None, secret=True))
                 report.removed.append(str(path))
         return report
 
-    faults = _Faults(err)
     for p in plans:
         try:
             restart_needed = False
@@ -337,11 +276,12 @@ def run_apply(
                 if p.restart_on_change:
                     cur = read_bytes_or_none(f.path)
                     snapshots[f.path] = (cur, f.path.stat().st_mode & 0o7777 if cur is not None else None)
-                if write_file(f, report, faults):
+                if write_file(f, report):
                     changed_here = True
+                    _note_change(p, report)
                     restart_needed = p.restart_on_change
             for path in p.remove:
-                remove_file(path, report, faults)
+                remove_file(path, report)
             if p.target == "soci" and changed_here and flavor == "generic":
                 restart_soci(config, facts, report)
                 continue
@@ -350,82 +290,13 @@ def run_apply(
                 report.warnings.append(f"containerd config changed but {skip}: restart containerd to use it")
             elif restart_needed and flavor == "generic":
                 for path, (prev, mode) in snapshots.items():
-                    _restart_with_rollback(config, path, prev, mode, restarter or restart_containerd, report)
+                    restart_with_rollback(config, path, prev, mode, restarter or restart_containerd, report)
         except OSError as e:
             report.errors.append(f"{p.target}: {e.strerror or e}: {e.filename or ''}".rstrip(": "))
     return report
 
 
-def restart_soci(config: Config, facts: NodeFacts, report: ApplyReport) -> None:
-    """Restart soci-snapshotter-grpc after its config changed (before containerd's restart), and
-    wait until its socket accepts connections."""
-    from nodeagent import proc
-
-    sc = config.containerd.soci
-    argv = sc.restart_command
-    if not argv:
-        report.warnings.append("soci-snapshotter config changed but containerd.soci.restartCommand is empty")
-        return
-    if argv == SociConfig().restart_command and facts.paths.root != Path("/"):
-        report.warnings.append(
-            f"soci-snapshotter config changed but --root is {facts.paths.root} and the default "
-            "restartCommand would restart this host's soci-snapshotter: restart it to use the config"
-        )
-        return
-    try:
-        proc.run(argv, timeout=RESTART_TIMEOUT)
-    except proc.CommandError as e:
-        report.errors.append(f"soci: restart command failed: {e}")
-        return
-    sock = Path(sc.address)  # the restarted daemon's socket on this host (not a file of the --root tree)
-    deadline = time.monotonic() + HEALTH_TIMEOUT
-    while True:
-        if _unix_connects(sock):
-            report.notes.append(f"soci-snapshotter restarted and serving on {sc.address}")
-            return
-        if time.monotonic() > deadline:
-            report.errors.append(
-                f"soci: soci-snapshotter-grpc does not accept connections on {sc.address} "
-                f"{HEALTH_TIMEOUT:.0f}s after restartCommand"
-            )
-            return
-        time.sleep(0.2)
-
-
-def _unix_connects(path: Path) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def restart_skip_reason(config: Config, facts: NodeFacts) -> str | None:
-    """Why the configured restart must not run, or None. The default command restarts the host's
-    containerd, which is not the one reading a ``--root`` tree's files (image builds, tests)."""
-    argv = config.containerd.restart_command
-    if not argv:
-        return "containerd.restartCommand is empty"
-    if argv == DEFAULT_RESTART_COMMAND and facts.paths.root != Path("/"):
-        return (
-            f"--root is {facts.paths.root} and the default restartCommand would restart "
-            "this host's containerd"
-        )
-    return None
-
-
-def config_warnings(config: Config) -> list[str]:
-    w = []
-    ev, kl = config.eviction, config.kubelet
-    if ev.enabled and ev.high_threshold_percent >= kl.image_gc_high_threshold_percent:
-        w.append(
-            f"eviction.highThresholdPercent ({ev.high_threshold_percent}) is not below "
-            f"kubelet.imageGCHighThresholdPercent ({kl.image_gc_high_threshold_percent}): the kubelet's "
-            "image GC acts first and nodeagent's eviction (which protects pinned and baked images) never does"
-        )
-    w.extend(mirrors_target.config_warnings(config))
-    return w
+def _note_change(plan: TargetPlan, report: ApplyReport) -> None:
+    for n in plan.notes_on_change:
+        if n not in report.notes:
+            report.notes.append(n)

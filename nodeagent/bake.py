@@ -25,13 +25,17 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodeagent import imageref
 from nodeagent.config.model import Config, PrefetchImage
 from nodeagent.eviction import baked
 from nodeagent.paths import Paths
 from nodeagent.prefetch import ImageOutcome
+
+if TYPE_CHECKING:
+    from nodeagent.cri.gen import containerd_images_pb2 as cpb
+    from nodeagent.cri.runtime import ImageRecords
 
 DEFAULT_SNAPSHOTTER = "overlayfs"
 # nodeadm's sandbox image on AL2023 AMIs (amazon-eks-ami: cached at build time from /etc/eks/pause.tar)
@@ -50,14 +54,16 @@ class BakeResult:
         return not self.errors
 
 
-async def pin_and_record(outcomes: Sequence[ImageOutcome], images_api: Any, paths: Paths) -> BakeResult:
+async def pin_and_record(
+    outcomes: Sequence[ImageOutcome], images_api: ImageRecords, paths: Paths
+) -> BakeResult:
     """Pin ``pin: true`` images (``images_api``: nodeagent.cri.containerd_images.ContainerdImages) and
     write the manifest of every image that is present."""
     from nodeagent.cri.client import CriError
 
     result = BakeResult()
     present = [o for o in outcomes if o.ok]
-    records: list[Any] = []
+    records: list[cpb.Image] = []
     if any(o.pin for o in present):
         try:
             records = await images_api.list()

@@ -19,6 +19,7 @@ DEFAULT_CONFIG = str(Paths().config_file)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID_CONFIG = 2
+EXIT_INVALID_USAGE = 2  # what argparse exits with for a bad command line
 
 
 def _common(p: argparse.ArgumentParser, *, config: bool = True, imds: bool = True) -> None:
@@ -77,8 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
         "2 invalid config.",
     )
     _common(p)
-    p.add_argument("--flavor", choices=["auto", "eks-al2023", "generic"], default="auto")
+    p.add_argument(
+        "--flavor",
+        choices=["auto", "eks-al2023", "generic"],
+        default="auto",
+        help="what to write: eks-al2023 a nodeadm NodeConfig drop-in (nodeadm applies it at boot); "
+        "generic a kubelet --config-dir drop-in and containerd's config.toml (then restarts "
+        "containerd); auto (default) eks-al2023 where nodeadm is installed, else generic",
+    )
     p.add_argument("--dry-run", action="store_true", help="print a unified diff per file, write nothing")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="probe no mirror and fetch no mirror credentials (AMI builds, reviews): every mirror "
+        "without credentials is written; the ones with credentials are left out (nodeagent run adds "
+        "them once it has them)",
+    )
 
     p = sub.add_parser(
         "prefetch",
@@ -103,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "line; the daemon does the removing.",
     )
     _common(p)
-    p.add_argument("--dry-run", action="store_true", required=True, help="print the plan, remove nothing")
+    # not required=True: without it the command says why only --dry-run exists (commands/evict.py)
+    p.add_argument("--dry-run", action="store_true", help="print the plan, remove nothing (required)")
 
     p = sub.add_parser(
         "status",
@@ -134,6 +150,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="tag that selects the baked AMI (default nodeagent.io/baked=true)",
     )
+    g.add_argument(
+        "--startup-taint",
+        action="store_true",
+        help="opt in: the NodePool gets the startup taint nodeagent.io/images-not-ready:NoSchedule and the "
+        "output adds nodeagent taint-remover (ServiceAccount, ClusterRole, ClusterRoleBinding, Deployment) "
+        "that removes it once the node reports nodeagent.io/ImagesReady=True; needs --remover-image",
+    )
+    g.add_argument(
+        "--remover-image",
+        metavar="IMAGE",
+        help="container image holding the nodeagent package, for the taint remover's Deployment",
+    )
+    g.add_argument(
+        "--remover-max-wait",
+        default="15m",
+        metavar="DURATION",
+        help="the remover lifts the taint anyway this long after a Node registered (default 15m; 0 = never)",
+    )
+
+    p = sub.add_parser(
+        "taint-remover",
+        help="cluster controller: remove the opt-in startup taint once a node reports its images ready",
+        description="Watch every Node and remove the startup taint nodeagent.io/images-not-ready from a "
+        "Node whose condition nodeagent.io/ImagesReady is True (or --max-wait after it registered). "
+        "Runs in the cluster as a Deployment with its own service account (nodes: list, watch, patch); "
+        "`nodeagent userdata --format karpenter --startup-taint` renders it. Exit 0 after SIGTERM, "
+        "1 when it cannot start.",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        default=None,
+        help="kubeconfig to use (default: the pod's service account, in-cluster)",
+    )
+    p.add_argument(
+        "--max-wait",
+        default="15m",
+        metavar="DURATION",
+        help="remove the taint anyway this long after the Node was created (default 15m; 0 = never)",
+    )
     return parser
 
 
@@ -141,9 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.command
     try:
-        module = importlib.import_module(f"nodeagent.commands.{name}")
+        module = importlib.import_module(f"nodeagent.commands.{name.replace('-', '_')}")
     except ModuleNotFoundError as e:
-        if e.name != f"nodeagent.commands.{name}":
+        if e.name != f"nodeagent.commands.{name.replace('-', '_')}":
             raise
         print(f"nodeagent {name}: not implemented yet", file=sys.stderr)
         return EXIT_FAILED

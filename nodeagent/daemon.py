@@ -34,7 +34,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodeagent import __version__, memory
 from nodeagent.config.model import Config
@@ -64,6 +64,12 @@ from nodeagent.statusfile import (
     Section,
     WorkerStatus,
 )
+
+if TYPE_CHECKING:
+    from nodeagent.cri.client import CriClient
+    from nodeagent.cri.runtime import ImageService
+    from nodeagent.proxy.pulls import PullWrapper
+    from nodeagent.proxy.server import ImageProxy
 
 log = get_logger(__name__)
 
@@ -108,10 +114,10 @@ class Daemon:
         self._workers: dict[str, Callable[[], Awaitable[None]]] = {}
         self._worker_state: dict[str, WorkerStatus] = {}
         self._status_hooks: dict[str, StatusHook] = {}
-        self._pull_wrapper: Any = None
+        self._pull_wrapper: PullWrapper | None = None
         self._stop: asyncio.Event | None = None
-        self._proxy: Any = None
-        self._cri: Any = None
+        self._proxy: ImageProxy | None = None
+        self._cri: CriClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- extension points ----------------------------------------------------------------------
@@ -132,7 +138,7 @@ class Daemon:
         ``error`` makes ``nodeagent status`` exit 1."""
         self._status_hooks[name] = fn
 
-    def set_pull_wrapper(self, fn: Any) -> None:
+    def set_pull_wrapper(self, fn: PullWrapper) -> None:
         """``await fn(registry, call) -> (response, retry_reason)`` wraps every upstream PullImage
         (mirror health uses it to restart a pull stuck on a mirror that went down)."""
         self._pull_wrapper = fn
@@ -140,13 +146,14 @@ class Daemon:
             self._proxy.pull_wrapper = fn
 
     @property
-    def proxy(self) -> Any:
+    def proxy(self) -> ImageProxy | None:
         """The running CRI proxy (``nodeagent.proxy.server.ImageProxy``), or None."""
         return self._proxy
 
     @property
-    def cri(self) -> Any:
-        """The daemon's CRI client to the upstream image service (``cri.endpoint``)."""
+    def cri(self) -> ImageService:
+        """The daemon's CRI client to the upstream image service (``cri.endpoint``); made by ``run``."""
+        assert self._cri is not None, "the daemon is not running"
         return self._cri
 
     @property

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodeagent.paths import Paths
+from nodeagent.config.model import Config
+from nodeagent.paths import Paths, UnsafePathError
 from nodeagent.targets import is_owned
 
 ContainerdVersion = tuple[int, int, int]
@@ -54,6 +55,8 @@ class NodeFacts:
     nodeconfigs: tuple[NodeConfigSource, ...] = ()  # other NodeConfigs nodeadm merges, in its order
     nodeconfig_warnings: tuple[str, ...] = ()  # NodeConfigs that could not be read
     kubelet_main_configs: tuple[tuple[Path, str], ...] = ()  # existing kubelet --config files, text
+    kubelet_process: tuple[int, tuple[str, ...]] | None = None  # a running kubelet: (pid, argv)
+    kubelet_units: tuple[tuple[Path, str], ...] = ()  # kubelet's systemd unit, drop-ins, env files
 
     @property
     def memory_gib(self) -> float:
@@ -231,15 +234,58 @@ def nodeconfigs(
     return tuple(found), tuple(warnings)
 
 
-def kubelet_main_configs(paths: Paths) -> tuple[tuple[Path, str], ...]:
+def existing_texts(files: tuple[Path, ...]) -> tuple[tuple[Path, str], ...]:
+    """``(path, text)`` of each of ``files`` that can be read (at most ``MAX_NODECONFIG_BYTES`` each)."""
     out = []
-    for p in paths.kubelet_main_configs:
+    for p in files:
         try:
             with open(p, "rb") as fh:
                 out.append((p, fh.read(MAX_NODECONFIG_BYTES).decode(errors="replace")))
         except OSError:
             continue
     return tuple(out)
+
+
+MAX_CMDLINE_BYTES = 64 << 10
+
+
+def missing_mirror_cas(config: Config, paths: Paths) -> list[str]:
+    """A warning per mirror ``ca`` file that does not exist, resolved as the probes and containerd
+    resolve it (``Paths.mirror_ca``: under ``--root``)."""
+    out = []
+    cd = config.containerd
+    for registry, mirrors in cd.mirrors:
+        for i, m in enumerate(mirrors):
+            for ca in m.ca:
+                try:
+                    path = paths.mirror_ca(cd.hosts_dir, registry, ca)
+                except UnsafePathError:
+                    continue  # an unsafe registry name: the mirrors target reports it
+                if not path.is_file():
+                    out.append(
+                        f"containerd.mirrors.{registry}[{i}].ca: {ca} (read as {path}) does not exist: "
+                        "containerd and the mirror probes cannot verify this mirror's certificate"
+                    )
+    return out
+
+
+def kubelet_process(paths: Paths) -> tuple[int, tuple[str, ...]] | None:
+    """The running kubelet's pid and argv, from ``/proc`` under the root (None: none found)."""
+    proc = paths.host("/proc")
+    try:
+        pids = sorted(int(n) for n in os.listdir(proc) if n.isdigit())
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(proc / str(pid) / "cmdline", "rb") as fh:
+                raw = fh.read(MAX_CMDLINE_BYTES)
+        except OSError:
+            continue
+        argv = tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
+        if argv and os.path.basename(argv[0]) == "kubelet":
+            return pid, argv
+    return None
 
 
 def gather(
@@ -261,5 +307,7 @@ def gather(
         containerd_version_source=version_source,
         nodeconfigs=configs,
         nodeconfig_warnings=config_warnings,
-        kubelet_main_configs=kubelet_main_configs(paths),
+        kubelet_main_configs=existing_texts(paths.kubelet_main_configs),
+        kubelet_process=kubelet_process(paths),
+        kubelet_units=existing_texts(paths.kubelet_unit_files),
     )

@@ -1,9 +1,14 @@
-"""Image reference normalization, the way containerd and the kubelet spell references.
+"""Image references, one rule set: which first component is a registry, what names Docker Hub, and
+the normalized spelling (the way containerd and the kubelet spell references).
 
 ``busybox`` -> ``docker.io/library/busybox:latest``; ``ghcr.io/x/y`` -> ``ghcr.io/x/y:latest``;
-a digest reference keeps its digest and gets no tag. CRI runtimes report ``RepoTags`` and
-``RepoDigests`` already normalized; user input (protect patterns, the baked manifest, the image a
-container was created from) may not be.
+a digest reference keeps its digest and gets no tag. Registry hosts are compared lower-cased, with
+Docker Hub's other names (``index.docker.io``, ``registry-1.docker.io``,
+``registry.hub.docker.com``, any case) folded into ``docker.io``: ``registry_host`` is that rule, and
+everything that names a registry (eviction, prefetch, credentials, the proxy's pull records and
+metric labels) goes through it. CRI runtimes report ``RepoTags`` and ``RepoDigests`` already
+normalized; user input (protect patterns, the baked manifest, the image a container was created
+from) may not be.
 """
 
 from __future__ import annotations
@@ -21,15 +26,25 @@ def _has_domain(first: str) -> bool:
     return "." in first or ":" in first or first == "localhost"
 
 
-def split_domain(ref: str) -> tuple[str, str]:
-    """``(registry host, rest)`` with docker.io defaulting and its ``library/`` prefix."""
+def registry_host(host: str) -> str:
+    """A registry host as compared everywhere: lower-cased, Docker Hub's aliases folded into docker.io."""
+    host = host.lower()
+    return DEFAULT_REGISTRY if host in DOCKER_HUB_ALIASES else host
+
+
+def split_reference(ref: str) -> tuple[str, str]:
+    """``(registry host, rest as written)``: the host by ``registry_host`` (docker.io when the
+    reference names none), the rest without a ``library/`` added."""
+    ref = ref.strip()
     first, sep, rest = ref.partition("/")
     if sep and (_has_domain(first) or first != first.lower()):
-        domain, remainder = first, rest
-    else:
-        domain, remainder = DEFAULT_REGISTRY, ref
-    if domain in DOCKER_HUB_ALIASES:
-        domain = DEFAULT_REGISTRY
+        return registry_host(first), rest
+    return DEFAULT_REGISTRY, ref
+
+
+def split_domain(ref: str) -> tuple[str, str]:
+    """``split_reference`` with Docker Hub's ``library/`` prefix for one-component names."""
+    domain, remainder = split_reference(ref)
     if domain == DEFAULT_REGISTRY and "/" not in remainder:
         remainder = "library/" + remainder
     return domain, remainder

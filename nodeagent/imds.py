@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from nodeagent.backoff import Backoff
+
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 ENDPOINT_ENV = "NODEAGENT_IMDS_ENDPOINT"
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 (a URL path, not a secret)
@@ -104,7 +106,7 @@ class ImdsClient:
             conn.close()
 
     def _with_retries(self, what: str, deadline: float, fn: Callable[[], bytes | None]) -> bytes | None:
-        delay = self.settings.backoff
+        delays = Backoff(self.settings.backoff, cap=self.settings.deadline).delays()
         last = ""
         for attempt in range(1, self.settings.attempts + 1):
             try:
@@ -113,10 +115,10 @@ class ImdsClient:
                 last = str(e)
             if attempt == self.settings.attempts:
                 break
+            delay = next(delays)
             if self._clock() + delay >= deadline:
                 break
             self._sleep(delay)
-            delay *= 2
         raise ImdsError(f"IMDS {self.settings.endpoint}: {what} failed: {last}", unreachable=True)
 
     # -- the protocol ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ can run against a fixture tree. Nothing else in the package builds host paths by
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -84,6 +85,13 @@ class Paths:
     def hosts_dir(self, configured: str) -> Path:
         return self.host(configured)
 
+    def mirror_ca(self, hosts_dir: str, registry: str, ca: str) -> Path:
+        """A mirror's ``ca`` file as containerd reads it, under the root: an absolute path is a host
+        path, a relative one is relative to the registry's hosts.toml directory."""
+        if ca.startswith("/"):
+            return self.host(ca)
+        return child(self.hosts_dir(hosts_dir), registry) / ca
+
     # --- other components' files that nodeagent only reads ---------------------------------------
     @property
     def containerd_root(self) -> Path:
@@ -118,6 +126,17 @@ class Paths:
             self.host("/etc/kubernetes/kubelet/kubelet-config.json"),
             self.host("/etc/kubernetes/kubelet-config.yaml"),
         )
+
+    @property
+    def kubelet_unit_files(self) -> tuple[Path, ...]:
+        """The kubelet's systemd unit, its drop-ins (sorted) and the environment files packages give
+        it (kubeadm's ``/etc/default/kubelet``, RPMs' ``/etc/sysconfig/kubelet``)."""
+        out: list[Path] = []
+        for base in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"):
+            out.append(self.host(f"{base}/kubelet.service"))
+            with contextlib.suppress(OSError):
+                out += sorted(self.host(f"{base}/kubelet.service.d").glob("*.conf"))
+        return (*out, self.host("/etc/default/kubelet"), self.host("/etc/sysconfig/kubelet"))
 
     @property
     def soci_binaries(self) -> tuple[Path, ...]:

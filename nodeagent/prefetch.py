@@ -9,23 +9,24 @@ inside ``images.prefetchBudget``: when the budget is spent, pulls still running 
 
 Failures are classified into the closed result set of the metrics (``not_found``, ``unauthorized``,
 ``rate_limited``, ``network``, ``no_space``, ``canceled``, ``other``) by the same classifier as the
-CRI proxy. A successful image ends as ``present`` (was there) or ``pulled``.
+CRI proxy. A successful image ends as ``present`` (was there) or ``pulled``. What is printed while
+and after it runs: ``nodeagent.prefetch_output``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Protocol
 
-from nodeagent import humanize
+from nodeagent.backoff import Backoff
 from nodeagent.config.model import PrefetchImage
 from nodeagent.credentials import Auth, CredentialError, Credentials
+from nodeagent.cri.gen import cri_api_pb2 as pb
+from nodeagent.cri.runtime import ImageService
 from nodeagent.proxy.records import ORIGIN_PREFETCH, classify
 
 PRESENT = "present"
@@ -92,7 +93,7 @@ class PullRetry:
 
     def delay(self, result: str, retry: int, rng: Callable[[], float] = random.random) -> float:
         base = self.rate_limited_base if result == "rate_limited" else self.base
-        return min(self.max_backoff, base * (2.0**retry)) * (0.5 + 0.5 * rng())
+        return Backoff(base, self.max_backoff, jitter="equal").delay(retry, rng)
 
 
 class Progress(Protocol):
@@ -105,7 +106,7 @@ class Progress(Protocol):
 class Prefetcher:
     def __init__(
         self,
-        cri: Any,  # nodeagent.cri.client.CriClient (or a stand-in with the same image calls)
+        cri: ImageService,  # nodeagent.cri.client.CriClient
         images: Sequence[PrefetchImage],
         *,
         concurrency: int = 4,
@@ -175,9 +176,9 @@ class Prefetcher:
             await asyncio.sleep(self._tick_interval)
             self.progress.tick()
 
-    def _fill(self, o: ImageOutcome, image: Any) -> None:
-        o.image_id = str(image.id)
-        o.size = int(image.size)
+    def _fill(self, o: ImageOutcome, image: pb.Image) -> None:
+        o.image_id = image.id
+        o.size = image.size
         o.digest = pick_digest(o.image, list(image.repo_digests))
 
     async def _one(self, o: ImageOutcome) -> None:
@@ -301,42 +302,6 @@ def _short(text: str) -> str:
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
-# --- output ----------------------------------------------------------------------------------------
-def human_size(n: int) -> str:
-    return humanize.size(n) if n > 0 else "-"
-
-
-def short_digest(d: str) -> str:
-    return d[:19] if d else "-"  # sha256: + 12 hex
-
-
-def result_text(o: ImageOutcome) -> str:
-    if o.ok:
-        return o.result
-    return f"FAILED {o.result}" + (" (required)" if o.required else "")
-
-
-def format_summary(report: PrefetchReport) -> str:
-    """The table printed at the end: image, digest, size, time, result (+ the errors below it)."""
-    header = ("IMAGE", "DIGEST", "SIZE", "TIME", "RESULT")
-    rows = [
-        (o.image, short_digest(o.digest), human_size(o.size), f"{o.seconds:.1f}s", result_text(o))
-        for o in report.outcomes
-    ]
-    lines = humanize.table(header, rows)
-    for o in report.outcomes:
-        if not o.ok and o.error:
-            lines.append(f"  {o.image}: {o.result}: {o.error}")
-    counts = report.counts()
-    parts = [f"{counts[k]} {k}" for k in sorted(counts, key=lambda k: (k not in OK_RESULTS, k))]
-    missing = report.missing_required
-    tail = f"; {len(missing)} required image(s) missing" if missing else ""
-    budget = "; budget spent" if report.budget_spent else ""
-    total = f"prefetch: {len(report.outcomes)} image(s): {', '.join(parts)}"
-    lines.append(f"{total} in {report.seconds:.1f}s{budget}{tail}")
-    return "\n".join(lines)
-
-
 class NullProgress:
     def start(self, outcomes: Sequence[ImageOutcome]) -> None:
         pass
@@ -349,101 +314,3 @@ class NullProgress:
 
     def finish(self, report: PrefetchReport) -> None:
         pass
-
-
-class LineProgress:
-    """One line per event (Packer logs, journald): ``[  1.2s] IMAGE: state detail``."""
-
-    def __init__(self, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.stream = stream or sys.stdout
-        self._clock = clock
-        self._t0 = clock()
-
-    def _line(self, text: str) -> None:
-        self.stream.write(f"[{self._clock() - self._t0:6.1f}s] {text}\n")
-        self.stream.flush()
-
-    def start(self, outcomes: Sequence[ImageOutcome]) -> None:
-        self._t0 = self._clock()
-        self._line(f"prefetch: {len(outcomes)} image(s)")
-
-    def update(self, outcome: ImageOutcome, state: str, detail: str = "") -> None:
-        if state == "checking" and not detail:
-            return  # not an event worth a line
-        if state in OK_RESULTS:
-            bits = [short_digest(outcome.digest), human_size(outcome.size), f"{outcome.seconds:.1f}s"]
-            detail = ", ".join(b for b in bits if b != "-")
-        self._line(f"{outcome.image}: {state}" + (f" ({detail})" if detail else ""))
-
-    def tick(self) -> None:
-        pass
-
-    def finish(self, report: PrefetchReport) -> None:
-        pass
-
-
-class TtyProgress:
-    """A live view on a terminal: one line per image, redrawn in place."""
-
-    SPIN = "|/-\\"
-
-    def __init__(self, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.stream = stream or sys.stdout
-        self._clock = clock
-        self._outcomes: list[ImageOutcome] = []
-        self._state: dict[int, tuple[str, str]] = {}
-        self._drawn = 0
-        self._frame = 0
-
-    def start(self, outcomes: Sequence[ImageOutcome]) -> None:
-        self._outcomes = list(outcomes)
-        self._state = {id(o): ("waiting", "") for o in outcomes}
-        self._draw()
-
-    def update(self, outcome: ImageOutcome, state: str, detail: str = "") -> None:
-        self._state[id(outcome)] = (state, detail)
-        self._draw()
-
-    def tick(self) -> None:
-        self._frame += 1
-        self._draw()
-
-    def finish(self, report: PrefetchReport) -> None:
-        self._draw()
-
-    def _text(self, o: ImageOutcome) -> str:
-        state, detail = self._state.get(id(o), ("waiting", ""))
-        if state in OK_RESULTS:
-            mark, what = "✓", f"{state} {short_digest(o.digest)} {human_size(o.size)} {o.seconds:.1f}s"
-        elif o.result not in (PENDING,) and state == o.result:
-            mark, what = "✗", f"{state}: {detail}" if detail else state
-        elif state == "waiting":
-            mark, what = " ", "waiting"
-        else:
-            elapsed = self._clock() - o.started if o.started is not None else 0.0
-            mark = self.SPIN[self._frame % len(self.SPIN)]
-            what = f"{state} {elapsed:.1f}s" + (f" ({detail})" if detail else "")
-        return f"{mark} {o.image}  {what}"
-
-    def _draw(self) -> None:
-        cols, rows = shutil.get_terminal_size((120, 40))
-        width = max(20, cols - 1)  # a wrapped line would break the redraw
-        outcomes = self._outcomes
-        budget = max(3, rows - 2)
-        lines: list[str]
-        if len(outcomes) <= budget:
-            lines = [self._text(o) for o in outcomes]
-        else:  # more images than rows: the ones still in progress, then a count of the rest
-            busy = [o for o in outcomes if o.result == PENDING]
-            done = len(outcomes) - len(busy)
-            shown = busy[: budget - 1]
-            lines = [self._text(o) for o in shown]
-            lines.append(f"  ... {done} done, {len(busy) - len(shown)} more in progress or waiting")
-        out = []
-        if self._drawn:
-            out.append(f"\x1b[{self._drawn}F")  # back to the first line of the view
-        out.extend("\x1b[2K" + line[:width] + "\n" for line in lines)
-        out.append("\x1b[J")  # clear anything left below from a taller view
-        self._drawn = len(lines)
-        self.stream.write("".join(out))
-        self.stream.flush()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import calendar
 import json
 import os
 import shlex
@@ -463,6 +464,184 @@ def eviction(ctx: Context) -> None:
         raise RuntimeError(f"{len(run.failures)} pull(s) failed, {run.evictions} eviction(s)")
 
 
+def authenticated_mirror(ctx: Context) -> None:
+    """An htpasswd pull-through mirror (as an ECR pull-through cache needs credentials) whose login
+    comes from a credential-provider plugin speaking the kubelet's exec protocol: apply writes it
+    into the mirror's [host] (mode 0600), containerd pulls through the mirror authenticated."""
+    import base64
+    import secrets
+
+    from nodeagent.cri.client import CriClient
+    from nodeagent.paths import Paths
+    from tests.integration.test_mirror_credentials import (
+        HOSTS_DIR,
+        auth_users,
+        containerd_requests,
+        install_plugin,
+        make_agent,
+        nodeagent_cli,
+    )
+
+    upstream = ctx.sb.registry()
+    logins = [(f"tok{i}", f"demo-{secrets.token_hex(8)}") for i in range(4)]
+    mirror = ctx.sb.registry(auth=logins[0], more_users=logins[1:], proxy_of=upstream)
+    img = ctx.sb.image(upstream, "demo/private", "v1", layers=1, layer_size=1 << 20)
+    ctx.say(f"upstream {upstream.url} (anonymous); mirror {mirror.url}: htpasswd, pull-through cache of it")
+    node = ctx.sb.containerd([])
+    agent = make_agent(
+        ctx.sb,
+        node,
+        {
+            "containerd": {
+                "hostsDir": HOSTS_DIR,
+                "mirrors": {upstream.host: [{"endpoint": mirror.url, "credentials": {"from": "provider"}}]},
+            }
+        },
+    )
+    install_plugin(agent, mirror, logins)
+    ctx.say("mirror config: credentials: {from: provider}  (the kubelet's credential provider config;")
+    ctx.say("  here a test plugin that issues a new short-lived login on every run, as ECR's does)")
+    ctx.say("$ nodeagent apply --dry-run --flavor eks-al2023   (credentials masked in the diff)")
+    dry = nodeagent_cli(agent, "apply", "--dry-run", "--flavor", "eks-al2023")
+    for line in dry.stdout.splitlines():
+        if "Authorization" in line or line.startswith(("+[host", "+server")):
+            ctx.say("  " + line)
+    done = nodeagent_cli(agent, "apply", "--flavor", "eks-al2023")
+    if done.returncode != 0:
+        raise RuntimeError(f"apply failed: {done.stderr.strip()}")
+    hosts = Paths(agent.root).host(f"{HOSTS_DIR}/{upstream.host}/hosts.toml")
+    ctx.say(f"apply wrote {upstream.host}/hosts.toml, mode {hosts.stat().st_mode & 0o777:o}")
+    agent.start()
+
+    async def pull() -> None:
+        async with CriClient(agent.proxy_endpoint) as cri:
+            await cri.pull_image(img.reference, timeout=60.0)
+
+    asyncio.run(pull())
+    users = sorted(set(auth_users(mirror, "/blobs/sha256:")))
+    ctx.say(f"PullImage {img.reference} via nodeagent: ok")
+    ctx.say(
+        f"mirror access log: blob GETs authenticated as {users}; containerd requests to the upstream: "
+        f"{len(containerd_requests(upstream))}"
+    )
+    for m in agent.scrape().splitlines():
+        if m.startswith(("nodeagent_mirror_auth_ok{", "nodeagent_mirror_up{")):
+            ctx.say(m)
+    text = agent.log_path.read_text() + agent.status_file.read_text()
+    leaked = [p for _, p in logins if p in text or base64.b64encode(p.encode()).decode() in text]
+    ctx.say(f"passwords in the daemon log or status file: {len(leaked)}")
+    agent.stop()
+    node.stop()
+    if not users or containerd_requests(upstream) or leaked:
+        raise RuntimeError("the pull did not go through the authenticated mirror alone, or a secret leaked")
+
+
+def pod_aware_pulls(ctx: Context) -> None:
+    """The real kube-apiserver (etcd, Node authorizer, NodeRestriction) and the real kubelet; a pod
+    with an init container and two containers, three 6 MiB images from a registry capped at 4 MiB/s
+    per connection. nodeagent sees the pod bound to its node and pulls all three at once; the kubelet,
+    which pulls one image per container just before starting it, finds them present or joins."""
+    from tests.sandbox.cluster import one_node_cluster
+    from tests.sandbox.controlplane import pod_manifest
+    from tests.sandbox.oci import build_image, push_image
+
+    reg = ctx.sb.registry()
+    throttle = ctx.sb.throttle_proxy(reg, 4 << 20)
+    ctx.say("starting etcd, kube-apiserver, containerd that runs pods, nodeagent run, the kubelet ...")
+    t0 = time.monotonic()
+    fs = ctx.sb.loopfs(320)  # the image store on its own disk: the host's usage must not decide the run
+    c = one_node_cluster(ctx.sb, reg, containerd={"root_dir": fs.mountpoint / "root"})
+    c.node.write_hosts_toml(throttle.address, f"http://{throttle.address}")
+    ctx.say(
+        f"node {c.node_name} registered ({time.monotonic() - t0:.0f} s); kubelet's image endpoint: "
+        "nodeagent's proxy; nodeagent watches the node's pods with the kubelet's kubeconfig"
+    )
+    refs = []
+    for name in ("init", "app", "sidecar"):
+        img = push_image(
+            reg, f"demo/pod-{name}", "v1", build_image(layers=1, layer_size=6 << 20, busybox=True)
+        )
+        refs.append(img.reference.replace(reg.host, throttle.address, 1))
+    created = time.time()
+    c.cp.create(
+        pod_manifest("web", c.node_name, [("app", refs[1]), ("sidecar", refs[2])], init=[("init", refs[0])])
+    )
+    c.cp.wait_running("web")
+    running = time.time() - created
+    assert c.agent is not None
+    recs = [x for x in c.agent.log_lines() if x.get("msg") == "pull" and x.get("image") in refs]
+    ctx.say("pull log lines (start and end relative to the pod's creation):")
+
+    def ended(r: dict[str, Any]) -> float:  # the line is written when the pull ends
+        return calendar.timegm(time.strptime(r["ts"][:19], "%Y-%m-%dT%H:%M:%S")) + float(r["ts"][19:-1])
+
+    for r in sorted(recs, key=lambda x: ended(x) - x["duration_seconds"]):
+        end = ended(r) - created
+        start = end - r["duration_seconds"]
+        ctx.say(
+            f"  {r['origin']:<8} {r['image'].split('/', 1)[1]:<22} {start:5.2f} s -> {end:5.2f} s  "
+            f"{r['result']}{'  (joined the pull in flight)' if r.get('joined') else ''}"
+        )
+    one = max((r["duration_seconds"] for r in recs if r.get("origin") == "pod"), default=0)
+    ctx.say(
+        f"pod Running {running:.1f} s after creation; one image takes {one:.1f} s at this rate, the kubelet"
+    )
+    ctx.say(f"  alone pulls them one after the other (about {3 * one:.1f} s of pulls before Running)")
+    for m in c.agent.scrape().splitlines():
+        if m.startswith(
+            (
+                "nodeagent_pod_pulls_pods_total{",
+                "nodeagent_pod_pulls_images_total{",
+                "nodeagent_image_pull_joins_total{",
+            )
+        ):
+            ctx.say(m)
+    if not any(r.get("origin") == "pod" for r in recs):
+        raise RuntimeError("nodeagent did not pull the pod's images")
+
+
+def soci_parallel_pull(ctx: Context) -> None:
+    """containerd 2.2 (the EKS line) with soci-snapshotter-grpc, both restarted by ``nodeagent apply``
+    with the values nodeagent sized for this machine; a pull through nodeagent's proxy is then
+    prepared by SOCI's parallel pull and unpack, layer by layer."""
+    from nodeagent.cri.client import CriClient
+    from tests.integration.test_soci import SociNode
+    from tests.sandbox.containerd import EKS_LINE
+
+    registry, _ = ctx.need_node()
+    own = ctx.sb.containerd_line
+    ctx.sb.containerd_line = EKS_LINE  # SOCI is a proxy snapshotter of containerd 1.7+/2.x
+    try:
+        node = SociNode(ctx.sb, Path(EKS_LINE.binary()))
+    finally:
+        ctx.sb.containerd_line = own
+    node.plain_http(registry.host)
+    node.write_soci_config()
+    node.start()
+    ctx.say(
+        f"containerd {EKS_LINE.name} on {node.sock}; config: containerd.snapshotter: soci (pullMode auto)"
+    )
+    r = ctx.nodeagent("apply", "--root", str(node.root), "--flavor", "generic", "-c", str(node.config_yaml))
+    if b"soci-snapshotter restarted and serving" not in r.stdout:
+        raise RuntimeError("apply did not bring soci-snapshotter up")
+    img = ctx.sb.image(registry, "demo/soci", "v1", layers=3, layer_size=8 << 20)
+    agent = ctx.sb.nodeagent(f"unix://{node.sock}")
+
+    async def pull() -> float:
+        async with CriClient(agent.proxy_endpoint) as cri:
+            t0 = time.monotonic()
+            await cri.pull_image(img.reference, timeout=120)
+            return time.monotonic() - t0
+
+    took = asyncio.run(pull())
+    prepared = node.soci_log.read_text(errors="replace").count("preparing snapshot with parallel pull/unpack")
+    ctx.say(f"PullImage {img.reference} ({human_bytes(img.size)}) via nodeagent: {took:.2f} s;")
+    ctx.say(f"  soci-snapshotter log: {prepared} layer(s) prepared with parallel pull/unpack")
+    agent.stop()
+    if prepared != len(img.layer_digests):
+        raise RuntimeError("SOCI did not prepare every layer with parallel pull")
+
+
 Step = Callable[[Context], None]
 STEPS: list[tuple[str, Step]] = [
     ("Start a sandbox node: containerd + local registry", start_sandbox_node),
@@ -476,6 +655,12 @@ STEPS: list[tuple[str, Step]] = [
     ("nodeagent run: the kubelet's CRI image proxy, per-pull log lines and /metrics", proxy_and_metrics),
     ("Socket activation: the daemon is SIGKILLed and restarted, no call refused", socket_activation),
     ("Mirror health: a hung mirror costs seconds, not minutes", mirror_health),
+    ("Authenticated mirror: credentials from the kubelet's credential provider", authenticated_mirror),
+    ("Pod-aware pulls: the real kubelet and API server; a pod's images pulled at once", pod_aware_pulls),
+    (
+        "SOCI: containerd 2.2 + soci-snapshotter sized by nodeagent, parallel pull and unpack",
+        soci_parallel_pull,
+    ),
     ("Eviction: pulls into a nearly full image filesystem keep succeeding", eviction),
 ]
 

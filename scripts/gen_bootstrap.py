@@ -56,6 +56,17 @@ EXAMPLES: dict[str, list[str]] = {
         "karpenter",
         "--cluster-name=my-cluster",
     ],
+    # the opt-in startup taint, with the remover that lifts it (docs/eks.md, "Image readiness")
+    "bootstrap/karpenter/nodeclass-startup-taint.yaml": [
+        "userdata",
+        "-c",
+        "bootstrap/config/karpenter.yaml",
+        "--format",
+        "karpenter",
+        "--cluster-name=my-cluster",
+        "--startup-taint",
+        "--remover-image=111122223333.dkr.ecr.us-west-2.amazonaws.com/nodeagent:0.1.0",
+    ],
 }
 
 

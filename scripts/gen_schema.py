@@ -20,7 +20,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # this checkout's nodeagent, not another installed copy
 
 from nodeagent.config import schema  # noqa: E402
-from nodeagent.config.types import Field, List, ListOrObject, Map, Object  # noqa: E402
+from nodeagent.config.objects import Field, ListOrObject, Object  # noqa: E402
+from nodeagent.config.types import List, Map  # noqa: E402
 
 JSON_FILE = REPO / "docs/config.schema.json"
 MD_FILE = REPO / "docs/configuration.md"

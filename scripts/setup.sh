@@ -69,7 +69,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # Test binaries: pinned upstream programs built from their Go modules (crictl, containerd 2.x twice,
-# kubelet, kube-apiserver, etcd, nodeadm, soci-snapshotter; tests/sandbox/testbins.py has the pins). They are cached
+# kubelet, kube-apiserver, kube-scheduler, etcd, nodeadm, soci-snapshotter; tests/sandbox/testbins.py has the pins). They are cached
 # outside the repo in ${NODEAGENT_TESTBIN_CACHE:-/var/cache/nodeagent-testbin}, shared by every
 # checkout, built only when missing (a lock makes a second setup wait for the first).
 if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then

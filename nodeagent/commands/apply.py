@@ -6,23 +6,39 @@ Exit 0 ok, 1 failed (every file is old or new, never half-written), 2 invalid co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from nodeagent.apply import MirrorCheck, run_apply
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
-from nodeagent.config import ConfigError
-from nodeagent.config.sources import load_for_command
+from nodeagent.commands.loadconfig import load
+from nodeagent.config.model import Config, Mirror
 from nodeagent.facts import gather
 from nodeagent.paths import Paths
+
+OFFLINE = "--offline: not fetched"
+
+
+def offline_mirrors(config: Config, paths: Paths) -> tuple[Config, tuple[str, ...]]:
+    """apply's mirror step without the network: no probe, no credential fetch (a mirror with
+    credentials is left out as when they are unavailable, so nothing secret lands in an image)."""
+    from nodeagent.credentials import CredentialError
+    from nodeagent.mirrorhealth.applycheck import prepare_mirrors
+
+    def no_fetch(m: Mirror) -> str:
+        raise CredentialError(OFFLINE)
+
+    cd = config.containerd
+    quiet = dataclasses.replace(cd, mirror_health=dataclasses.replace(cd.mirror_health, enabled=False))
+    new, left_out = prepare_mirrors(dataclasses.replace(config, containerd=quiet), paths, fetch=no_fetch)
+    kept = dataclasses.replace(new.containerd, mirror_health=cd.mirror_health)
+    return dataclasses.replace(new, containerd=kept), left_out
 
 
 def run(args: argparse.Namespace) -> int:
     paths = Paths.at(args.root)
-    try:
-        loaded = load_for_command(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
-    except ConfigError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
+    loaded = load(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
+    if loaded is None:
         return EXIT_INVALID_CONFIG
     config = loaded.config
     facts = gather(paths, config.containerd.hosts_dir, user_data=loaded.user_data)
@@ -32,9 +48,16 @@ def run(args: argparse.Namespace) -> int:
         # Resolves mirror credentials, and with mirror health on, leaves out the dead mirrors.
         from nodeagent.mirrorhealth.applycheck import prepare_mirrors
 
-        mirror_check = prepare_mirrors
+        mirror_check = offline_mirrors if args.offline else prepare_mirrors
 
-    report = run_apply(config, facts, flavor=args.flavor, dry_run=args.dry_run, mirror_check=mirror_check)
+    report = run_apply(
+        config,
+        facts,
+        flavor=args.flavor,
+        dry_run=args.dry_run,
+        mirror_check=mirror_check,
+        offline=args.offline,
+    )
     # bad user-data: the baked config has been applied above; exit 1 and keep the error for `status`
     report.warnings.extend(loaded.warnings)
     if loaded.userdata_error:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 from nodeagent import config
-from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
-from nodeagent.config.sources import load_for_command, print_notes
+from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_INVALID_USAGE, EXIT_OK
+from nodeagent.commands.loadconfig import load
 from nodeagent.eviction.gather import BakedManifest, StageError, gather
 from nodeagent.eviction.policy import REMOVE, Plan
 from nodeagent.eviction.usage import Imagefs
@@ -108,15 +108,18 @@ async def dry_run(cfg: config.Config, paths: Paths, *, now: float | None = None)
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    if not args.dry_run:
+        print(
+            "nodeagent evict: only --dry-run is supported: the daemon (nodeagent run) removes images "
+            "when the image filesystem passes eviction.highThresholdPercent; "
+            "'nodeagent evict --dry-run' shows what it would remove now, and why",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID_USAGE
     paths = Paths.at(args.root)
-    path = paths.config_for(args.config)
-    try:
-        loaded = load_for_command(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
-    except config.ConfigError as e:
-        for problem in e.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+    loaded = load(args, paths, notes=True)  # baked file + user-data part (IMDS), docs/eks.md
+    if loaded is None:
         return EXIT_INVALID_CONFIG
-    print_notes(loaded, sys.stderr)
     cfg = loaded.config
     try:
         result = asyncio.run(dry_run(cfg, paths))

@@ -13,26 +13,20 @@ import sys
 from typing import TextIO
 
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG
-from nodeagent.config import ConfigError
+from nodeagent.commands.loadconfig import load
 from nodeagent.paths import Paths
 
 
 def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
-    from nodeagent.config.sources import load_for_command
     from nodeagent.credentials import PROVIDER_TIMEOUT, CredentialError, Credentials, DockerConfig
-    from nodeagent.prefetch import LineProgress, Prefetcher, TtyProgress, format_summary
+    from nodeagent.prefetch import Prefetcher
+    from nodeagent.prefetch_output import LineProgress, TtyProgress, format_summary
 
     out = stdout or sys.stdout
     paths = Paths.at(args.root)
-    try:
-        loaded = load_for_command(args, paths)
-    except ConfigError as e:
-        print(f"nodeagent prefetch: invalid config {e.source}:", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  {problem}", file=sys.stderr)
+    loaded = load(args, paths, notes=True)  # baked file + user-data part (IMDS), docs/eks.md
+    if loaded is None:
         return EXIT_INVALID_CONFIG
-    for w in loaded.warnings:
-        print(f"nodeagent prefetch: warning: {w}", file=sys.stderr)
     cfg = loaded.config
     images = cfg.images
 
@@ -100,7 +94,6 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         return EXIT_FAILED
     for err in errors:
         print(f"nodeagent prefetch: bake: {err}", file=sys.stderr)
-    if loaded.userdata_error:
-        print(f"nodeagent prefetch: user-data: {loaded.userdata_error}", file=sys.stderr)
+    if loaded.userdata_error:  # reported above; the baked config's images were pulled
         rc = EXIT_FAILED
     return rc

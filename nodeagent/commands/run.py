@@ -15,8 +15,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG
-from nodeagent.config import Config, ConfigError
-from nodeagent.config.sources import load_for_command, print_notes
+from nodeagent.commands.loadconfig import load
+from nodeagent.config import Config
 from nodeagent.paths import Paths
 
 if TYPE_CHECKING:
@@ -51,6 +51,12 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
         pod_pulls = PodPulls(config, paths, daemon, evictor)
         daemon.add_worker("podpulls", pod_pulls.run)
         daemon.add_status_hook("podPulls", pod_pulls.status)
+    if config.images.ready_condition:  # the Node condition the opt-in startup taint waits for (issue 15)
+        from nodeagent.readiness import ImagesReady
+
+        ready = ImagesReady(config, paths, daemon)
+        daemon.add_worker("imagesready", ready.run)
+        daemon.add_status_hook("imagesReady", ready.status)
     return daemon
 
 
@@ -59,15 +65,9 @@ def run(args: argparse.Namespace) -> int:
 
     log.setup()
     paths = Paths.at(args.root)
-    path = paths.config_for(args.config)
-    try:
-        loaded = load_for_command(args, paths)  # baked file + user-data part (IMDS), docs/eks.md
-    except ConfigError as e:
-        print(f"{path}: invalid config:", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  {problem}", file=sys.stderr)
+    loaded = load(args, paths, notes=True)  # baked file + user-data part (IMDS), docs/eks.md
+    if loaded is None:
         return EXIT_INVALID_CONFIG
-    print_notes(loaded, sys.stderr)
     config = loaded.config
     from nodeagent.proxy.sockets import SocketInUseError
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nodeagent import config, userdata
+from nodeagent import userdata
 from nodeagent.cli import EXIT_INVALID_CONFIG, EXIT_OK
+from nodeagent.commands.loadconfig import load
+from nodeagent.durations import parse_duration
 from nodeagent.paths import Paths
 
 
@@ -36,21 +38,29 @@ def _cluster(args: argparse.Namespace) -> tuple[userdata.ClusterDetails | None, 
     return c, c.problems()
 
 
+def _karpenter_problems(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    key, sep, value = args.ami_tag.partition("=")
+    if not sep or not key or not value:
+        out.append(f"--ami-tag: {args.ami_tag!r} must be KEY=VALUE")
+    if args.startup_taint and not args.remover_image:
+        out.append(
+            "--startup-taint: needs --remover-image IMAGE (an image holding the nodeagent package): a "
+            "startup taint is rendered only together with the remover that lifts it"
+        )
+    if args.remover_image and not args.startup_taint:
+        out.append("--remover-image: only with --startup-taint")
+    if parse_duration(args.remover_max_wait) is None or args.remover_max_wait.startswith("-"):
+        out.append(f"--remover-max-wait: {args.remover_max_wait!r} is not a duration such as 15m or 0")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    path = Paths.at(args.root).config_for(args.config)
-    try:
-        text = path.read_text(encoding="utf-8")
-        config.load_text(text, str(path))
-    except OSError as e:
-        print(f"{path}: cannot read: {e.strerror}", file=sys.stderr)
+    # the file alone: this machine's own user-data must not leak into what it publishes
+    loaded = load(args, Paths.at(args.root), use_imds=False)
+    if loaded is None:
         return EXIT_INVALID_CONFIG
-    except UnicodeDecodeError:
-        print(f"{path}: not UTF-8 text", file=sys.stderr)
-        return EXIT_INVALID_CONFIG
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(f"{path}: {p}", file=sys.stderr)
-        return EXIT_INVALID_CONFIG
+    text = loaded.text
 
     try:
         # the part carries the settings, not the file's comments (EC2 caps user-data at 16 KiB)
@@ -63,15 +73,19 @@ def run(args: argparse.Namespace) -> int:
                 return EXIT_INVALID_CONFIG
             out = userdata.render_al2023(text, cluster)
         else:
-            key, sep, value = args.ami_tag.partition("=")
-            if not sep or not key or not value:
-                print(f"--ami-tag: {args.ami_tag!r} must be KEY=VALUE", file=sys.stderr)
+            problems = _karpenter_problems(args)
+            if problems:
+                for msg in problems:
+                    print(msg, file=sys.stderr)
                 return EXIT_INVALID_CONFIG
+            key, _, value = args.ami_tag.partition("=")
             out = userdata.render_karpenter(
                 text,
                 name=args.name,
                 cluster_name=args.cluster_name or "${CLUSTER_NAME}",
                 ami_tag=(key, value),
+                remover_image=args.remover_image if args.startup_taint else None,
+                max_wait=args.remover_max_wait,
             )
     except userdata.UserDataError as e:
         print(str(e), file=sys.stderr)

@@ -12,60 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# --- Go durations (time.ParseDuration), stored as float seconds ---------------------------------
-
-_DUR_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "\u00b5s": 1e-6,
-    "\u03bcs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DUR_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-DURATION_PATTERN = r"^(?:0|(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+)$"
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds for a Go duration string (``500ms``, ``10m``, ``1h30m``, ``0``), None if malformed."""
-    s = text
-    sign = 1.0
-    if s[:1] in ("-", "+"):
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if s == "0":
-        return 0.0
-    if not s:
-        return None
-    total = 0.0
-    pos = 0
-    while pos < len(s):
-        m = _DUR_PART.match(s, pos)
-        if m is None:
-            return None
-        total += float(m.group(1)) * _DUR_UNITS[m.group(2)]
-        pos = m.end()
-    return sign * total
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest Go-style text for ``seconds`` (``120.0`` -> ``2m``, ``0.5`` -> ``500ms``)."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 0:
-        return "-" + format_duration(-seconds)
-    ms = round(seconds * 1000)
-    if ms < 1000:
-        return f"{ms}ms" if ms else f"{seconds * 1e6:g}us"
-    h, rest = divmod(ms, 3_600_000)
-    m, rest = divmod(rest, 60_000)
-    out = (f"{h}h" if h else "") + (f"{m}m" if m else "")
-    if rest:
-        out += f"{rest / 1000:g}s"
-    return out
-
+from nodeagent.endpoints import UNIX_SCHEME, split_host_port, unix_socket_path
 
 # --- formats -----------------------------------------------------------------------------------
 
@@ -83,24 +30,6 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = rf"{_LABEL}(?:\.{_LABEL})*"
 _DNS_RE = re.compile(rf"^{_DNS_NAME}$")
 _IPV6_BRACKETED = r"\[[0-9A-Fa-f:.]+\]"
-
-
-def _split_host_port(text: str) -> tuple[str, str | None] | None:
-    """``host[:port]`` or ``[v6][:port]`` -> (host, port or None); None when malformed."""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            return None
-        host, rest = text[: end + 1], text[end + 1 :]
-        if not rest:
-            return host, None
-        if not rest.startswith(":"):
-            return None
-        return host, rest[1:]
-    if text.count(":") > 1:
-        return None
-    host, sep, port = text.partition(":")
-    return host, (port if sep else None)
 
 
 def _check_port(port: str, *, allow_zero: bool = False) -> str | None:
@@ -144,7 +73,7 @@ def check_registry_host(name: str) -> str | None:
             "not a registry host: '/', '\\', '..', NUL and a leading '.' are not allowed "
             "(the name becomes a directory under hostsDir)"
         )
-    hp = _split_host_port(name)
+    hp = split_host_port(name)
     if hp is None:
         return "not a registry host (expected host, host:port, [IPv6]:port or _default)"
     host, port = hp
@@ -179,7 +108,7 @@ def check_http_url(url: str) -> str | None:
         return "must not contain credentials (user:password@); use header or a credential provider"
     if not parts.hostname:
         return "URL has no host"
-    hp = _split_host_port(parts.netloc)
+    hp = split_host_port(parts.netloc)
     if hp is None:
         return "URL has an invalid host or port"
     host, port = hp
@@ -269,9 +198,9 @@ SOCKET_PATH = Format(
 
 
 def check_unix_endpoint(endpoint: str) -> str | None:
-    if not endpoint.startswith("unix://"):
+    if not endpoint.startswith(UNIX_SCHEME):
         return "must be a unix socket endpoint: unix:///absolute/path"
-    path = endpoint[len("unix://") :]
+    path = unix_socket_path(endpoint)
     if not path:
         return "must be a unix socket endpoint: unix:///absolute/path"
     return check_socket_path(path)
@@ -286,7 +215,7 @@ UNIX_ENDPOINT = Format(
 
 
 def check_listen(addr: str) -> str | None:
-    hp = _split_host_port(addr)
+    hp = split_host_port(addr)
     if hp is None:
         return "must be host:port (for example 0.0.0.0:9847, 127.0.0.1:9847 or [::]:9847)"
     host, port = hp

@@ -1,8 +1,9 @@
 """The validated configuration, as typed, frozen objects.
 
-``nodeagent.config.load()`` is the only way to get one: it validates the YAML against the schema in
-``nodeagent.config.schema`` (the single source of truth for keys, types, defaults and rules) and
-builds these objects. Durations are seconds (float). ``AUTO`` marks a value nodeagent sizes itself
+``nodeagent.config.load()`` is the way to get one from a file: it validates the YAML against the
+schema in ``nodeagent.config.schema`` (keys, types, ranges, rules) and builds these objects. The
+defaults below are the only place defaults are declared: the schema reads them from here.
+Durations are seconds (float). ``AUTO`` marks a value nodeagent sizes itself
 from node facts (see docs/tuning.md).
 """
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+API_VERSION = "nodeagent.io/v1alpha1"  # the document's apiVersion and kind (checked, not kept)
+KIND = "NodeAgentConfig"
 
 Auto = Literal["auto"]
 AUTO: Auto = "auto"
@@ -154,6 +158,8 @@ class ImagesConfig:
     credential_provider_config: str = "/etc/eks/image-credential-provider/config.json"
     credential_provider_bin_dir: str = "/etc/eks/image-credential-provider"
     docker_config: str = "/var/lib/kubelet/config.json"
+    # `nodeagent run` reports the Node condition nodeagent.io/ImagesReady (nodeagent/readiness.py)
+    ready_condition: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """Where a command's config comes from: the baked file, then the instance user-data (IMDSv2).
 
-``load_for_command(args, paths)`` is the one entry point every command uses:
+``load_for_command(args, paths)`` is the one entry point every command uses (``validate`` and
+``userdata`` included), and data flows one way through it: read sources -> merge documents ->
+validate once -> typed ``Config``.
 
-1. Load and validate the baked file (``-c FILE``, default ``/etc/nodeagent/config.yaml`` under
-   ``--root``). An invalid baked file raises ``ConfigError`` as ``config.load`` does (exit 2).
+1. Read the baked file (``-c FILE``, default ``/etc/nodeagent/config.yaml`` under ``--root``) and
+   parse it (``yamldoc``); validate it (``loader.load_data``). An invalid baked file raises
+   ``ConfigError`` (exit 2): without a valid baked config there is nothing to fall back to.
 2. When IMDS is enabled (see ``imds_mode``), fetch the user-data through IMDSv2 (bounded time) and take
-   every ``application/nodeagent.yaml`` part (``nodeagent.userdata``).
-3. Merge the parts over the baked document, later wins (rules below), and validate the result.
+   every ``application/nodeagent.yaml`` part (``nodeagent.userdata``), parsed the same way.
+3. Merge the parts over the baked document, later wins (rules below), and validate the result once.
 
 Merge rules (documented in docs/eks.md):
 - mappings merge key by key, recursively (so ``kubelet.registryPullQPS`` alone changes only that key);
@@ -30,10 +33,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
-from nodeagent.config.loader import ConfigError, Problem, load, load_data, parse_yaml
+from nodeagent.config.loader import load_data
 from nodeagent.config.model import Config
+from nodeagent.config.problems import ConfigError, Problem
+from nodeagent.config.yamldoc import parse_yaml, read_text
 from nodeagent.imds import ENDPOINT_ENV, ImdsClient, ImdsError, ImdsSettings
 from nodeagent.paths import Paths
 
@@ -50,6 +55,7 @@ class LoadedConfig:
     userdata_error: str | None = None
     imds_seconds: float | None = None  # time spent asking IMDS (None: IMDS not used)
     user_data: bytes | None = None  # the user-data as IMDS returned it (apply reads nodeadm's parts)
+    text: str = ""  # the baked file's text as read (``userdata`` publishes it after it validated)
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,10 +114,11 @@ def _problems(where: str, e: ConfigError, *, lines: bool) -> str:
     return "\n".join(out)
 
 
-def _read_baked(path: Path) -> tuple[dict[str, Any], Config]:
-    cfg = load(path)  # raises ConfigError, path-qualified (also for unreadable or non-UTF-8 files)
-    data, _ = parse_yaml(path.read_text(encoding="utf-8"), str(path))
-    return data, cfg
+def _read_baked(path: Path) -> tuple[str, dict[str, Any], Config]:
+    """Read, parse and validate the baked file; ConfigError (path-qualified) when it is not valid."""
+    text = read_text(path)
+    data, ctx = parse_yaml(text, str(path))
+    return text, data, load_data(data, str(path), ctx)
 
 
 def _apply_parts(
@@ -134,14 +141,6 @@ def _apply_parts(
         return None, _problems(f"user-data merged over {baked_path}", e, lines=False)
 
 
-def print_notes(loaded: LoadedConfig, stream: TextIO) -> None:
-    """IMDS warnings and a bad-user-data error, for commands without a report of their own."""
-    for w in loaded.warnings:
-        print(f"warning: {w}", file=stream)
-    if loaded.userdata_error:
-        print(f"error: {loaded.userdata_error}", file=stream)
-
-
 def _fallback(path: Path) -> str:
     return f"user-data ignored: using the baked config {path} alone"
 
@@ -153,14 +152,18 @@ def load_for_command(
     env: Mapping[str, str] | None = None,
     client_factory: Callable[[ImdsSettings], ImdsClient] = ImdsClient,
     clock: Callable[[], float] = time.monotonic,
+    use_imds: bool = True,
 ) -> LoadedConfig:
-    """The config a command runs with. Raises ConfigError only when the BAKED file is invalid."""
+    """The config a command runs with. Raises ConfigError only when the BAKED file is invalid.
+
+    ``use_imds=False``: the file alone, whatever ``--imds``/``$NODEAGENT_IMDS`` say (``userdata``,
+    which publishes the file, must not fold this instance's user-data into it)."""
     e = os.environ if env is None else env
     path = paths.config_for(getattr(args, "config", None))
-    baked_doc, baked = _read_baked(path)
+    text, baked_doc, baked = _read_baked(path)
     baked_only = (str(path),)
-    if not imds_enabled(args, paths, e):
-        return LoadedConfig(baked, baked_only)
+    if not use_imds or not imds_enabled(args, paths, e):
+        return LoadedConfig(baked, baked_only, text=text)
 
     settings = ImdsSettings.from_env(dict(e), endpoint=getattr(args, "imds_endpoint", None))
     t0 = clock()
@@ -170,7 +173,7 @@ def load_for_command(
         took = clock() - t0
         why = "unreachable" if err.unreachable else "refused"
         warning = f"IMDS {why} after {took:.1f}s ({err}); using the baked config {path} alone"
-        return LoadedConfig(baked, baked_only, (warning,), imds_seconds=took)
+        return LoadedConfig(baked, baked_only, (warning,), imds_seconds=took, text=text)
     took = clock() - t0
     from nodeagent.userdata import UserDataError, nodeagent_parts  # MIME parsing: only with user-data
 
@@ -178,13 +181,23 @@ def load_for_command(
         parts = nodeagent_parts(raw)
     except UserDataError as err:
         return LoadedConfig(
-            baked, baked_only, userdata_error=f"{err}\n{_fallback(path)}", imds_seconds=took, user_data=raw
+            baked,
+            baked_only,
+            userdata_error=f"{err}\n{_fallback(path)}",
+            imds_seconds=took,
+            user_data=raw,
+            text=text,
         )
     if not parts:
-        return LoadedConfig(baked, baked_only, imds_seconds=took, user_data=raw)
+        return LoadedConfig(baked, baked_only, imds_seconds=took, user_data=raw, text=text)
     merged, error = _apply_parts(path, baked_doc, parts)
     if merged is None:
         return LoadedConfig(
-            baked, baked_only, userdata_error=f"{error}\n{_fallback(path)}", imds_seconds=took, user_data=raw
+            baked,
+            baked_only,
+            userdata_error=f"{error}\n{_fallback(path)}",
+            imds_seconds=took,
+            user_data=raw,
+            text=text,
         )
-    return LoadedConfig(merged, (str(path), USER_DATA_SOURCE), imds_seconds=took, user_data=raw)
+    return LoadedConfig(merged, (str(path), USER_DATA_SOURCE), imds_seconds=took, user_data=raw, text=text)

@@ -2,103 +2,23 @@
 
 Each type checks a value parsed from YAML, collects problems (never stops at the first) and returns the
 typed value for ``nodeagent.config.model``; the same object renders its JSON Schema and its one-line
-description for docs. On a problem the type returns a placeholder (the field's default) so that the
-rest of the config is still checked; the loader raises at the end when anything was wrong.
+description for docs. On a problem the type returns None and the enclosing object keeps the model's
+default in its place, so that the rest of the config is still checked; the loader raises at the end
+when anything was wrong. Objects (fixed keys, built into the model) are in ``nodeagent.config.objects``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from nodeagent.config.formats import DURATION_PATTERN, Format, format_duration, parse_duration
+from nodeagent.config.formats import Format
+from nodeagent.config.problems import Ctx, Loc
+from nodeagent.durations import DURATION_PATTERN, format_duration, parse_duration
 
 JSON = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the config; prints as ``path.to.key: message (line N)``."""
-
-    path: str
-    message: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = f" (line {self.line})" if self.line else ""
-        return f"{self.path}: {self.message}{where}"
-
-
-class ConfigError(Exception):
-    """The config is invalid; ``problems`` lists every problem found, in file order."""
-
-    def __init__(self, problems: list[Problem], source: str = "") -> None:
-        self.problems = problems
-        self.source = source
-        super().__init__("\n".join(str(p) for p in problems))
-
-
-Parts = tuple[str | int, ...]
-
-
-def quote_key(key: str) -> str:
-    """A user-chosen map key inside a path: ``["docker.io"]``; control characters escaped, bounded."""
-    out = []
-    for c in key[:80]:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\x{ord(c):02x}")
-        else:
-            out.append(c)
-    return '["' + "".join(out) + ('..."]' if len(key) > 80 else '"]')
-
-
-@dataclass(frozen=True)
-class Loc:
-    """Where a value sits: ``parts`` indexes the parsed document, ``text`` is what users read."""
-
-    parts: Parts = ()
-    text: str = ""
-
-    def field(self, key: str) -> Loc:
-        return Loc((*self.parts, key), f"{self.text}.{key}" if self.text else key)
-
-    def entry(self, key: str) -> Loc:
-        return Loc((*self.parts, key), self.text + quote_key(key))
-
-    def item(self, index: int) -> Loc:
-        return Loc((*self.parts, index), f"{self.text}[{index}]")
-
-
-@dataclass
-class Ctx:
-    """Problems found so far, and the YAML line of every value and key (by ``Loc.parts``)."""
-
-    source: str = "<string>"
-    value_lines: dict[Parts, int] = field(default_factory=dict)
-    key_lines: dict[Parts, int] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
-    bad: set[str] = field(default_factory=set)
-
-    def line(self, loc: Loc, *, key: bool = False) -> int | None:
-        parts = loc.parts
-        while True:
-            found = (self.key_lines if key else self.value_lines).get(parts)
-            if found is not None:
-                return found
-            if not parts:
-                return None
-            parts = parts[:-1]
-            key = False
-
-    def add(self, loc: Loc, message: str, *, key: bool = False, line: int | None = None) -> None:
-        self.problems.append(
-            Problem(loc.text, message, line if line is not None else self.line(loc, key=key))
-        )
-        self.bad.add(loc.text)
 
 
 def kind_of(value: object) -> str:
@@ -154,6 +74,10 @@ class Type:
     def show(self, value: Any) -> str:
         """Render a checked value for ``nodeagent validate``'s 'differs from default' lines."""
         return str(value)
+
+    def to_yaml(self, value: Any) -> Any:
+        """A checked value back in the form a user writes it (defaults in the JSON Schema and docs)."""
+        return value
 
 
 class Bool(Type):
@@ -255,6 +179,9 @@ class Duration(Type):
         return "duration" + rng
 
     def show(self, value: Any) -> str:
+        return format_duration(value)
+
+    def to_yaml(self, value: Any) -> Any:
         return format_duration(value)
 
 
@@ -366,6 +293,9 @@ class List(Type):
             return "none"
         return f"{len(value)} {self.noun}{'' if len(value) == 1 else 's'}"
 
+    def to_yaml(self, value: Any) -> Any:
+        return [self.item.to_yaml(v) for v in value]
+
 
 @dataclass
 class Map(Type):
@@ -419,139 +349,5 @@ class Map(Type):
             return "none"
         return ", ".join(f"{k} ({self.value.show(v)})" for k, v in value)
 
-
-@dataclass
-class Field:
-    """One key of an object: YAML name, model attribute, type, default (in YAML form) and description."""
-
-    key: str
-    attr: str
-    type: Type
-    description: str
-    default: Any = None
-    required: bool = False
-    examples: Sequence[Any] = ()
-
-    def default_value(self) -> Any:
-        """The default as the model holds it (durations in seconds, lists as tuples)."""
-        if self.default is None:
-            return self.type.check({}, Loc(), Ctx()) if isinstance(self.type, Object) else None
-        ctx = Ctx()
-        value = self.type.check(self.default, Loc(), ctx)
-        if ctx.problems:  # a schema bug, caught by the unit tests
-            raise AssertionError(f"default of {self.key} is invalid: {ctx.problems}")
-        return value
-
-
-@dataclass
-class Object(Type):
-    """A YAML mapping with fixed keys, built into a model dataclass (``build``)."""
-
-    fields: Sequence[Field]
-    build: Callable[..., Any]
-    description: str = ""
-
-    def check(self, value: object, loc: Loc, ctx: Ctx) -> Any:
-        if value is None and not any(f.required for f in self.fields):
-            value = {}  # "kubelet:" with nothing under it
-        if not isinstance(value, dict):
-            ctx.add(loc, f"expected a mapping, {got(value)}")
-            return None
-        by_key = {f.key: f for f in self.fields}
-        for k in value:
-            if k not in by_key:
-                ctx.add(loc.field(str(k)), unknown_key_message(str(k), list(by_key)), key=True)
-        kwargs: dict[str, Any] = {}
-        missing = False
-        for f in self.fields:
-            floc = loc.field(f.key)
-            if f.key in value:
-                checked = f.type.check(value[f.key], floc, ctx)
-            elif f.required:
-                ctx.add(floc, "required key is missing", line=ctx.line(loc))
-                checked = None
-            else:
-                checked = f.default_value()
-            if checked is None:
-                checked = f.default_value()
-            if checked is None and f.required:
-                missing = True
-            elif checked is not None:
-                kwargs[f.attr] = checked
-        return None if missing else self.build(**kwargs)
-
-    def json_schema(self) -> JSON:
-        props: JSON = {}
-        for f in self.fields:
-            s = dict(f.type.json_schema())
-            s["description"] = f.description
-            if f.default is not None and not f.required:
-                s["default"] = f.default
-            if f.examples:
-                s["examples"] = list(f.examples)
-            props[f.key] = s
-        out: JSON = {"type": "object", "additionalProperties": False, "properties": props}
-        required = [f.key for f in self.fields if f.required]
-        if required:
-            out["required"] = required
-        if self.description:
-            out["description"] = self.description
-        return out
-
-    def doc(self) -> str:
-        return "mapping"
-
-    def show(self, value: Any) -> str:
-        return "(set)"
-
-
-def unknown_key_message(key: str, known: list[str]) -> str:
-    import difflib
-
-    lowered = {k.lower(): k for k in known}
-    if key.lower() in lowered:
-        return f"unknown key (did you mean {lowered[key.lower()]!r}?)"
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if close:
-        return f"unknown key (did you mean {close[0]!r}?)"
-    return "unknown key (expected one of: " + ", ".join(known) + ")"
-
-
-@dataclass
-class CheckedObject(Object):
-    """An ``Object`` with a rule over its own keys (``rule(built, loc, ctx)`` adds problems)."""
-
-    rule: Callable[[Any, Loc, Ctx], None] | None = None
-
-    def check(self, value: object, loc: Loc, ctx: Ctx) -> Any:
-        before = len(ctx.problems)
-        built = super().check(value, loc, ctx)
-        if built is not None and self.rule is not None and len(ctx.problems) == before:
-            self.rule(built, loc, ctx)
-        return built
-
-
-@dataclass
-class ListOrObject(Type):
-    """Either a short form (a YAML sequence, ``short``) or a long form (a mapping, ``long``); both are
-    built into what ``long`` builds (``from_short`` wraps the short form's value)."""
-
-    short: List
-    long: Object
-    from_short: Callable[[Any], Any]
-    shown: Callable[[Any], str] | None = None
-
-    def check(self, value: object, loc: Loc, ctx: Ctx) -> Any:
-        if isinstance(value, dict):
-            return self.long.check(value, loc, ctx)
-        checked = self.short.check(value, loc, ctx)
-        return None if checked is None else self.from_short(checked)
-
-    def json_schema(self) -> JSON:
-        return {"anyOf": [self.short.json_schema(), self.long.json_schema()]}
-
-    def doc(self) -> str:
-        return f"{self.short.doc()}, or a mapping"
-
-    def show(self, value: Any) -> str:
-        return self.shown(value) if self.shown is not None else self.long.show(value)
+    def to_yaml(self, value: Any) -> Any:
+        return {k: self.value.to_yaml(v) for k, v in value}

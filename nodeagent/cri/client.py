@@ -8,10 +8,13 @@ Every call carries a deadline: ``timeout`` for short calls, ``pull_timeout`` for
 no deadline, the caller cancels). A call that fails with UNAVAILABLE (runtime restarting, socket
 not there yet) is retried with bounded exponential backoff and full jitter, at most
 ``retry.attempts`` times and never past ``retry.max_elapsed`` seconds; every other status is final.
-Calls that create something (RunPodSandbox, CreateContainer) are not retried: UNAVAILABLE can
-arrive after the runtime acted. Failures raise ``CriError`` naming the endpoint, the call and the
+A call that creates something is made with ``retry=False`` (UNAVAILABLE can arrive after the
+runtime acted). Failures raise ``CriError`` naming the endpoint, the call and the
 gRPC status; the request (which may carry registry credentials) is never part of the message, and
 any credential the runtime echoes back is masked.
+
+``CriClient`` provides the ``nodeagent.cri.runtime`` protocols (what eviction, prefetch, pod pulls
+and the daemon need); it has only the calls nodeagent makes.
 
 The channel is created on first use inside the running event loop (grpc.aio channels are bound
 to the loop that made them) and closed by ``close()`` / leaving ``async with``.
@@ -24,13 +27,16 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import grpc
 import grpc.aio
 
 from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.cri.gen import cri_api_pb2_grpc as pb_grpc
+from nodeagent.cri.runtime import AuthArg
+
+R = TypeVar("R")
 
 # ListImages on a node with thousands of images exceeds gRPC's 4 MiB default (the kubelet allows 16).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -99,7 +105,7 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def auth_secrets(auth: Any) -> list[str]:
+def auth_secrets(auth: pb.AuthConfig | None) -> list[str]:
     """The secret values of a runtime.v1.AuthConfig (to mask them in error text)."""
     if auth is None:
         return []
@@ -149,14 +155,14 @@ class GrpcCaller:
     async def _call(
         self,
         name: str,
-        method: Callable[..., Any],
-        request: Any,
+        method: Callable[..., Awaitable[R]],
+        request: object,
         *,
         deadline: float | None,
         retry: bool = True,
         metadata: Sequence[tuple[str, str]] | None = None,
         secrets: Iterable[str] = (),
-    ) -> Any:
+    ) -> R:
         """Invoke ``method(request)`` with a deadline; retry UNAVAILABLE per the policy."""
         self.channel  # noqa: B018  (make sure the channel and stubs exist on this loop)
         policy = self.retry if retry else NO_RETRY
@@ -193,8 +199,8 @@ class CriClient(GrpcCaller):
     ) -> None:
         super().__init__(endpoint, timeout, retry, sleep=sleep, clock=clock)
         self.pull_timeout = pull_timeout
-        self._images: Any = None
-        self._runtime: Any = None
+        self._images: pb_grpc.ImageServiceAsyncStub | None = None
+        self._runtime: pb_grpc.RuntimeServiceAsyncStub | None = None
 
     def _make_stubs(self, channel: grpc.aio.Channel) -> None:
         self._images = pb_grpc.ImageServiceStub(channel)
@@ -208,23 +214,25 @@ class CriClient(GrpcCaller):
         await self.close()
 
     @property
-    def images(self) -> Any:
+    def images(self) -> pb_grpc.ImageServiceAsyncStub:
         self.channel  # noqa: B018
+        assert self._images is not None
         return self._images
 
     @property
-    def runtime(self) -> Any:
+    def runtime(self) -> pb_grpc.RuntimeServiceAsyncStub:
         self.channel  # noqa: B018
+        assert self._runtime is not None
         return self._runtime
 
     # --- RuntimeService --------------------------------------------------------------------------
-    async def version(self) -> Any:
+    async def version(self) -> pb.VersionResponse:
         return await self._call(
             "Version", self.runtime.Version, pb.VersionRequest(version="v1"), deadline=self.timeout
         )
 
-    async def list_containers(self, filter: Any = None) -> list[Any]:
-        resp = await self._call(
+    async def list_containers(self, filter: pb.ContainerFilter | None = None) -> list[pb.Container]:
+        resp: pb.ListContainersResponse = await self._call(
             "ListContainers",
             self.runtime.ListContainers,
             pb.ListContainersRequest(filter=filter),
@@ -232,16 +240,8 @@ class CriClient(GrpcCaller):
         )
         return list(resp.containers)
 
-    async def container_status(self, container_id: str, verbose: bool = False) -> Any:
-        return await self._call(
-            "ContainerStatus",
-            self.runtime.ContainerStatus,
-            pb.ContainerStatusRequest(container_id=container_id, verbose=verbose),
-            deadline=self.timeout,
-        )
-
-    async def list_pod_sandboxes(self, filter: Any = None) -> list[Any]:
-        resp = await self._call(
+    async def list_pod_sandboxes(self, filter: pb.PodSandboxFilter | None = None) -> list[pb.PodSandbox]:
+        resp: pb.ListPodSandboxResponse = await self._call(
             "ListPodSandbox",
             self.runtime.ListPodSandbox,
             pb.ListPodSandboxRequest(filter=filter),
@@ -249,7 +249,9 @@ class CriClient(GrpcCaller):
         )
         return list(resp.items)
 
-    async def pod_sandbox_status(self, pod_sandbox_id: str, verbose: bool = False) -> Any:
+    async def pod_sandbox_status(
+        self, pod_sandbox_id: str, verbose: bool = False
+    ) -> pb.PodSandboxStatusResponse:
         return await self._call(
             "PodSandboxStatus",
             self.runtime.PodSandboxStatus,
@@ -257,82 +259,12 @@ class CriClient(GrpcCaller):
             deadline=self.timeout,
         )
 
-    async def run_pod_sandbox(
-        self,
-        config: Any,
-        runtime_handler: str = "",
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> str:
-        """Returns the sandbox id. Not retried (UNAVAILABLE may come after the sandbox was made)."""
-        resp = await self._call(
-            "RunPodSandbox",
-            self.runtime.RunPodSandbox,
-            pb.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler),
-            deadline=timeout or max(self.timeout, 60.0),
-            retry=False,
-        )
-        return str(resp.pod_sandbox_id)
-
-    async def stop_pod_sandbox(self, pod_sandbox_id: str) -> None:
-        await self._call(
-            "StopPodSandbox",
-            self.runtime.StopPodSandbox,
-            pb.StopPodSandboxRequest(pod_sandbox_id=pod_sandbox_id),
-            deadline=max(self.timeout, 60.0),
-        )
-
-    async def remove_pod_sandbox(self, pod_sandbox_id: str) -> None:
-        await self._call(
-            "RemovePodSandbox",
-            self.runtime.RemovePodSandbox,
-            pb.RemovePodSandboxRequest(pod_sandbox_id=pod_sandbox_id),
-            deadline=max(self.timeout, 60.0),
-        )
-
-    async def create_container(self, pod_sandbox_id: str, config: Any, sandbox_config: Any) -> str:
-        """Returns the container id. Not retried."""
-        resp = await self._call(
-            "CreateContainer",
-            self.runtime.CreateContainer,
-            pb.CreateContainerRequest(
-                pod_sandbox_id=pod_sandbox_id, config=config, sandbox_config=sandbox_config
-            ),
-            deadline=max(self.timeout, 60.0),
-            retry=False,
-        )
-        return str(resp.container_id)
-
-    async def start_container(self, container_id: str) -> None:
-        await self._call(
-            "StartContainer",
-            self.runtime.StartContainer,
-            pb.StartContainerRequest(container_id=container_id),
-            deadline=max(self.timeout, 60.0),
-            retry=False,
-        )
-
-    async def stop_container(self, container_id: str, grace: int = 0) -> None:
-        await self._call(
-            "StopContainer",
-            self.runtime.StopContainer,
-            pb.StopContainerRequest(container_id=container_id, timeout=grace),
-            deadline=self.timeout + grace,
-        )
-
-    async def remove_container(self, container_id: str) -> None:
-        await self._call(
-            "RemoveContainer",
-            self.runtime.RemoveContainer,
-            pb.RemoveContainerRequest(container_id=container_id),
-            deadline=max(self.timeout, 60.0),
-        )
-
     # --- ImageService ----------------------------------------------------------------------------
     async def pull_image(
         self,
         image: str,
-        auth: Any = None,
-        sandbox_config: Any = None,
+        auth: AuthArg = None,
+        sandbox_config: pb.PodSandboxConfig | None = None,
         timeout: float | None = None,  # noqa: ASYNC109  (the gRPC deadline, not an asyncio timeout)
         retry: bool = True,
         metadata: Sequence[tuple[str, str]] | None = None,
@@ -341,28 +273,29 @@ class CriClient(GrpcCaller):
         mapping of its fields. ``timeout`` None uses ``pull_timeout``. ``retry=False`` for a caller
         with its own retry loop (prefetch), so that the two do not multiply. ``metadata``: gRPC
         metadata (prefetch names itself to nodeagent's proxy: ``x-nodeagent-origin``)."""
-        if isinstance(auth, Mapping):
-            auth = pb.AuthConfig(**auth)
-        req = pb.PullImageRequest(image=pb.ImageSpec(image=image), auth=auth, sandbox_config=sandbox_config)
-        resp = await self._call(
+        config = pb.AuthConfig(**auth) if isinstance(auth, Mapping) else auth
+        req = pb.PullImageRequest(image=pb.ImageSpec(image=image), auth=config, sandbox_config=sandbox_config)
+        resp: pb.PullImageResponse = await self._call(
             "PullImage",
             self.images.PullImage,
             req,
             deadline=timeout if timeout is not None else self.pull_timeout,
             retry=retry,
             metadata=metadata,
-            secrets=auth_secrets(auth),
+            secrets=auth_secrets(config),
         )
         return str(resp.image_ref)
 
-    async def list_images(self, filter: str | None = None) -> list[Any]:
+    async def list_images(self, filter: str | None = None) -> list[pb.Image]:
         req = pb.ListImagesRequest(
             filter=pb.ImageFilter(image=pb.ImageSpec(image=filter)) if filter else None
         )
-        resp = await self._call("ListImages", self.images.ListImages, req, deadline=self.timeout)
+        resp: pb.ListImagesResponse = await self._call(
+            "ListImages", self.images.ListImages, req, deadline=self.timeout
+        )
         return list(resp.images)
 
-    async def image_status(self, image: str, verbose: bool = False) -> Any:
+    async def image_status(self, image: str, verbose: bool = False) -> pb.ImageStatusResponse:
         """The ImageStatusResponse; ``.HasField("image")`` is False when the image is absent."""
         return await self._call(
             "ImageStatus",
@@ -380,7 +313,7 @@ class CriClient(GrpcCaller):
             deadline=max(self.timeout, 60.0),
         )
 
-    async def image_fs_info(self) -> Any:
+    async def image_fs_info(self) -> pb.ImageFsInfoResponse:
         return await self._call(
             "ImageFsInfo", self.images.ImageFsInfo, pb.ImageFsInfoRequest(), deadline=self.timeout
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 import grpc
 import grpc.aio
@@ -37,7 +36,7 @@ class ContainerdImages(GrpcCaller):
     ) -> None:
         super().__init__(endpoint, timeout, retry, sleep=sleep)
         self.namespace = namespace
-        self._stub: Any = None
+        self._stub: pb_grpc.ImagesAsyncStub | None = None
 
     def _make_stubs(self, channel: grpc.aio.Channel) -> None:
         self._stub = pb_grpc.ImagesStub(channel)
@@ -50,17 +49,18 @@ class ContainerdImages(GrpcCaller):
         await self.close()
 
     @property
-    def stub(self) -> Any:
+    def stub(self) -> pb_grpc.ImagesAsyncStub:
         self.channel  # noqa: B018
+        assert self._stub is not None
         return self._stub
 
     @property
     def _md(self) -> tuple[tuple[str, str], ...]:
         return ((NAMESPACE_HEADER, self.namespace),)
 
-    async def list(self, filters: list[str] | None = None) -> list[Any]:
+    async def list(self, filters: list[str] | None = None) -> list[pb.Image]:
         """Images in the namespace (containerd.services.images.v1.Image messages)."""
-        resp = await self._call(
+        resp: pb.ListImagesResponse = await self._call(
             "images.List",
             self.stub.List,
             pb.ListImagesRequest(filters=filters or []),
@@ -69,10 +69,10 @@ class ContainerdImages(GrpcCaller):
         )
         return list(resp.images)
 
-    async def get(self, name: str) -> Any | None:
+    async def get(self, name: str) -> pb.Image | None:
         """The image record named ``name``, or None if there is none."""
         try:
-            resp = await self._call(
+            resp: pb.GetImageResponse = await self._call(
                 "images.Get",
                 self.stub.Get,
                 pb.GetImageRequest(name=name),
@@ -85,7 +85,7 @@ class ContainerdImages(GrpcCaller):
             raise
         return resp.image
 
-    async def set_labels(self, name: str, labels: Mapping[str, str | None]) -> Any:
+    async def set_labels(self, name: str, labels: Mapping[str, str | None]) -> pb.Image:
         """Set (value) or remove (None) individual labels of image ``name``; other labels stay.
         Returns the updated image record.
 
@@ -110,13 +110,10 @@ class ContainerdImages(GrpcCaller):
                 image.labels[key] = value
         req = pb.UpdateImageRequest(image=image)
         req.update_mask.paths.extend(paths)
-        resp = await self._call(
+        resp: pb.UpdateImageResponse = await self._call(
             "images.Update", self.stub.Update, req, deadline=self.timeout, metadata=self._md
         )
         return resp.image
 
-    async def pin(self, name: str) -> Any:
+    async def pin(self, name: str) -> pb.Image:
         return await self.set_labels(name, {PINNED_LABEL: PINNED_VALUE})
-
-    async def unpin(self, name: str) -> Any:
-        return await self.set_labels(name, {PINNED_LABEL: None})

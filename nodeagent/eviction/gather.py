@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from nodeagent.cri.runtime import Runtime
 from nodeagent.eviction import baked
 from nodeagent.eviction.inventory import Inventory
 from nodeagent.eviction.policy import Container, FsUsage, Image, InUse, last_used_of
@@ -37,7 +37,7 @@ class Inputs:
     users: list[Container]  # containers and sandboxes, with the image each uses
 
 
-async def measure(cri: Any, imagefs: Imagefs) -> FsUsage:
+async def measure(cri: Runtime, imagefs: Imagefs) -> FsUsage:
     """The image filesystem's usage now. Raises ``StageError("usage")``."""
     try:
         return await imagefs.measure(cri)
@@ -54,7 +54,7 @@ async def users(inventory: Inventory) -> list[Container]:
         raise StageError("list", e) from None
 
 
-async def gather(cri: Any, imagefs: Imagefs, inventory: Inventory | None = None) -> Inputs:
+async def gather(cri: Runtime, imagefs: Imagefs, inventory: Inventory | None = None) -> Inputs:
     """Measure, then list images and their users. Raises ``StageError``."""
     fs = await measure(cri, imagefs)
     inv = inventory or Inventory(cri)

@@ -9,38 +9,39 @@ exists. Any container or sandbox, running or not, keeps its image.
 from __future__ import annotations
 
 import json
-from typing import Any
 
+from nodeagent.cri.gen import cri_api_pb2 as pb
+from nodeagent.cri.runtime import Runtime
 from nodeagent.eviction.policy import Container, Image
 
 CONTAINER_RUNNING = 1  # runtime.v1 ContainerState
 SANDBOX_READY = 0  # runtime.v1 PodSandboxState
 
 
-def image_of(msg: Any) -> Image:
+def image_of(msg: pb.Image) -> Image:
     return Image(
-        id=str(msg.id),
+        id=msg.id,
         repo_tags=tuple(msg.repo_tags),
         repo_digests=tuple(msg.repo_digests),
-        size=int(msg.size),
-        pinned=bool(getattr(msg, "pinned", False)),
+        size=msg.size,
+        pinned=msg.pinned,
     )
 
 
-def container_of(msg: Any) -> Container:
+def container_of(msg: pb.Container) -> Container:
     return Container(
-        id=str(msg.id),
-        image=str(msg.image.image) if msg.HasField("image") else "",
-        image_ref=str(msg.image_ref),
-        image_id=str(getattr(msg, "image_id", "")),
+        id=msg.id,
+        image=msg.image.image if msg.HasField("image") else "",
+        image_ref=msg.image_ref,
+        image_id=msg.image_id,
         running=msg.state == CONTAINER_RUNNING,
         kind="container",
     )
 
 
-def sandbox_image_from_status(resp: Any) -> str:
+def sandbox_image_from_status(resp: pb.PodSandboxStatusResponse) -> str:
     """The image a sandbox was created from, from PodSandboxStatus(verbose=True); "" if not reported."""
-    raw = resp.info.get("info") if hasattr(resp, "info") else None
+    raw = resp.info.get("info")
     if not raw:
         return ""
     try:
@@ -52,9 +53,10 @@ def sandbox_image_from_status(resp: Any) -> str:
 
 
 class Inventory:
-    """Reads images and their users through a ``CriClient``; caches sandbox images by sandbox id."""
+    """Reads images and their users through the runtime (``CriClient``); caches sandbox images by
+    sandbox id."""
 
-    def __init__(self, cri: Any) -> None:
+    def __init__(self, cri: Runtime) -> None:
         self.cri = cri
         self._sandbox_images: dict[str, str] = {}
 
@@ -67,7 +69,7 @@ class Inventory:
         sandboxes = await self.cri.list_pod_sandboxes()
         seen: dict[str, str] = {}
         for sb in sandboxes:
-            sid = str(sb.id)
+            sid = sb.id
             image = self._sandbox_images.get(sid)
             if image is None:
                 try:

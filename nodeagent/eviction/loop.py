@@ -32,10 +32,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodeagent import memory
 from nodeagent.config.model import Config
+from nodeagent.cri.runtime import Runtime
 from nodeagent.eviction import gather, report
 from nodeagent.eviction.gather import Inputs, StageError
 from nodeagent.eviction.inventory import Inventory
@@ -59,6 +60,9 @@ from nodeagent.paths import Paths
 from nodeagent.run.cachestats import EVICTION, CacheStats
 from nodeagent.throttle import LOG_PERIOD as ERROR_LOG_PERIOD
 from nodeagent.throttle import Clock, PeriodicLog, Sleep, TokenBucket
+
+if TYPE_CHECKING:
+    from nodeagent.proxy.records import PullRecord
 
 log = get_logger(__name__)
 
@@ -91,7 +95,7 @@ class EvictionLoop:
         metrics: Metrics,
         last_used: LastUsed,
         *,
-        cri_factory: Callable[[], Any] | None = None,
+        cri_factory: Callable[[], Runtime] | None = None,
         cache: CacheStats | None = None,
         clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
@@ -122,7 +126,7 @@ class EvictionLoop:
         self._trigger = asyncio.Event()
         self.pull_settle = PULL_SETTLE_SECONDS
         self._settle: asyncio.TimerHandle | None = None
-        self._cri: Any = None
+        self._cri: Runtime | None = None
         self._inventory: Inventory | None = None
         self.manifest = gather.BakedManifest(paths.baked_manifest)
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVICTIONS)
@@ -136,7 +140,7 @@ class EvictionLoop:
         self.cycles = 0
 
     # --- wiring -------------------------------------------------------------------------------
-    def on_pull(self, record: Any) -> None:
+    def on_pull(self, record: PullRecord) -> None:
         """Pull listener. A pull, even a failed one, may have filled the disk: one statvfs says
         whether it is at or above high, and then a cycle runs at once. Below high, the cycle (which
         also refreshes the cache size and image count) runs once pulls have settled for
@@ -171,12 +175,12 @@ class EvictionLoop:
 
     async def close(self) -> None:
         cri, self._cri, self._inventory = self._cri, None, None
-        if cri is not None and hasattr(cri, "close"):
+        if cri is not None:
             with contextlib.suppress(Exception):
                 await cri.close()
         self._save_last_used()
 
-    def _client(self) -> Any:
+    def _client(self) -> Runtime:
         if self._cri is None:
             if self._cri_factory is not None:
                 self._cri = self._cri_factory()

@@ -15,10 +15,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nodeagent.eviction.policy import FsUsage
 from nodeagent.paths import Paths
+
+if TYPE_CHECKING:
+    from nodeagent.cri.gen import cri_api_pb2 as pb
+    from nodeagent.cri.runtime import ImageService
 
 
 class UsageError(RuntimeError):
@@ -36,10 +40,10 @@ def measure(path: Path) -> FsUsage:
     return FsUsage(used_bytes=max(0, used), total_bytes=total)
 
 
-def mountpoint_from_imagefs_info(response: Any) -> str:
+def mountpoint_from_imagefs_info(response: pb.ImageFsInfoResponse) -> str:
     """The image filesystem's mountpoint from a CRI ImageFsInfoResponse ("" when it names none)."""
-    for fs in getattr(response, "image_filesystems", ()):
-        mp = str(fs.fs_id.mountpoint)
+    for fs in response.image_filesystems:
+        mp = fs.fs_id.mountpoint
         if mp:
             return mp
     return ""
@@ -82,7 +86,7 @@ class Imagefs:
         self.path: Path | None = None
         self._measure = measure
 
-    async def locate(self, cri: Any) -> Path:
+    async def locate(self, cri: ImageService) -> Path:
         """The path to measure (looked up on the first call). Raises ``UsageError``, or the CRI
         client's error when ImageFsInfo fails."""
         if self.path is None:
@@ -99,7 +103,7 @@ class Imagefs:
             return None
         return self._statvfs(self.path)
 
-    async def measure(self, cri: Any) -> FsUsage:
+    async def measure(self, cri: ImageService) -> FsUsage:
         """Usage now (statvfs). Raises ``UsageError`` or the CRI client's error."""
         return self._statvfs(await self.locate(cri))
 

@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodeagent.log import event, get_logger
+
+if TYPE_CHECKING:
+    from nodeagent.config.model import Config
+    from nodeagent.daemon import Daemon
+    from nodeagent.eviction.loop import EvictionLoop
+    from nodeagent.paths import Paths
 
 log = get_logger(__name__)
 
@@ -32,7 +38,9 @@ def _import_client() -> None:
 
 
 class PodPulls:
-    def __init__(self, config: Any, paths: Any, daemon: Any, evictor: Any = None) -> None:
+    def __init__(
+        self, config: Config, paths: Paths, daemon: Daemon, evictor: EvictionLoop | None = None
+    ) -> None:
         self.config = config
         self.settings = config.pod_pulls
         self.paths = paths

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent import humanize
+from nodeagent.endpoints import without_trailing_slash
 from nodeagent.imageref import normalize, split_domain
 from nodeagent.log import event, get_logger
 
@@ -57,7 +58,7 @@ def registry_base(host: str, hosts_dir: Path) -> str:
         doc = tomllib.loads((hosts_dir / host / "hosts.toml").read_text())
         server = doc.get("server")
         if isinstance(server, str) and server:
-            return server.rstrip("/")
+            return without_trailing_slash(server)
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         pass
     if host == "docker.io":

@@ -10,6 +10,9 @@
 - ``pull_secret_auths(client, namespace, names)``: the docker config entries of a pod's
   ``imagePullSecrets`` (the node authorizer lets a node read the secrets its pods reference).
 - ``runtime_handler(client, name)``: a RuntimeClass's handler.
+- ``set_node_condition(client, node, condition)``: one condition in the Node's status (a strategic
+  merge patch of ``nodes/NAME/status``, keyed by ``type``: the kubelet's own conditions and other
+  agents' stay; the node authorizer and NodeRestriction let a node do this to its own Node).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nodeagent.backoff import Backoff
 from nodeagent.credentials import Auth, CredentialError, parse_docker_config
 from nodeagent.log import event, get_logger
 from nodeagent.podpulls.pods import PodInfo, from_api
@@ -146,6 +150,12 @@ async def runtime_handler(client: Any, name: str) -> str:
     return str(rc.handler or "")
 
 
+async def set_node_condition(client: Any, node: str, condition: dict[str, str]) -> None:
+    from lightkube.resources.core_v1 import Node
+
+    await client.patch(Node.Status, node, {"status": {"conditions": [condition]}})
+
+
 class PodWatch:
     """List, then watch, the pods bound to ``node``; ``on_pod(PodInfo)`` for each one listed and each
     ADDED/MODIFIED event. ``on_state(connected, error)`` reports the API server's reachability."""
@@ -173,7 +183,8 @@ class PodWatch:
     async def run(self) -> None:
         from lightkube import ApiError
 
-        backoff = BACKOFF_INITIAL
+        backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX, jitter="equal")
+        failures = 0
         while True:
             try:
                 if self.resource_version is None:
@@ -192,10 +203,10 @@ class PodWatch:
             except Exception as e:  # connection refused, TLS, timeouts, a malformed answer...
                 self.on_state(False, _safe(e) if str(e) else type(e).__name__)
             else:
-                backoff = BACKOFF_INITIAL
+                failures = 0
                 continue
-            await self._sleep(backoff * (0.5 + 0.5 * self._rng()))
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            await self._sleep(backoff.delay(failures, self._rng))
+            failures += 1
 
     async def _list(self) -> None:
         from lightkube.resources.core_v1 import Pod

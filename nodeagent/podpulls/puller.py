@@ -23,11 +23,14 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nodeagent.credentials import Auth, CredentialError, Credentials, best_match
 from nodeagent.log import event, get_logger
 from nodeagent.podpulls.pods import ALWAYS, IF_NOT_PRESENT, NEVER, PodImage, PodInfo
+
+if TYPE_CHECKING:
+    from nodeagent.cri.gen import cri_api_pb2 as pb
 
 log = get_logger(__name__)
 
@@ -208,7 +211,7 @@ class PodPuller:
         if self._on_change is not None:
             self._on_change()
 
-    def _sandbox_config(self, pod: PodInfo) -> Any:
+    def _sandbox_config(self, pod: PodInfo) -> pb.PodSandboxConfig:
         """What the kubelet would put in PullImageRequest.sandbox_config, as far as it is known
         before the sandbox exists: metadata, labels (with the kubelet's own), annotations, log dir."""
         from nodeagent.cri.gen import cri_api_pb2 as pb
@@ -254,7 +257,7 @@ class PodPuller:
         o: ImageOutcome,
         secret_auths: list[dict[str, Auth]],
         handler: str,
-        sandbox: Any,
+        sandbox: pb.PodSandboxConfig,
     ) -> None:
         t0 = self._clock()
         try:
@@ -275,7 +278,7 @@ class PodPuller:
         img: PodImage,
         secret_auths: list[dict[str, Auth]],
         handler: str,
-        sandbox: Any,
+        sandbox: pb.PodSandboxConfig,
     ) -> tuple[str, str]:
         from nodeagent.cri.gen import cri_api_pb2 as pb
         from nodeagent.proxy.singleflight import pull_key
@@ -310,7 +313,7 @@ class PodPuller:
                 return last
         return last
 
-    async def _pull_one(self, img: PodImage, req: Any, auth: Auth | None) -> tuple[str, str]:
+    async def _pull_one(self, img: PodImage, req: pb.PullImageRequest, auth: Auth | None) -> tuple[str, str]:
         from nodeagent.proxy.records import classify
 
         async with self.slots:

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent.imageref import DOCKER_HUB_ALIASES, split_domain
+from nodeagent.imageref import split_reference
 
 DOCKER_HUB = "docker.io"
 # Who asked for a pull (a bounded label on the pull metrics): the kubelet through the proxy, nodeagent's
@@ -20,28 +20,12 @@ ORIGIN_KUBELET = "kubelet"
 ORIGIN_POD = "pod"
 ORIGIN_PREFETCH = "prefetch"
 ORIGINS = (ORIGIN_KUBELET, ORIGIN_POD, ORIGIN_PREFETCH)
-_DOCKER_HUB_ALIASES = {DOCKER_HUB, *DOCKER_HUB_ALIASES}
 _DIGEST = re.compile(r"@[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
 _IMAGE_ID = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
 
 
 def is_image_id(ref: str) -> bool:
     return bool(_IMAGE_ID.match(ref))
-
-
-def split_reference(ref: str) -> tuple[str, str]:
-    """``(registry, rest)`` of an image reference. Which first component is a registry host is
-    decided by ``nodeagent.imageref.split_domain`` (the one rule, as containerd/docker resolve
-    references); here hosts are also lower-cased and Docker Hub aliases folded into ``docker.io``,
-    and ``rest`` is left as written (no ``library/`` added)."""
-    ref = ref.strip()
-    host, _ = split_domain(ref)
-    if host == DOCKER_HUB and not ref.lower().startswith(tuple(a + "/" for a in _DOCKER_HUB_ALIASES)):
-        return DOCKER_HUB, ref  # no registry in the reference: Docker Hub
-    host = host.lower()
-    if host in _DOCKER_HUB_ALIASES:
-        host = DOCKER_HUB
-    return host, ref.partition("/")[2]
 
 
 @functools.lru_cache(maxsize=1024)  # pure; the kubelet asks about the same images over and over

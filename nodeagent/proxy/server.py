@@ -26,133 +26,44 @@ bounded number of records, log lines and metric increments (``CancelSummary``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from nodeagent import memory
-from nodeagent.cri.client import MAX_MESSAGE_BYTES, auth_secrets, redact
+from nodeagent.cri.client import MAX_MESSAGE_BYTES
 from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.lastused import LastUsed
 from nodeagent.log import event, get_logger
 from nodeagent.metrics import Metrics
 from nodeagent.proxy import sockets
 from nodeagent.proxy.h2grpc import Channel, Context, Limits, OnDone, RpcError, Server, ServerCall
-from nodeagent.proxy.records import (
-    ORIGIN_KUBELET,
-    ORIGIN_POD,
-    ORIGINS,
-    PullRecord,
-    classify,
-    image_label,
-    is_image_id,
-    registry_of,
+from nodeagent.proxy.methods import (
+    INSPECT_BYTES,
+    MAX_REQUEST_BYTES,
+    PULL,
+    REMOVE,
+    SERVER_STREAMING,
+    STATUS,
+    for_caller,
+    proxy_limits,
 )
-from nodeagent.proxy.singleflight import Flight, Flights, Key, Waiting, pull_key
+from nodeagent.proxy.pullrecords import CancelSummary
+from nodeagent.proxy.pulls import PullPath, PullWrapper
+from nodeagent.proxy.records import (
+    PullRecord,
+)
+from nodeagent.proxy.singleflight import Flights
 
 log = get_logger(__name__)
 
-PullWrapper = Callable[[str, Callable[[], Awaitable[bytes]]], Awaitable[tuple[bytes, str | None]]]
 
-IMAGE_SERVICE = "/runtime.v1.ImageService/"
-PULL = IMAGE_SERVICE + "PullImage"
-STATUS = IMAGE_SERVICE + "ImageStatus"
-REMOVE = IMAGE_SERVICE + "RemoveImage"
-# Server-streaming CRI methods (a generic handler cannot learn a method's shape from its name).
-SERVER_STREAMING = frozenset(
-    {
-        IMAGE_SERVICE + "StreamImages",
-        "/runtime.v1.RuntimeService/StreamPodSandboxes",
-        "/runtime.v1.RuntimeService/StreamContainers",
-        "/runtime.v1.RuntimeService/StreamContainerStats",
-        "/runtime.v1.RuntimeService/StreamPodSandboxStats",
-        "/runtime.v1.RuntimeService/StreamPodSandboxMetrics",
-        "/runtime.v1.RuntimeService/GetContainerEvents",
-    }
-)
-# Image size lookup after a pull: short; a slow answer only loses the byte count of one record.
-SIZE_LOOKUP_TIMEOUT = 5.0
-SIZE_CACHE_ENTRIES = 4096
-MAX_ERROR_CHARS = 2000
-# The status message forwarded to the kubelet travels as gRPC metadata (grpc-message). Past the
-# kubelet's default 8 KiB soft limit grpc drops the whole status at random ("Stream removed"), so a
-# longer upstream message reaches the caller cut to this many bytes, with a marker.
-MAX_CALLER_ERROR_BYTES = 4096
-# gRPC metadata by which a client of the proxy says what it is (``prefetch``); anything else is the kubelet.
-ORIGIN_METADATA = "x-nodeagent-origin"
-# Images pulled for pods whose "lead" (pull end -> the kubelet's first question) is still to be seen.
-LEAD_ENTRIES = 1024
-# A PullImage caller whose deadline passed is answered DEADLINE_EXCEEDED this long after it.
-DEADLINE_GRACE = 1.0
-# Requests from the kubelet are small (a PullImage with its sandbox config: kilobytes); grpc's own
-# default receive limit. Responses are relayed as they come and are not limited here.
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
-# Answers of inspected calls (PullImage, ImageStatus) up to this size are kept to be decoded.
-INSPECT_BYTES = 1024 * 1024
-# Pulls the caller cancelled: this many per period are recorded one by one; the rest are summed up
-# in one log line per period (not recorded, not counted in the metrics: a rapid-reset burst).
-CANCELED_RECORDS_PER_PERIOD = 20
-CANCELED_PERIOD = 10.0
-
-
-def proxy_limits(max_connections: int) -> Limits:
-    """The proxy's bounds (``h2grpc.Limits``) with the configurable ones (``cri.proxyMaxConnections``)."""
-    return Limits(max_connections=max_connections, long_calls=frozenset({PULL}))
-
-
-class CancelSummary:
-    """Caps the pull records of cancelled pulls per period; counts the rest per registry and writes
-    one summary line when the period ends."""
-
-    def __init__(self, burst: int = CANCELED_RECORDS_PER_PERIOD, period: float = CANCELED_PERIOD) -> None:
-        self.burst = burst
-        self.period = period
-        self._start = 0.0
-        self._recorded = 0
-        self._skipped: dict[str, int] = {}
-        self._timer: asyncio.TimerHandle | None = None
-
-    def allow(self, registry: str) -> bool:
-        now = time.monotonic()
-        if now - self._start >= self.period:
-            self.flush()
-            self._start = now
-        if self._recorded < self.burst:
-            self._recorded += 1
-            return True
-        self._skipped[registry] = self._skipped.get(registry, 0) + 1
-        if self._timer is None:
-            with contextlib.suppress(RuntimeError):
-                loop = asyncio.get_running_loop()
-                self._timer = loop.call_later(max(0.0, self._start + self.period - now), self.flush)
-        return False
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._skipped:
-            event(
-                log,
-                "pulls canceled by callers, not recorded one by one",
-                level=30,
-                count=sum(self._skipped.values()),
-                registries=dict(sorted(self._skipped.items())[:20]),
-                period_seconds=self.period,
-            )
-        self._skipped = {}
-        self._recorded = 0
-
-
-class ImageProxy:
+class ImageProxy(PullPath):
     def __init__(
         self,
         upstream: str,
@@ -316,310 +227,6 @@ class ImageProxy:
             raise RpcError(e.code(), for_caller(e.details())) from None
         self._note(method, grpc.StatusCode.OK)
 
-    # --- inspected calls -----------------------------------------------------------------------
-    @staticmethod
-    def _read_pull(request: bytes) -> tuple[str, list[str], Key] | None:
-        """The image, the credentials' secrets (for masking) and the single-flight key of a
-        PullImageRequest; None if it does not decode (then it is forwarded untouched and the runtime
-        answers)."""
-        try:
-            req = pb.PullImageRequest.FromString(request)
-            return req.image.image, [s for s in auth_secrets(req.auth) if s], pull_key(req)
-        except Exception:
-            return None
-
-    def _pull(self, call: ServerCall) -> None:
-        read = self._read_pull(call.message)
-        if read is None:
-            self._passthrough(call)
-            return
-
-        def deliver(message: bytes | None, error: Any) -> None:
-            if error is None:
-                assert message is not None
-                call.reply(message)
-            else:
-                call.fail(error.code(), for_caller(error.details()))
-
-        call.on_cancel = self._enter(
-            call.message, call.metadata, read, origin_of(call.metadata), call.time_remaining(), deliver
-        )
-
-    async def pull(
-        self,
-        request: bytes,
-        *,
-        origin: str,
-        metadata: tuple[tuple[str, str], ...] = (),
-    ) -> bytes:
-        """A PullImage from inside nodeagent (pod pulls): through the same single-flight table, pull
-        records and metrics as the kubelet's calls. Raises RpcError; cancelling the awaiting task
-        leaves the flight (the upstream pull goes on while others wait for it)."""
-        read = self._read_pull(request)
-        if read is None:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "not a PullImageRequest")
-        fut: asyncio.Future[tuple[bytes | None, Any]] = asyncio.get_running_loop().create_future()
-
-        def deliver(message: bytes | None, error: Any) -> None:
-            if not fut.done():
-                fut.set_result((message, error))
-
-        leave = self._enter(request, metadata, read, origin, None, deliver)
-        try:
-            message, error = await fut
-        except asyncio.CancelledError:
-            leave()
-            raise
-        if error is not None:
-            raise RpcError(error.code(), error.details())
-        assert message is not None
-        return message
-
-    def _enter(
-        self,
-        request: bytes,
-        metadata: tuple[tuple[str, str], ...],
-        read: tuple[str, list[str], Key],
-        origin: str,
-        remaining: float | None,
-        deliver: Callable[[bytes | None, Any], None],
-    ) -> Callable[[], None]:
-        """Join the flight of an identical pull or start one; returns what to call when the caller
-        goes away. The caller's own deadline is kept here (the upstream call has none: it ends when
-        it answers or when its last caller left)."""
-        image, secrets, key = read
-        pull = _Pull(image, registry_of(image), time.time(), time.monotonic(), secrets, True, origin)
-        self._pull_started()
-        if origin == ORIGIN_KUBELET:
-            self._observe_lead(image)
-        flight = self.flights.get(key)
-        if flight is None:
-            flight = self.flights.begin(key)
-            self._start_upstream(flight, request, metadata, pull.registry)
-        else:
-            pull.joined = True
-            self.metrics.pull_joins.labels(origin=origin).inc()
-        waiting = Waiting(self._deliverer(pull, deliver), (pull, deliver))
-        flight.waiting.append(waiting)
-        if remaining is not None:
-            waiting.timer = asyncio.get_running_loop().call_later(
-                remaining, self._leave, flight, waiting, "DEADLINE_EXCEEDED"
-            )
-        return functools.partial(self._leave, flight, waiting, "CANCELLED")
-
-    def _deliverer(
-        self, pull: _Pull, deliver: Callable[[bytes | None, Any], None]
-    ) -> Callable[[bytes | None, Any], None]:
-        def answer(message: bytes | None, error: Any) -> None:
-            if error is None:
-                assert message is not None
-                deliver(message, None)
-                self._note(PULL, grpc.StatusCode.OK)
-                self._pull_ended(pull, "OK", "", message, pull.retry_reason)
-            else:
-                details = redact(error.details(), pull.secrets)
-                deliver(None, RpcError(error.code(), details))
-                self._note(PULL, error.code())
-                self._pull_ended(pull, error.code().name, details, b"", pull.retry_reason)
-
-        return answer
-
-    def _start_upstream(
-        self, flight: Flight, request: bytes, metadata: tuple[tuple[str, str], ...], registry: str
-    ) -> None:
-        assert self._channel is not None
-        if self.pull_wrapper is None:  # the callback path: no task on the way
-            pending = self._channel.start(
-                PULL, request, lambda m, e: self._flight_done(flight, m, e, None), metadata=metadata
-            )
-            flight.cancel_upstream = pending.cancel
-            return
-        # mirror health may cancel and retry it: a coroutine
-        task = asyncio.get_running_loop().create_task(self._wrapped(flight, request, metadata, registry))
-
-        def cancel() -> None:
-            task.cancel()
-
-        flight.cancel_upstream = cancel
-
-    async def _wrapped(
-        self, flight: Flight, request: bytes, metadata: tuple[tuple[str, str], ...], registry: str
-    ) -> None:
-        assert self.pull_wrapper is not None and self._channel is not None
-        channel = self._channel
-
-        async def attempt() -> bytes:
-            return await channel.unary(PULL, request, timeout=None, metadata=metadata)
-
-        try:
-            response, retry_reason = await self.pull_wrapper(registry, attempt)
-        except RpcError as e:
-            self._flight_done(flight, None, e, None)
-        except Exception as e:  # a bug in the wrapper must not leave callers waiting forever
-            log.exception("pull wrapper failed")
-            self._flight_done(
-                flight, None, RpcError(grpc.StatusCode.UNKNOWN, f"nodeagent: {type(e).__name__}"), None
-            )
-        else:
-            self._flight_done(flight, response, None, retry_reason)
-
-    def _flight_done(
-        self, flight: Flight, message: bytes | None, error: RpcError | None, retry_reason: str | None
-    ) -> None:
-        for w in self.flights.end(flight):
-            w.state[0].retry_reason = retry_reason
-            w.deliver(message, error)
-
-    def _leave(self, flight: Flight, waiting: Waiting, code: str) -> None:
-        if not self.flights.leave(flight, waiting):
-            return
-        pull, deliver = waiting.state
-        if code == "DEADLINE_EXCEEDED":
-            # Recorded now; answered a moment later, so that a caller keeping its own deadline (every
-            # gRPC client) reports it in its own words, as it would without the proxy in between.
-            self._note(PULL, grpc.StatusCode.DEADLINE_EXCEEDED)
-            self._pull_ended(pull, code, "Deadline Exceeded", b"", None)
-            error = RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            asyncio.get_running_loop().call_later(DEADLINE_GRACE, deliver, None, error)
-            return
-        self._pull_ended(pull, "CANCELLED", "the caller cancelled the pull", b"", None)
-
-    def _pull_started(self) -> None:
-        self.metrics.pulls_in_flight.inc()
-        self.in_flight += 1
-
-    def _observe_lead(self, image: str) -> None:
-        """The kubelet asks about an image nodeagent pulled for a pod: how long it had been there."""
-        if not self._pod_ready:
-            return
-        t = self._pod_ready.pop(_lead_key(image), None)
-        if t is not None:
-            self.metrics.pod_pulls_lead.observe(max(0.0, time.monotonic() - t))
-
-    def _abandoned(self, call: ServerCall) -> None:
-        """A PullImage the caller reset before it was started upstream: recorded as canceled (within
-        the cancelled-pull cap), nothing sent upstream."""
-        if call.method != PULL:
-            return
-        read = self._read_pull(call.message)
-        if read is None:
-            return
-        image = read[0]
-        pull = _Pull(
-            image,
-            registry_of(image),
-            time.time(),
-            time.monotonic(),
-            known=True,
-            origin=origin_of(call.metadata),
-        )
-        if self._cancels.allow(pull.registry):
-            self._spawn(self._record_pull(pull, 0.0, "CANCELLED", "the caller cancelled the pull", b"", None))
-
-    def _pull_ended(
-        self, pull: _Pull, code: str, details: str, response: bytes, retry_reason: str | None
-    ) -> None:
-        duration = time.monotonic() - pull.t0
-        self.metrics.pulls_in_flight.dec()
-        self.in_flight -= 1
-        if code == "CANCELLED" and not self._cancels.allow(pull.registry):
-            return  # a burst of cancelled pulls: summed up in one line per period
-        if code == "OK" and pull.origin == ORIGIN_POD and not pull.joined:
-            key = _lead_key(pull.image)
-            self._pod_ready[key] = time.monotonic()
-            self._pod_ready.move_to_end(key)
-            while len(self._pod_ready) > LEAD_ENTRIES:
-                self._pod_ready.popitem(last=False)
-        self._spawn(self._record_pull(pull, duration, code, details, response, retry_reason))
-
-    async def _record_pull(
-        self,
-        pull: _Pull,
-        duration: float,
-        code: str,
-        details: str,
-        response: bytes,
-        retry_reason: str | None,
-    ) -> None:
-        image, registry = pull.image, pull.registry
-        result = "success" if code == "OK" else classify(code, details)
-        if len(details) > MAX_ERROR_CHARS:  # bounded log lines and status file
-            details = details[: MAX_ERROR_CHARS - 15] + "... (truncated)"
-        rec = PullRecord(
-            image=image,
-            registry=registry,
-            result=result,
-            duration=duration,
-            started_at=pull.started_at,
-            code=code,
-            error=details,
-            retry_reason=retry_reason,
-            origin=pull.origin,
-            joined=pull.joined,
-        )
-        if code == "OK":
-            with contextlib.suppress(Exception):  # a malformed answer only loses the ref
-                rec.image_ref = pb.PullImageResponse.FromString(response).image_ref
-            rec.bytes = await self._image_size(rec.image_ref or image)
-            self.last_used.touch(image)
-            if rec.image_ref:
-                self.last_used.touch(rec.image_ref)
-        m = self.metrics
-        reg = m.registry_label(registry)
-        m.pulls.labels(registry=reg, result=rec.result, origin=rec.origin).inc()
-        m.pull_duration.labels(registry=reg, result=rec.result, origin=rec.origin).observe(duration)
-        if rec.ok:
-            m.pull_bytes.labels(registry=reg).inc(rec.bytes)
-        m.observe_last_pull(image_label(image), duration)
-        fields: dict[str, Any] = {
-            "image": image,
-            "registry": registry,
-            "origin": rec.origin,
-            "result": rec.result,
-            "duration_seconds": round(duration, 4),
-            "bytes": rec.bytes,
-            "throughput_bytes_per_second": round(rec.throughput, 1),
-        }
-        if rec.joined:
-            fields["joined"] = True
-        if rec.image_ref:
-            fields["image_ref"] = rec.image_ref
-        if not rec.ok:
-            fields["code"] = code
-            fields["error"] = details
-        if retry_reason:
-            fields["retried"] = True
-            fields["retry_reason"] = retry_reason
-        event(log, "pull", **fields)
-        if self.on_pull is not None:
-            try:
-                self.on_pull(rec)
-            except Exception:
-                log.exception("pull listener failed")
-
-    async def _image_size(self, ref: str) -> int:
-        """The image's size from the upstream (ImageStatus); remembered per image id, whose content
-        never changes, so pulling an image that is already there costs no second call."""
-        size = self._sizes.get(ref)
-        if size is not None:
-            return size
-        size = await self._lookup_size(ref)
-        if size and is_image_id(ref):
-            if len(self._sizes) >= SIZE_CACHE_ENTRIES:
-                del self._sizes[next(iter(self._sizes))]  # the oldest
-            self._sizes[ref] = size
-        return size
-
-    async def _lookup_size(self, ref: str) -> int:
-        assert self._channel is not None
-        request = pb.ImageStatusRequest(image=pb.ImageSpec(image=ref)).SerializeToString()
-        try:
-            raw = await self._channel.unary(STATUS, request, timeout=SIZE_LOOKUP_TIMEOUT)
-            resp = pb.ImageStatusResponse.FromString(raw)
-        except Exception:
-            return 0
-        return int(resp.image.size) if resp.HasField("image") else 0
-
     def _status(self, call: ServerCall) -> None:
         def done(message: bytes | None, error: RpcError | None) -> None:
             self._answer(call, message, error)
@@ -661,40 +268,5 @@ class ImageProxy:
         self._relay(call, done)
 
 
-@dataclass(slots=True)
-class _Pull:
-    image: str
-    registry: str
-    started_at: float  # wall clock, for the record
-    t0: float  # monotonic
-    secrets: list[str] = field(default_factory=list)  # only to mask them in error text
-    known: bool = False  # the request decoded: this pull is recorded
-    origin: str = ORIGIN_KUBELET
-    joined: bool = False  # shared the upstream pull another caller started
-    retry_reason: str | None = None
-
-
-def origin_of(metadata: tuple[tuple[str, str], ...]) -> str:
-    """``kubelet`` unless the caller names another origin nodeagent knows (``prefetch``)."""
-    for k, v in metadata:
-        if k == ORIGIN_METADATA:
-            return v if v in ORIGINS else ORIGIN_KUBELET
-    return ORIGIN_KUBELET
-
-
-def _lead_key(image: str) -> str:
-    from nodeagent.imageref import normalize
-
-    try:
-        return normalize(image)
-    except Exception:
-        return image
-
-
-def for_caller(details: str) -> str:
-    """An upstream status message as the proxy forwards it: whole up to ``MAX_CALLER_ERROR_BYTES``."""
-    raw = details.encode()
-    if len(raw) <= MAX_CALLER_ERROR_BYTES:
-        return details
-    marker = " ... (truncated by nodeagent)"
-    return raw[: MAX_CALLER_ERROR_BYTES - len(marker)].decode(errors="ignore") + marker
+# CancelSummary and proxy_limits live in pullrecords / methods; callers import them from here.
+__all__ = ["CancelSummary", "ImageProxy", "proxy_limits"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nodeagent.eviction.policy import FsUsage
 from nodeagent.eviction.usage import Imagefs, UsageError
@@ -24,6 +24,9 @@ from nodeagent.log import get_logger
 from nodeagent.metrics import Metrics
 from nodeagent.proxy.records import PullRecord
 from nodeagent.statusfile import CacheStatus
+
+if TYPE_CHECKING:
+    from nodeagent.cri.runtime import ImageService
 
 log = get_logger(__name__)
 
@@ -95,7 +98,7 @@ class CacheStats:
         self._sizes[record.image_ref] = record.bytes
         self._publish(current.imagefs_used_ratio, PULLS)
 
-    async def refresh(self, cri: Any) -> None:
+    async def refresh(self, cri: ImageService) -> None:
         """List the images and measure the image filesystem the way eviction does. Raises the CRI
         client's error when ListImages fails (a usage that cannot be measured is reported unknown)."""
         from nodeagent.cri.client import CriError
@@ -106,14 +109,14 @@ class CacheStats:
             usage = await self.imagefs.measure(cri)
         except (UsageError, CriError):
             usage = None
-        self.report({i.id: int(i.size) for i in images}, usage, DAEMON)
+        self.report({i.id: i.size for i in images}, usage, DAEMON)
 
     def _stale(self) -> bool:
         if self.current is None:
             return True
         return self._listed_at < self._last_pull or self._clock() - self._listed_at >= self.interval
 
-    async def run(self, cri: Any) -> None:
+    async def run(self, cri: ImageService) -> None:
         """Measure at start, after pulls settle and every ``interval`` when nobody else did; until
         cancelled. An upstream that does not answer is left to /healthz and the status file."""
         from nodeagent.cri.client import CriError

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nodeagent.log import event, get_logger
 from nodeagent.metrics import Metrics
+
+if TYPE_CHECKING:
+    from nodeagent.cri.runtime import ImageService
 
 log = get_logger(__name__)
 
@@ -34,7 +37,7 @@ class UpstreamHealth:
     ) -> None:
         self.endpoint = endpoint
         self.metrics = metrics
-        self.cri: Any = None  # the daemon's CRI client; set before run()/check()
+        self.cri: ImageService | None = None  # the daemon's CRI client; set before run()/check()
         self.ok: bool | None = None  # None: not measured yet
         self.error = ""
         self.checked_at: float | None = None  # wall time of the last measurement
@@ -68,6 +71,7 @@ class UpstreamHealth:
 
         if max_age and self._checked and self._monotonic() - self._checked < max_age:
             return bool(self.ok)
+        assert self.cri is not None, "check() before the daemon made its CRI client"
         try:
             await self.cri.image_fs_info()
         except CriError as e:

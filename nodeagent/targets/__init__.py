@@ -10,7 +10,6 @@ Files that nodeagent owns wholly (kubelet drop-in, NodeConfig drop-in, hosts.tom
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,33 +49,5 @@ class TargetPlan:
     remove: list[Path] = field(default_factory=list)  # our own files that are no longer wanted
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # decisions worth printing (not problems)
+    notes_on_change: list[str] = field(default_factory=list)  # printed only when a file of the plan changes
     restart_on_change: bool = False  # a change to these files takes effect only after a containerd restart
-
-
-def go_duration(seconds: float) -> str:
-    """Format seconds as a Go ``time.Duration`` string (``2m0s`` style as Go prints it, e.g. ``500ms``).
-
-    kubelet (metav1.Duration) and containerd both parse these with ``time.ParseDuration``.
-    """
-    if seconds < 0 or math.isnan(seconds) or math.isinf(seconds):
-        raise ValueError(f"{seconds!r}: not a valid duration")
-    ns = round(seconds * 1e9)
-    if ns == 0:
-        return "0s"
-    if ns < 1_000_000_000:
-        # sub-second: Go prints ms/µs/ns with fractions; whole milliseconds are the useful case
-        if ns % 1_000_000 == 0:
-            return f"{ns // 1_000_000}ms"
-        if ns % 1000 == 0:
-            return f"{ns // 1000}us"
-        return f"{ns}ns"
-    hours, rem = divmod(ns, 3600 * 1_000_000_000)
-    minutes, rem = divmod(rem, 60 * 1_000_000_000)
-    secs = rem / 1e9
-    s = f"{secs:.9f}".rstrip("0").rstrip(".")
-    out = ""
-    if hours:
-        out += f"{hours}h"
-    if hours or minutes:
-        out += f"{minutes}m"
-    return out + f"{s}s"

@@ -25,8 +25,10 @@ from typing import Any
 import yaml
 
 from nodeagent.config.model import Config
+from nodeagent.durations import format_duration
+from nodeagent.endpoints import unix_endpoint
 from nodeagent.facts import NodeFacts
-from nodeagent.targets import DesiredFile, TargetError, TargetPlan, go_duration, owned_header
+from nodeagent.targets import DesiredFile, TargetError, TargetPlan, owned_header
 from nodeagent.tuning import resolve
 
 API_VERSION = "kubelet.config.k8s.io/v1beta1"
@@ -51,7 +53,7 @@ def image_service_endpoint(config: Config) -> str | None:
     sock = config.cri.proxy_socket
     if not sock:
         return None
-    return sock if sock.startswith("unix://") else f"unix://{sock}"
+    return unix_endpoint(sock)
 
 
 def settings(config: Config, facts: NodeFacts) -> dict[str, Any]:
@@ -88,9 +90,9 @@ def settings(config: Config, facts: NodeFacts) -> dict[str, Any]:
     out["registryBurst"] = kl.registry_burst
     out["imageGCHighThresholdPercent"] = hi
     out["imageGCLowThresholdPercent"] = lo
-    out["imageMinimumGCAge"] = go_duration(kl.image_minimum_gc_age)
+    out["imageMinimumGCAge"] = format_duration(kl.image_minimum_gc_age, go=True)
     if kl.image_maximum_gc_age > 0:
-        out["imageMaximumGCAge"] = go_duration(kl.image_maximum_gc_age)
+        out["imageMaximumGCAge"] = format_duration(kl.image_maximum_gc_age, go=True)
     endpoint = image_service_endpoint(config)
     if endpoint:
         out["imageServiceEndpoint"] = endpoint
@@ -127,9 +129,49 @@ def config_dir_warnings(facts: NodeFacts) -> list[str]:
     return out
 
 
+CONFIG_DIR = "/etc/kubernetes/kubelet.conf.d"  # Paths.kubelet_dropin_dir on the node
+RESTART = "the kubelet reads its drop-ins only when it starts: restart it (systemctl restart kubelet)"
+
+
+def _flag(argv: tuple[str, ...], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def config_dir_check(facts: NodeFacts) -> tuple[list[str], list[str]]:
+    """(warnings, notes when the drop-in changes) about whether the kubelet reads our drop-in: the
+    running kubelet's ``--config-dir`` from ``/proc``, else what its systemd unit passes."""
+    want = f"--config-dir={CONFIG_DIR}"
+    fix = f"add {want} to the kubelet's command line (a drop-in of kubelet.service) and restart it"
+    if facts.kubelet_process is not None:
+        pid, argv = facts.kubelet_process
+        given = _flag(argv, "--config-dir")
+        if given is None:
+            why = "has no --config-dir, so it never reads nodeagent's drop-in"
+            return [f"the running kubelet (pid {pid}) {why}: {fix}"], []
+        if facts.paths.host(given) != facts.paths.kubelet_dropin_dir:
+            why = f"reads drop-ins from --config-dir={given}, not {CONFIG_DIR}"
+            return [f"the running kubelet (pid {pid}) {why}: {fix}"], []
+        return [], [f"kubelet drop-in changed; the running kubelet (pid {pid}) has {want}, and {RESTART}"]
+    for path, text in facts.kubelet_units:
+        if want in text or f"--config-dir {CONFIG_DIR}" in text:
+            return [], [f"kubelet drop-in changed; {path} passes {want}, and {RESTART}"]
+    return [], [
+        f"kubelet drop-in changed; no running kubelet and no kubelet unit with {want} found to check: "
+        f"the kubelet must run with {want} to read it, and {RESTART}"
+    ]
+
+
 def render(config: Config, facts: NodeFacts) -> TargetPlan:
     plan = TargetPlan("kubelet")
     plan.warnings.extend(config_dir_warnings(facts))
+    warnings, on_change = config_dir_check(facts)
+    plan.warnings.extend(warnings)
+    plan.notes_on_change.extend(on_change)
     path = facts.paths.kubelet_dropin_dir / DROPIN_NAME
     plan.files.append(DesiredFile(path, render_dropin(settings(config, facts))))
     return plan

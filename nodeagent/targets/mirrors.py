@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from nodeagent.config.formats import check_registry_host
 from nodeagent.config.model import Config, Mirror
+from nodeagent.durations import format_duration
 from nodeagent.facts import NodeFacts
 from nodeagent.paths import Paths, UnsafePathError, child
 from nodeagent.targets import (
@@ -29,7 +30,6 @@ from nodeagent.targets import (
     DesiredFile,
     TargetError,
     TargetPlan,
-    go_duration,
     is_owned,
     owned_header,
 )
@@ -120,7 +120,7 @@ def _host_body(key: str, m: Mirror, indent: str) -> list[str]:
     if m.override_path:
         out.append(f"{indent}override_path = true\n")
     if m.dial_timeout is not None:
-        out.append(f"{indent}dial_timeout = {_q(go_duration(m.dial_timeout))}\n")
+        out.append(f"{indent}dial_timeout = {_q(format_duration(m.dial_timeout, go=True))}\n")
     if m.header:
         out.append(f"{indent}[{key}.header]\n" if key else "\n[header]\n")
         for name, values in m.header:
@@ -165,37 +165,6 @@ def render_hosts_toml(
 
 def has_headers(mirrors: Sequence[Mirror]) -> bool:
     return any(m.header for m in mirrors)
-
-
-def config_warnings(config: Config) -> list[str]:
-    """What ``validate`` and ``apply`` say about mirror settings that are valid but have a price."""
-    out = []
-    cd = config.containerd
-    for registry, mirrors in cd.mirrors:
-        if cd.is_mirror_only(registry):
-            n = len(mirrors)
-            out.append(
-                f"containerd.mirrors.{registry}.mirrorOnly: pulls from {registry} never go to the registry "
-                f"itself: while {'its mirror is' if n == 1 else f'all {n} of its mirrors are'} down every "
-                f"pull from {registry} fails (fast, with the reason in the pull record); "
-                + ("add a second mirror, or " if n == 1 else "")
-                + "leave mirrorOnly out to fall back to the registry"
-            )
-        if any(m.credentials and any(n.lower() == "authorization" for n, _ in m.header) for m in mirrors):
-            out.append(
-                f"containerd.mirrors.{registry}: a mirror has both credentials and an Authorization header; "
-                "the credentials win"
-            )
-    if (
-        cd.mirrors
-        and not cd.mirror_health.enabled
-        and any(m.credentials is not None for _, ms in cd.mirrors for m in ms)
-    ):
-        out.append(
-            "containerd.mirrorHealth.enabled is false: mirror credentials are written at apply time but "
-            "never refreshed (the daemon's mirror health refreshes them)"
-        )
-    return out
 
 
 def spegel_mirrors(config: Config) -> list[str]:

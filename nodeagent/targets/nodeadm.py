@@ -38,7 +38,7 @@ import yaml
 
 from nodeagent.config.model import Config
 from nodeagent.facts import NodeConfigSource, NodeFacts
-from nodeagent.targets import DesiredFile, TargetPlan, kubelet, owned_header
+from nodeagent.targets import DesiredFile, TargetPlan, kubelet, owned_header, pullpath
 from nodeagent.targets import containerd as ctd
 from nodeagent.targets.mirrors import spegel_mirrors
 
@@ -167,8 +167,8 @@ def containerd_plan(facts: NodeFacts) -> Containerd:
     soci = gates.get("FastImagePull") is True and version == 3
     if soci and facts.cpus >= SOCI_MIN_CPUS and facts.memory_bytes >= SOCI_MIN_MEMORY:
         settings["disable_snapshot_annotations"] = False
-    settings.update(ctd.cri_image_settings(merged, version))
-    reg = ctd.get_in(merged, *ctd.image_table_keys(version), "registry", "config_path")
+    settings.update(pullpath.cri_image_settings(merged, version))
+    reg = pullpath.get_in(merged, *pullpath.image_table_keys(version), "registry", "config_path")
     config_path = reg if isinstance(reg, str) and reg else NODEADM_CONFIG_PATH
     return Containerd(version, settings, config_path, warnings)
 
@@ -186,21 +186,26 @@ def node_config(config: Config, facts: NodeFacts) -> tuple[dict[str, Any], list[
     if soci_target.enabled(config):
         plan.settings["disable_snapshot_annotations"] = False  # nodeadm's template or ours
     containerd = facts.containerd_version
-    path = ctd.pull_path(containerd, plan.settings)
+    path = pullpath.pull_path(containerd, plan.settings)
     where = (
-        f"plugins.{ctd.V3_TRANSFER}" if path.transfer else f"plugins.{ctd.image_table_keys(plan.version)[1]}"
+        f"plugins.{pullpath.V3_TRANSFER}"
+        if path.transfer
+        else f"plugins.{pullpath.image_table_keys(plan.version)[1]}"
     )
     notes = [
         f"NodeConfig containerd fragment is version {plan.version} "
-        f"(containerd {ctd.version_text(containerd)}{', other fragments' if facts.nodeconfigs else ''})",
-        ctd.downloads_note(path, where),
+        f"(containerd {pullpath.version_text(containerd)}{', other fragments' if facts.nodeconfigs else ''})",
+        pullpath.downloads_note(path, where),
     ]
     toml_fragment = ctd.fragment(
-        plan.version, v, ctd.wanted_config_path(plan.config_path, v.hosts_dir, path), transfer=path.transfer
+        plan.version,
+        v,
+        pullpath.wanted_config_path(plan.config_path, v.hosts_dir, path),
+        transfer=path.transfer,
     )
-    lost = ctd.dropped_dirs(plan.config_path, v.hosts_dir, path)
+    lost = pullpath.dropped_dirs(plan.config_path, v.hosts_dir, path)
     if lost:
-        warnings.append(ctd.transfer_config_path_warning(lost, v.hosts_dir, path))
+        warnings.append(pullpath.transfer_config_path_warning(lost, v.hosts_dir, path))
     spegel = spegel_mirrors(config)
     if spegel and plan.settings.get("discard_unpacked_layers") is True:
         warnings.append(

@@ -28,6 +28,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from nodeagent.config.model import Config
+from nodeagent.endpoints import unix_socket_path
 from nodeagent.facts import ContainerdVersion, NodeFacts
 from nodeagent.targets import DesiredFile, TargetError, TargetPlan, owned_header
 from nodeagent.tuning import SociTuning, resolve
@@ -48,7 +49,7 @@ def enabled(config: Config) -> bool:
 def containerd_socket(config: Config) -> str:
     """containerd's socket for SOCI's content store and CRI keychain: ``cri.endpoint`` unless that is
     SOCI's own socket (its CRI image service), then containerd's default."""
-    ep = config.cri.endpoint.removeprefix("unix://")
+    ep = unix_socket_path(config.cri.endpoint)
     return DEFAULT_CONTAINERD_SOCKET if ep == config.containerd.soci.address else ep
 
 
@@ -135,7 +136,7 @@ def check(config: Config, facts: NodeFacts) -> None:
 def warnings(config: Config, facts: NodeFacts) -> list[str]:
     out = []
     sc = config.containerd.soci
-    if sc.pull_mode != "off" and config.cri.endpoint.removeprefix("unix://") != sc.address:
+    if sc.pull_mode != "off" and unix_socket_path(config.cri.endpoint) != sc.address:
         out.append(
             f"containerd.soci.pullMode {sc.pull_mode}: soci-snapshotter fetches layers itself and gets "
             "registry credentials only from CRI pulls that pass through its own image service "

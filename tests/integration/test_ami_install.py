@@ -73,6 +73,12 @@ def test_install_refuses_a_missing_wheel_before_writing(tmp_path: Path) -> None:
     assert list(root.iterdir()) == []
 
 
+def run_install(root: Path, wheel: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """ami/install.sh into ``root`` with ``wheel`` and Python 3.11, plus ``args``."""
+    argv = ["bash", str(REPO / "ami/install.sh"), "--root", str(root), "--wheel", str(wheel)]
+    return subprocess.run([*argv, *args, "--python", python311()], capture_output=True, text=True)
+
+
 def test_install_rolls_back_on_a_bad_images_file(tmp_path: Path, wheel: Path, installed_root: Path) -> None:
     """A bad image list fails the install and leaves the previous install exactly as it was."""
     root = tmp_path / "root"
@@ -81,22 +87,7 @@ def test_install_rolls_back_on_a_bad_images_file(tmp_path: Path, wheel: Path, in
     cfg_before = (root / "etc/nodeagent/config.yaml").read_bytes()
     bad = tmp_path / "images.yaml"
     bad.write_text("images:\n  - just-a-list\n")
-    r = subprocess.run(
-        [
-            "bash",
-            str(REPO / "ami/install.sh"),
-            "--root",
-            str(root),
-            "--wheel",
-            str(wheel),
-            "--images",
-            str(bad),
-            "--python",
-            python311(),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = run_install(root, wheel, "--images", str(bad))
     assert r.returncode == 1
     assert f"{bad}: images: must be a mapping" in r.stderr
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
@@ -108,22 +99,7 @@ def test_install_into_an_empty_root_leaves_nothing_on_a_bad_config(tmp_path: Pat
     root.mkdir()
     bad = tmp_path / "config.yaml"
     bad.write_text("- not\n- a mapping\n")
-    r = subprocess.run(
-        [
-            "bash",
-            str(REPO / "ami/install.sh"),
-            "--root",
-            str(root),
-            "--wheel",
-            str(wheel),
-            "--config",
-            str(bad),
-            "--python",
-            python311(),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = run_install(root, wheel, "--config", str(bad))
     assert r.returncode == 1
     assert f"{bad}: top level must be a mapping" in r.stderr
     assert list(root.iterdir()) == []

@@ -268,8 +268,16 @@ def _prepare(base: Path) -> Path:
     return root
 
 
-def _apply_cmd(root: Path) -> list[str]:
-    return [sys.executable, "-m", "nodeagent", "apply", "--root", str(root), "--flavor", "generic"]
+FAULT_POINTS = Path(__file__).with_name("apply_fault_points.py")
+
+
+def _apply_cmd(root: Path, fault_delay: float | None = None) -> list[str]:
+    """``nodeagent apply``; with ``fault_delay``, through apply_fault_points.py (a pause announced
+    on stderr before each write step)."""
+    args = ["apply", "--root", str(root), "--flavor", "generic"]
+    if fault_delay is None:
+        return [sys.executable, "-m", "nodeagent", *args]
+    return [sys.executable, str(FAULT_POINTS), str(fault_delay), *args]
 
 
 def _check_old_or_new(root: Path, old: dict[str, bytes], new: dict[str, bytes], what: str) -> None:
@@ -286,12 +294,7 @@ def _check_old_or_new(root: Path, old: dict[str, bytes], new: dict[str, bytes], 
 def test_kill_9_at_every_write_point_and_at_random_times_leaves_old_or_new_files(tmp_path: Path) -> None:
     ref = _prepare(tmp_path / "ref")
     old = _snapshot(ref)
-    r = subprocess.run(
-        _apply_cmd(ref),
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NODEAGENT_APPLY_FAULT_DELAY": "0.001"},
-    )
+    r = subprocess.run(_apply_cmd(ref, fault_delay=0.001), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     points = [ln for ln in r.stderr.splitlines() if ln.startswith("fault-point ")]
     # kubelet drop-in, containerd backup, containerd config, 3 hosts.toml, removal of gone.io
@@ -304,11 +307,11 @@ def test_kill_9_at_every_write_point_and_at_random_times_leaves_old_or_new_files
     runs += [("random", rng.uniform(0.05, 0.8)) for _ in range(12)]
     for i, (kind, at) in enumerate(runs):
         root = _prepare(tmp_path / f"run{i}")
-        env = {**os.environ}
-        if kind == "point":
-            env["NODEAGENT_APPLY_FAULT_DELAY"] = "0.2"
         p = subprocess.Popen(
-            _apply_cmd(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+            _apply_cmd(root, fault_delay=0.2 if kind == "point" else None),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             if kind == "point":

@@ -37,7 +37,7 @@ def test_list_get_pin_unpin_on_real_containerd(
             assert got is not None and got.labels[PINNED_LABEL] == "pinned"
             assert {k: v for k, v in got.labels.items() if k != PINNED_LABEL} == cri_labels
             await ci.set_labels(img.reference, {"example.com/a": "1"})
-            await ci.unpin(img.reference)
+            await ci.set_labels(img.reference, {PINNED_LABEL: None})  # unpin (nodeagent never does)
             got = await ci.get(img.reference)
             assert got is not None and PINNED_LABEL not in got.labels
             assert got.labels["example.com/a"] == "1"

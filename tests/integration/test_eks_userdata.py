@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,10 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def apply_process(root: Path, endpoint: str) -> tuple[subprocess.CompletedProcess[str], float]:
+def apply_process(root: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NODEAGENT_IMDS_ENDPOINT": endpoint, "PYTHONPATH": str(REPO)}
     env.pop("NODEAGENT_IMDS", None)
-    t0 = time.monotonic()
-    cp = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "nodeagent", "apply", "--root", str(root), "--flavor", "eks-al2023"],
         env=env,
         capture_output=True,
@@ -32,13 +30,12 @@ def apply_process(root: Path, endpoint: str) -> tuple[subprocess.CompletedProces
         timeout=60,
         check=False,
     )
-    return cp, time.monotonic() - t0
 
 
 def test_part_from_imds_reaches_the_nodeadm_dropin(tmp_path: Path) -> None:
     root = node(tmp_path, "n", BAKED)
     with FakeImds(render_al2023(PART).encode()) as fake:
-        cp, _ = apply_process(root, fake.endpoint)
+        cp = apply_process(root, fake.endpoint)
     assert cp.returncode == 0, cp.stderr
     assert [p for m, p, s in fake.requests if s == 200] == ["/latest/api/token", "/latest/user-data"]
     dropin = (root / "etc/eks/nodeadm.d/90-nodeagent.yaml").read_text()
@@ -46,14 +43,14 @@ def test_part_from_imds_reaches_the_nodeadm_dropin(tmp_path: Path) -> None:
     assert (root / "etc/containerd/certs.d/ghcr.io/hosts.toml").exists()
 
 
-def test_imds_down_process_falls_back_within_deadline(tmp_path: Path) -> None:
+def test_imds_down_process_falls_back_to_the_baked_config(tmp_path: Path) -> None:
+    # within how long (against the IMDS deadline, the process with IMDS off as baseline): bench_imds_fallback
     root = node(tmp_path, "n", BAKED)
     with FakeImds(b"") as fake:
         fake.hang = True
-        cp, took = apply_process(root, fake.endpoint)
+        cp = apply_process(root, fake.endpoint)
     assert cp.returncode == 0, cp.stderr
     assert "IMDS unreachable after" in cp.stderr
-    assert took < 5.0 + 3.0  # IMDS deadline + interpreter start and apply, on a shared machine
     report = json.loads((root / "var/lib/nodeagent/apply-report.json").read_text())
     assert any("IMDS unreachable" in w for w in report["warnings"])
     assert "registryPullQPS: 10" in (root / "etc/eks/nodeadm.d/90-nodeagent.yaml").read_text()

@@ -230,7 +230,9 @@ def test_slow_but_alive_mirror_stays_in_use(
     before = path.read_bytes()
     agent = start_agent(sandbox, node, {registry.host: [mirror]}, {"interval": "1s", "timeout": "1s"})
     asyncio.run(proxied_pull(agent, img.reference))
-    time.sleep(2.0)  # a few more probe rounds
+    rounds = probe_rounds(agent, registry.host, slow.url)
+    asyncio.run(until(lambda: probe_rounds(agent, registry.host, slow.url) >= rounds + 2, 15))
+    assert probe_rounds(agent, registry.host, slow.url) >= rounds + 2  # a few more probe rounds
     line = pull_log(agent, img.reference)
     assert line["result"] == "success" and "retried" not in line
     assert slow.bytes_down >= 1 << 20  # the layer really came through the slow mirror
@@ -245,6 +247,14 @@ def test_slow_but_alive_mirror_stays_in_use(
     )
     lint = proc.run(["promtool", "check", "metrics"], stdin=scrape.encode(), timeout=30, check=False)
     assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
+
+
+def probe_rounds(agent: NodeAgent, registry: str, mirror: str) -> float:
+    want = f'nodeagent_mirror_probe_duration_seconds_count{{mirror="{mirror}",registry="{registry}"}}'
+    for line in agent.scrape().splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def failovers(agent: NodeAgent, registry: str, mirror: str, direction: str) -> float:

@@ -31,9 +31,11 @@ def test_packer_template_validates(wheel: Path) -> None:
 
 
 def test_packer_validate_checks_the_uploads(wheel: Path, tmp_path: Path) -> None:
-    """The check above is not vacuous: a missing wheel or images file fails validation."""
+    """The check above is not vacuous: a missing wheel or images file fails validation. Without
+    ``-var wheel=...`` the message names the variable (a required variable), as the README says."""
     r = _validate()
-    assert r.returncode != 0 and "Source must be specified" in r.stdout + r.stderr
+    assert r.returncode != 0 and "required variable not set: wheel" in r.stdout + r.stderr
+    assert "packer validate -var wheel=" in (REPO / "README.md").read_text()
     r = _validate("-var", f"wheel={wheel}", "-var", f"images_file={tmp_path / 'nope.yaml'}")
     assert r.returncode != 0 and "nope.yaml" in r.stdout + r.stderr
 
@@ -53,6 +55,7 @@ def test_source_ami_is_the_latest_eks_al2023_image() -> None:
     assert {"region", "instance_type", "kubernetes_version", "arch", "images_file", "wheel"} <= set(
         t["variables"]
     )
+    assert t["variables"]["wheel"] is None  # required: packer names it when it is not given
 
 
 def test_provisioners_install_bake_and_clean_up_in_order() -> None:

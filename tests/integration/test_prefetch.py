@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from nodeagent.cri.client import CriClient
@@ -175,22 +176,6 @@ def test_prefetch_exits_1_when_a_required_image_is_missing(
     assert re.search(rf"^\[\s*\d+\.\d+s\] {re.escape(present.reference)}: pulled \(sha256:", r.stdout, re.M)
 
 
-def test_prefetch_without_credentials_fails_unauthorized(
-    sandbox: Sandbox,
-    registry_factory: Callable[..., Registry],
-    image_factory: Callable[..., PushedImage],
-    tmp_path: Path,
-) -> None:
-    auth_reg = registry_factory(auth=(USER, PASSWORD))
-    private = image_factory(layers=1, layer_size=64 << 10, to=auth_reg)
-    node = sandbox.containerd([auth_reg])
-    root = tmp_path / "root"
-    write_node_root(root, node, [{"image": private.reference, "required": True}])
-    r = run_prefetch(root)
-    assert r.returncode == 1
-    assert "FAILED unauthorized (required)" in r.stdout, r.stdout
-
-
 def test_prefetch_on_a_terminal_draws_a_live_view(
     sandbox: Sandbox, registry: Registry, image_factory: Callable[..., PushedImage], tmp_path: Path
 ) -> None:
@@ -231,12 +216,16 @@ def test_prefetch_on_a_terminal_draws_a_live_view(
     assert "prefetch: 2 image(s): 2 pulled in " in out
 
 
-def test_prefetch_uses_docker_config_auths(
+@pytest.mark.parametrize("docker_config", [False, True], ids=["no-credentials", "docker-config"])
+def test_prefetch_of_a_private_image_uses_the_docker_config_auths(
     sandbox: Sandbox,
     registry_factory: Callable[..., Registry],
     image_factory: Callable[..., PushedImage],
     tmp_path: Path,
+    docker_config: bool,
 ) -> None:
+    """Without credentials a private image fails ``unauthorized``; with the kubelet's docker config
+    (images.dockerConfig) it is pulled, and the secret is never printed."""
     import base64
 
     auth_reg = registry_factory(auth=(USER, PASSWORD))
@@ -244,11 +233,16 @@ def test_prefetch_uses_docker_config_auths(
     node = sandbox.containerd([auth_reg])
     root = tmp_path / "root"
     write_node_root(root, node, [{"image": private.reference, "required": True}])
-    docker_cfg = root / "var/lib/kubelet/config.json"  # images.dockerConfig default, under --root
-    docker_cfg.parent.mkdir(parents=True)
     token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    docker_cfg.write_text(json.dumps({"auths": {auth_reg.host: {"auth": token}}}))
+    if docker_config:
+        docker_cfg = root / "var/lib/kubelet/config.json"  # images.dockerConfig default, under --root
+        docker_cfg.parent.mkdir(parents=True)
+        docker_cfg.write_text(json.dumps({"auths": {auth_reg.host: {"auth": token}}}))
     r = run_prefetch(root)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert summary_rows(r.stdout)[private.reference][-1] == "pulled"
+    if docker_config:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary_rows(r.stdout)[private.reference][-1] == "pulled"
+    else:
+        assert r.returncode == 1
+        assert "FAILED unauthorized (required)" in r.stdout, r.stdout
     assert PASSWORD not in r.stdout + r.stderr and token not in r.stdout + r.stderr

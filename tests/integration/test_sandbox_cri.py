@@ -17,7 +17,7 @@ import pytest
 from nodeagent.cri.client import CriClient, CriError
 from nodeagent.cri.gen import cri_api_pb2 as pb
 from tests.sandbox import Containerd, PushedImage, Registry, Sandbox
-from tests.sandbox.pods import remove_pod, run_container, run_pod
+from tests.sandbox.pods import container_status, remove_pod, run_container, run_pod
 
 
 def alive(pid: int) -> bool:
@@ -125,7 +125,7 @@ def test_real_pod_and_container_are_listed(pod_node: Containerd, image_factory, 
                 (cid, pod.sandbox_id, "app", pb.CONTAINER_RUNNING)
             ]
             assert containers[0].image_ref == app.image_id
-            status = await cri.container_status(cid)
+            status = await container_status(cri, cid)
             assert status.status.state == pb.CONTAINER_RUNNING
 
             # the container is a real process under this node's shim
@@ -182,7 +182,7 @@ def test_what_containerd_protects_itself_per_line(
 
             await cri.remove_image(app.reference)  # in use by a running container: no error
             assert app.image_id not in {i.id for i in await cri.list_images()}
-            assert (await cri.container_status(cid)).status.state == pb.CONTAINER_RUNNING
+            assert (await container_status(cri, cid)).status.state == pb.CONTAINER_RUNNING
             await remove_pod(cri, pod)
 
     asyncio.run(body())

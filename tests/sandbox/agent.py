@@ -26,12 +26,12 @@ import yaml
 
 from nodeagent.paths import Paths
 from tests.sandbox.activation import HeldSocket
-from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
+from tests.sandbox.process import Daemon, RunsDaemon, SandboxError
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class NodeAgent:
+class NodeAgent(RunsDaemon):
     def __init__(self, workdir: Path, cri_endpoint: str, config: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.root = workdir / "root"
@@ -64,14 +64,6 @@ class NodeAgent:
     @property
     def status_file(self) -> Path:
         return Paths(self.root).daemon_status_file
-
-    @property
-    def pid(self) -> int | None:
-        return self._daemon.pid if self._daemon else None
-
-    @property
-    def running(self) -> bool:
-        return self._daemon is not None and self._daemon.running
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.status_file.read_text())
@@ -116,7 +108,6 @@ class NodeAgent:
         daemon = self._daemon
 
         def ready() -> bool:
-            daemon.check_alive()
             if not self.status_file.exists():
                 return False
             st = self.status()
@@ -126,11 +117,7 @@ class NodeAgent:
                 and st["startedAt"] >= started - 1
             )
 
-        try:
-            wait_until(f"nodeagent (log {self.log_path})", ready, timeout, interval=0.02)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.log_path)}") from None
+        daemon.start_and_wait("nodeagent", ready, timeout, interval=0.02, stop=self.stop, started=True)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         return self._daemon.stop(timeout=timeout) if self._daemon else None

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.sandbox.process import Daemon, SandboxError, kill_tree, pids_mentioning, tail, wait_until
+from tests.sandbox.process import Daemon, RunsDaemon, SandboxError, kill_tree, pids_mentioning
 
 CRI_VERSION_METHOD = "/runtime.v1.RuntimeService/Version"
 
@@ -177,7 +177,7 @@ def hosts_toml(server: str, mirrors: Sequence[Mirror] = ()) -> str:
     return "\n".join(lines)
 
 
-class Containerd:
+class Containerd(RunsDaemon):
     def __init__(
         self,
         workdir: Path,
@@ -212,14 +212,6 @@ class Containerd:
     @property
     def endpoint(self) -> str:
         return f"unix://{self.socket}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._daemon.pid if self._daemon else None
-
-    @property
-    def running(self) -> bool:
-        return self._daemon is not None and self._daemon.running
 
     def write_hosts_toml(self, host: str, server: str | None = None, mirrors: Sequence[Mirror] = ()) -> Path:
         """Write ``certs.d/<host>/hosts.toml``; ``server`` defaults to ``http://<host>``."""
@@ -317,21 +309,14 @@ state = {_toml_value(str(self.state))}
             # unshare execs sh, which execs containerd: the PID we hold is containerd's.
             cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", inner]
         self._daemon = Daemon(f"containerd ({self.line.id})", cmd, self.log_path, env=self.line.env())
-        self._daemon.start()
-        daemon = self._daemon
 
         def ready() -> bool:
-            daemon.check_alive()
             if not self.socket.exists():
                 return False
             cri_version(self.endpoint, timeout=1.0)
             return True
 
-        try:
-            wait_until(f"containerd CRI at {self.endpoint} (log {self.log_path})", ready, timeout)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.log_path)}") from None
+        self._daemon.start_and_wait(f"containerd CRI at {self.endpoint}", ready, timeout, stop=self.stop)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM then SIGKILL containerd by PID, then kill this node's shims and their containers."""

@@ -36,7 +36,7 @@ from nodeagent import proc
 from tests.sandbox import testbins
 from tests.sandbox.kubelet import pod_running
 from tests.sandbox.net import free_port
-from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
+from tests.sandbox.process import Daemon, SandboxError, wait_until
 
 SERVICE_CIDR = "10.96.0.0/24"
 CERT_DAYS = "2"
@@ -116,6 +116,8 @@ class ControlPlane:
         self._admin: tuple[Path, Path] | None = None
         self._etcd: Daemon | None = None
         self._apiserver: Daemon | None = None
+        self._scheduler: Daemon | None = None
+        self.scheduler_log = workdir / "kube-scheduler.log"
         self.apiserver_log = workdir / "kube-apiserver.log"
         self.etcd_log = workdir / "etcd.log"
 
@@ -125,7 +127,8 @@ class ControlPlane:
 
     @property
     def pids(self) -> list[int]:
-        return [d.pid for d in (self._etcd, self._apiserver) if d is not None and d.pid is not None]
+        daemons = (self._etcd, self._apiserver, self._scheduler)
+        return [d.pid for d in daemons if d is not None and d.pid is not None]
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> None:
@@ -167,19 +170,12 @@ class ControlPlane:
             "--log-level=warn",
         ]
         self._etcd = Daemon("etcd", argv, self.etcd_log)
-        self._etcd.start()
-        etcd = self._etcd
 
         def healthy() -> bool:
-            etcd.check_alive()
             with urllib.request.urlopen(f"{client}/health", timeout=2) as r:
                 return bool(json.load(r).get("health") == "true")
 
-        try:
-            wait_until(f"etcd (log {self.etcd_log})", healthy, timeout, interval=0.2)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.etcd_log)}") from None
+        self._etcd.start_and_wait("etcd", healthy, timeout, interval=0.2, stop=self.stop)
 
     def start_apiserver(self, timeout: float = 180.0) -> None:
         crt, key = self._serving
@@ -208,26 +204,94 @@ class ControlPlane:
             "--v=1",
         ]
         self._apiserver = Daemon("kube-apiserver", argv, self.apiserver_log)
-        self._apiserver.start()
         api = self._apiserver
-
-        def ready() -> bool:
-            api.check_alive()
-            return self.get("/readyz", timeout=3) == "ok"
-
-        try:
-            wait_until(f"kube-apiserver /readyz (log {self.apiserver_log})", ready, timeout, interval=0.3)
-            # RBAC's bootstrap roles (system:node, system:basic-user) are in place once this answers
-            wait_until("RBAC bootstrap", lambda: self.get("/api/v1/namespaces/kube-node-lease"), 60)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.apiserver_log, 30)}") from None
+        api.start_and_wait(
+            "kube-apiserver /readyz",
+            lambda: self.get("/readyz", timeout=3) == "ok",
+            timeout,
+            interval=0.3,
+            stop=self.stop,
+            log_lines=30,
+        )
+        # RBAC's bootstrap roles (system:node, system:basic-user) are in place once this answers
+        api.start_and_wait(
+            "RBAC bootstrap",
+            lambda: self.get("/api/v1/namespaces/kube-node-lease"),
+            60,
+            stop=self.stop,
+            log_lines=30,
+            started=True,
+        )
 
     def stop_apiserver(self) -> None:
         if self._apiserver is not None:
             self._apiserver.stop()
 
+    def start_scheduler(self, timeout: float = 60.0) -> None:
+        """The real kube-scheduler (default profile, no leader election) as ``system:kube-scheduler``,
+        the identity the bootstrap RBAC roles are bound to. Returns once it answers /healthz."""
+        cert, key = self.pki.issue("scheduler", "/CN=system:kube-scheduler")
+        kubeconfig = self.write_kubeconfig(self.workdir / "scheduler.kubeconfig", cert, key, "scheduler")
+        port = free_port()
+        argv = [
+            str(testbins.path("kube-scheduler")),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={self.workdir / 'scheduler-certs'}",
+            "--authorization-always-allow-paths=/healthz,/readyz,/livez",
+            "--profiling=false",
+            "--v=2",
+        ]
+        self._scheduler = Daemon("kube-scheduler", argv, self.scheduler_log)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # its self-signed serving cert
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=2, context=ctx) as r:
+                return bool(r.read() == b"ok")
+
+        self._scheduler.start_and_wait(
+            "kube-scheduler /healthz", healthy, timeout, interval=0.3, log_lines=30
+        )
+
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
+        """A kubeconfig holding a bound token of the ServiceAccount ``namespace/name`` (TokenRequest, as
+        the kubelet gets one for a pod): the identity ``system:serviceaccount:NAMESPACE:NAME``."""
+        review = self.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": 3600},
+            },
+        )
+        doc = kubeconfig(self.server, self.pki.ca_crt, Path("/"), Path("/"), name)
+        doc["users"][0]["user"] = {"token": review["status"]["token"]}
+        path.write_text(yaml.safe_dump(doc))
+        path.chmod(0o600)
+        return path
+
+    def apply(self, obj: Mapping[str, Any]) -> Any:
+        """Create an object of a kind the rendered manifests use, as admin."""
+        kind, meta = obj["kind"], obj.get("metadata", {})
+        ns = meta.get("namespace", "default")
+        path = {
+            "ServiceAccount": f"/api/v1/namespaces/{ns}/serviceaccounts",
+            "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+            "Deployment": f"/apis/apps/v1/namespaces/{ns}/deployments",
+            "Pod": f"/api/v1/namespaces/{ns}/pods",
+        }[kind]
+        return self.request("POST", path, obj)
+
     def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
         self.stop_apiserver()
         if self._etcd is not None:
             self._etcd.stop()

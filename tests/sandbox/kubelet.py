@@ -54,7 +54,7 @@ from tests.sandbox import testbins
 from tests.sandbox.agent import REPO, NodeAgent
 from tests.sandbox.containerd import Containerd
 from tests.sandbox.net import free_port
-from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
+from tests.sandbox.process import Daemon, RunsDaemon, SandboxError, wait_until
 from tests.sandbox.stack import Sandbox
 
 HOST_DIRS = (Path("/var/lib/kubelet"), Path("/usr/libexec/kubernetes"), Path("/var/log/containers"))
@@ -179,7 +179,7 @@ def static_pod(
     }
 
 
-class Kubelet:
+class Kubelet(RunsDaemon):
     def __init__(
         self,
         workdir: Path,
@@ -239,14 +239,6 @@ class Kubelet:
         self._registered = False
 
     # --- process --------------------------------------------------------------------------
-    @property
-    def pid(self) -> int | None:
-        return self._daemon.pid if self._daemon else None
-
-    @property
-    def running(self) -> bool:
-        return self._daemon is not None and self._daemon.running
-
     def write_config(self) -> None:
         for d in (self.root_dir, self.cert_dir, self.manifests, self.config_dir, self.pod_logs_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -276,19 +268,14 @@ class Kubelet:
             "--vmodule=event=3",
         ]
         self._daemon = Daemon(f"kubelet {self.node_name}", argv, self.log_path)
-        self._daemon.start()
-        daemon = self._daemon
 
         def healthy() -> bool:
-            daemon.check_alive()
             with urllib.request.urlopen(f"http://127.0.0.1:{self.healthz_port}/healthz", timeout=2) as r:
                 return bool(r.status == 200)
 
-        try:
-            wait_until(f"kubelet healthz (log {self.log_path})", healthy, timeout, interval=0.2)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.log_path, 30)}") from None
+        self._daemon.start_and_wait(
+            "kubelet healthz", healthy, timeout, interval=0.2, stop=self.stop, log_lines=30
+        )
 
     def stop(self, timeout: float = 20.0) -> int | None:
         code = self._daemon.stop(timeout=timeout) if self._daemon else None

@@ -12,6 +12,10 @@ host network namespace (``NamespaceMode.NODE``), so no CNI is needed.
 
 ``Containerd.stop()`` also kills the node's shims and their containers, so a test that fails
 before ``remove_pod`` leaves nothing running.
+
+The calls that make and remove pods and containers are here, not on ``CriClient``: nodeagent itself
+never makes them. They go through the client's channel, deadline and error handling
+(``GrpcCaller._call``); the ones that create something are not retried.
 """
 
 from __future__ import annotations
@@ -19,21 +23,24 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from nodeagent.cri.client import CriClient
+from nodeagent.cri.gen import cri_api_pb2 as pb
 
 NAMESPACE_NODE = 2  # runtime.v1.NamespaceMode.NODE
+LONG = 60.0  # deadline of the calls that create, stop or remove something
 
 
 @dataclass
 class Pod:
     sandbox_id: str
-    config: Any  # runtime.v1.PodSandboxConfig
+    config: pb.PodSandboxConfig
     containers: list[str] = field(default_factory=list)
 
 
-def pod_config(name: str, log_dir: Path, *, namespace: str = "default", host_network: bool = True) -> Any:
-    from nodeagent.cri.gen import cri_api_pb2 as pb
-
+def pod_config(
+    name: str, log_dir: Path, *, namespace: str = "default", host_network: bool = True
+) -> pb.PodSandboxConfig:
     log_dir.mkdir(parents=True, exist_ok=True)
     ns = pb.NamespaceOption(network=NAMESPACE_NODE) if host_network else pb.NamespaceOption()
     return pb.PodSandboxConfig(
@@ -45,18 +52,22 @@ def pod_config(name: str, log_dir: Path, *, namespace: str = "default", host_net
     )
 
 
-async def run_pod(cri: Any, name: str, *, log_dir: Path, host_network: bool = True) -> Pod:
+async def run_pod(cri: CriClient, name: str, *, log_dir: Path, host_network: bool = True) -> Pod:
     config = pod_config(name, log_dir, host_network=host_network)
-    sandbox_id = await cri.run_pod_sandbox(config)
-    return Pod(sandbox_id, config)
+    resp: pb.RunPodSandboxResponse = await cri._call(
+        "RunPodSandbox",
+        cri.runtime.RunPodSandbox,
+        pb.RunPodSandboxRequest(config=config),
+        deadline=max(cri.timeout, LONG),
+        retry=False,
+    )
+    return Pod(resp.pod_sandbox_id, config)
 
 
 async def run_container(
-    cri: Any, pod: Pod, image: str, name: str, command: list[str] | None = None, *, pull: bool = True
+    cri: CriClient, pod: Pod, image: str, name: str, command: list[str] | None = None, *, pull: bool = True
 ) -> str:
     """Create and start a container from ``image`` in ``pod`` (pulling the image first unless told not)."""
-    from nodeagent.cri.gen import cri_api_pb2 as pb
-
     if pull:
         await cri.pull_image(image, sandbox_config=pod.config)
     config = pb.ContainerConfig(
@@ -66,16 +77,60 @@ async def run_container(
         log_path=f"{name}.log",
         labels={"nodeagent-test": name},
     )
-    cid = await cri.create_container(pod.sandbox_id, config, pod.config)
+    created: pb.CreateContainerResponse = await cri._call(
+        "CreateContainer",
+        cri.runtime.CreateContainer,
+        pb.CreateContainerRequest(pod_sandbox_id=pod.sandbox_id, config=config, sandbox_config=pod.config),
+        deadline=max(cri.timeout, LONG),
+        retry=False,
+    )
+    cid = created.container_id
     pod.containers.append(cid)
-    await cri.start_container(cid)
-    return str(cid)
+    await cri._call(
+        "StartContainer",
+        cri.runtime.StartContainer,
+        pb.StartContainerRequest(container_id=cid),
+        deadline=max(cri.timeout, LONG),
+        retry=False,
+    )
+    return cid
 
 
-async def remove_pod(cri: Any, pod: Pod) -> None:
+async def container_status(cri: CriClient, container_id: str) -> pb.ContainerStatusResponse:
+    resp: pb.ContainerStatusResponse = await cri._call(
+        "ContainerStatus",
+        cri.runtime.ContainerStatus,
+        pb.ContainerStatusRequest(container_id=container_id),
+        deadline=cri.timeout,
+    )
+    return resp
+
+
+async def remove_pod(cri: CriClient, pod: Pod) -> None:
     for cid in pod.containers:
-        await cri.stop_container(cid, grace=0)
-        await cri.remove_container(cid)
+        await cri._call(
+            "StopContainer",
+            cri.runtime.StopContainer,
+            pb.StopContainerRequest(container_id=cid, timeout=0),
+            deadline=cri.timeout,
+        )
+        await cri._call(
+            "RemoveContainer",
+            cri.runtime.RemoveContainer,
+            pb.RemoveContainerRequest(container_id=cid),
+            deadline=max(cri.timeout, LONG),
+        )
     pod.containers.clear()
-    await cri.stop_pod_sandbox(pod.sandbox_id)
-    await cri.remove_pod_sandbox(pod.sandbox_id)
+    for name, method, request in (
+        (
+            "StopPodSandbox",
+            cri.runtime.StopPodSandbox,
+            pb.StopPodSandboxRequest(pod_sandbox_id=pod.sandbox_id),
+        ),
+        (
+            "RemovePodSandbox",
+            cri.runtime.RemovePodSandbox,
+            pb.RemovePodSandboxRequest(pod_sandbox_id=pod.sandbox_id),
+        ),
+    ):
+        await cri._call(name, method, request, deadline=max(cri.timeout, LONG))

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -86,6 +86,34 @@ class Daemon:
         with _live_lock:
             _live.add(self)
 
+    def start_and_wait(
+        self,
+        what: str,
+        ready: Callable[[], object],
+        timeout: float,
+        *,
+        interval: float = 0.1,
+        stop: Callable[[], object] | None = None,
+        log_lines: int = 15,
+        started: bool = False,
+    ) -> None:
+        """Every sandbox daemon comes up this one way: ``start()`` (unless ``started``), then poll
+        ``ready()`` (failing at once if the process exited) until it is truthy. On timeout ``stop()``
+        (default: this process's) runs and SandboxError names ``what``, the log file and its last
+        ``log_lines`` lines."""
+        if not started:
+            self.start()
+
+        def alive_and_ready() -> object:
+            self.check_alive()
+            return ready()
+
+        try:
+            wait_until(f"{what} (log {self.log_path})", alive_and_ready, timeout, interval=interval)
+        except SandboxError as e:
+            (stop or self.stop)()
+            raise SandboxError(f"{e}\n{tail(self.log_path, log_lines)}") from None
+
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise SandboxError(
@@ -118,6 +146,20 @@ class Daemon:
             proc.wait(timeout=10)
         with _live_lock:
             _live.discard(self)
+
+
+class RunsDaemon:
+    """A sandbox component run as one ``Daemon`` (``_daemon``: None until it is started)."""
+
+    _daemon: Daemon | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._daemon.pid if self._daemon else None
+
+    @property
+    def running(self) -> bool:
+        return self._daemon is not None and self._daemon.running
 
 
 def kill_tree(pids: Sequence[int], timeout: float = 5.0) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from tests.sandbox.net import free_port
-from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
+from tests.sandbox.process import Daemon, SandboxError
 
 
 class PrometheusError(RuntimeError):
@@ -59,22 +59,15 @@ class Prometheus:
             "--log.level=warn",
         ]
         self._daemon = Daemon("prometheus", argv, self.log_path, cwd=self.workdir)
-        self._daemon.start()
-        daemon = self._daemon
 
         def ready() -> bool:
-            daemon.check_alive()
             try:
                 with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
                     return bool(r.status == 200)
             except (urllib.error.URLError, OSError):
                 return False
 
-        try:
-            wait_until(f"prometheus (log {self.log_path})", ready, timeout, interval=0.1)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.log_path)}") from None
+        self._daemon.start_and_wait("prometheus", ready, timeout, stop=self.stop)
 
     def stop(self) -> int | None:
         return self._daemon.stop() if self._daemon else None

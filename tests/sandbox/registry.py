@@ -26,7 +26,7 @@ from pathlib import Path
 
 from nodeagent import proc
 from tests.sandbox.net import free_port
-from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
+from tests.sandbox.process import Daemon, RunsDaemon, SandboxError
 
 # combined log format as the registry writes it: ... "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 1234 ...
 _ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/v2/\S*) HTTP/[\d.]+" (?P<status>\d{3}) (?P<size>\d+|-)')
@@ -49,7 +49,7 @@ class Request:
         return m.group(1) if m else None
 
 
-class Registry:
+class Registry(RunsDaemon):
     def __init__(
         self,
         workdir: Path,
@@ -85,14 +85,6 @@ class Registry:
     @property
     def url(self) -> str:
         return f"http://{self.host}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._daemon.pid if self._daemon else None
-
-    @property
-    def running(self) -> bool:
-        return self._daemon is not None and self._daemon.running
 
     def authorization(self) -> str | None:
         """The ``Authorization`` header value for this registry's credentials, if it has any."""
@@ -142,11 +134,8 @@ class Registry:
         self._daemon = Daemon(
             f"registry {self.host}", [self.binary, "serve", str(self.config_path)], self.log_path
         )
-        self._daemon.start()
-        daemon = self._daemon
 
         def ready() -> bool:
-            daemon.check_alive()
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
                     return True
@@ -155,11 +144,7 @@ class Registry:
             except OSError:
                 return False
 
-        try:
-            wait_until(f"registry {self.url} (log {self.log_path})", ready, timeout)
-        except SandboxError as e:
-            self.stop()
-            raise SandboxError(f"{e}\n{tail(self.log_path)}") from None
+        self._daemon.start_and_wait(f"registry {self.url}", ready, timeout, stop=self.stop)
 
     def stop(self) -> None:
         if self._daemon is not None:

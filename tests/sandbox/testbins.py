@@ -139,6 +139,7 @@ SPECS: dict[str, Spec] = {
         _containerd("containerd-latest", CONTAINERD_LATEST),
         _kubernetes("kubelet"),
         _kubernetes("kube-apiserver"),
+        _kubernetes("kube-scheduler"),  # the startup-taint flow: a pod scheduled once the taint is gone
         Spec(
             name="etcd",
             module="go.etcd.io/etcd/server/v3",  # its root package is etcd's main

@@ -46,7 +46,7 @@ def _apply(cfg: Config, root: Path, **kw: object) -> tuple[ApplyReport, str]:
     out = io.StringIO()
     restarts: list[Config] = []
     kw.setdefault("restarter", lambda c: restarts.append(c))
-    report = run_apply(cfg, gather(Paths(root), cfg.containerd.hosts_dir), out=out, err=io.StringIO(), **kw)  # type: ignore[arg-type]
+    report = run_apply(cfg, gather(Paths(root), cfg.containerd.hosts_dir), out=out, **kw)  # type: ignore[arg-type]
     return report, out.getvalue()
 
 
@@ -226,9 +226,7 @@ def test_temp_files_left_by_a_killed_run_are_cleaned(tmp_path: Path) -> None:
 def test_default_restart_command_never_restarts_the_hosts_containerd_for_a_root_tree(tmp_path: Path) -> None:
     _stock(tmp_path)
     # run_apply without a restarter: the real restart path decides, and must not run systemctl here
-    report = run_apply(
-        config(), gather(Paths(tmp_path)), flavor="generic", out=io.StringIO(), err=io.StringIO()
-    )
+    report = run_apply(config(), gather(Paths(tmp_path)), flavor="generic", out=io.StringIO())
     assert report.ok and not report.containerd_restarted
     assert any("would restart this host's containerd" in w for w in report.warnings)
 
@@ -241,3 +239,70 @@ def test_redact_headers_masks_a_mirror_only_servers_top_level_header() -> None:
     assert (
         "c2VjcmV0" not in red and '"Authorization" = ["<redacted>"]' in red and 'server = "http://m"' in red
     )
+
+
+# --- generic flavor: does the kubelet read the drop-in? (first-use friction) ------------------------
+def _kubelet_proc(root: Path, *argv: str) -> None:
+    d = root / "proc/4242"
+    d.mkdir(parents=True)
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+
+
+def test_generic_apply_warns_when_the_running_kubelet_has_no_config_dir(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    _kubelet_proc(tmp_path, "/usr/bin/kubelet", "--config=/var/lib/kubelet/config.yaml")
+    report, _ = _apply(config(), tmp_path, flavor="generic")
+    assert (
+        "the running kubelet (pid 4242) has no --config-dir, so it never reads nodeagent's drop-in: add "
+        "--config-dir=/etc/kubernetes/kubelet.conf.d to the kubelet's command line (a drop-in of "
+        "kubelet.service) and restart it"
+    ) in report.warnings
+
+
+def test_generic_apply_says_to_restart_the_kubelet_only_when_the_dropin_changed(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    _kubelet_proc(tmp_path, "/usr/bin/kubelet", "--config-dir", "/etc/kubernetes/kubelet.conf.d")
+    report, _ = _apply(config(), tmp_path, flavor="generic")
+    assert not any("kubelet" in w for w in report.warnings)
+    assert (
+        "kubelet drop-in changed; the running kubelet (pid 4242) has "
+        "--config-dir=/etc/kubernetes/kubelet.conf.d, and the kubelet reads its drop-ins only when it "
+        "starts: restart it (systemctl restart kubelet)"
+    ) in report.notes
+    again, _ = _apply(config(), tmp_path, flavor="generic")
+    assert not again.changed and not any("kubelet" in n for n in again.notes)
+
+
+def test_generic_apply_checks_the_kubelet_unit_when_no_kubelet_runs(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    report, _ = _apply(config(), tmp_path, flavor="generic")
+    assert any(
+        "the kubelet must run with --config-dir=/etc/kubernetes/kubelet.conf.d" in n for n in report.notes
+    )
+    (tmp_path / "etc/kubernetes/kubelet.conf.d/90-nodeagent.conf").unlink()  # so that it changes again
+    unit = tmp_path / "etc/systemd/system/kubelet.service.d/10-kubeadm.conf"
+    unit.parent.mkdir(parents=True)
+    unit.write_text(
+        "[Service]\nExecStart=\nExecStart=/usr/bin/kubelet --config-dir=/etc/kubernetes/kubelet.conf.d\n"
+    )
+    report, _ = _apply(config(), tmp_path, flavor="generic")
+    assert f"kubelet drop-in changed; {unit} passes --config-dir=/etc/kubernetes/kubelet.conf.d" in " ".join(
+        report.notes
+    )
+
+
+def test_mirror_ca_files_are_looked_up_under_root_as_containerd_reads_them(tmp_path: Path) -> None:
+    _stock(tmp_path)
+    cfg = config(
+        "containerd:\n  restartCommand: []\n  mirrors:\n    q.io:\n      - endpoint: https://m.example\n"
+        "        ca: /etc/pki/mirror.pem\n"
+    )
+    report, _ = _apply(cfg, tmp_path, flavor="generic", dry_run=True)
+    assert [w for w in report.warnings if ".ca:" in w] == [
+        f"containerd.mirrors.q.io[0].ca: /etc/pki/mirror.pem (read as {tmp_path}/etc/pki/mirror.pem) "
+        "does not exist: containerd and the mirror probes cannot verify this mirror's certificate",
+    ]
+    (tmp_path / "etc/pki").mkdir()
+    (tmp_path / "etc/pki/mirror.pem").write_text("cert")
+    report, _ = _apply(cfg, tmp_path, flavor="generic", dry_run=True)
+    assert not [w for w in report.warnings if ".ca:" in w]

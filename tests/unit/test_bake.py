@@ -1,45 +1,36 @@
-"""Bake step: pinning through a FAKE containerd images API (records and calls in memory, same methods
-as nodeagent.cri.containerd_images.ContainerdImages), the manifest, the snapshotter warnings."""
+"""Bake step: pinning through the FAKE runtime's containerd image records (tests/unit/cri/fakes.py:
+ContainerdImages' calls in process), the manifest, the snapshotter warnings."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 from nodeagent.bake import pin_and_record, sandbox_image, snapshotter_warnings, with_sandbox_image
 from nodeagent.config.model import Config, ContainerdConfig, PrefetchImage
+from nodeagent.cri.gen import containerd_images_pb2 as cpb
+from nodeagent.cri.gen import containerd_types_pb2 as tpb
 from nodeagent.eviction import baked
 from nodeagent.paths import Paths
 from nodeagent.prefetch import ImageOutcome
+from tests.unit.cri.fakes import FakeRuntime
 
 
 def digest(n: int) -> str:
     return f"sha256:{n:064x}"
 
 
-@dataclass
-class FakeImagesApi:
-    records: list[Any]
-    pinned: list[str] = field(default_factory=list)
-
-    async def list(self, filters: list[str] | None = None) -> list[Any]:
-        return self.records
-
-    async def pin(self, name: str) -> Any:
-        self.pinned.append(name)
-        return None
+def images_api(records: list[cpb.Image]) -> FakeRuntime:
+    return FakeRuntime(records=records)
 
 
-def record(name: str, target: str) -> Any:
-    return SimpleNamespace(name=name, target=SimpleNamespace(digest=target))
+def record(name: str, target: str) -> cpb.Image:
+    return cpb.Image(name=name, target=tpb.Descriptor(digest=target))
 
 
 def test_pins_every_record_of_pinned_images_and_writes_the_manifest(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
-    api = FakeImagesApi(
+    api = images_api(
         [
             record("r.io/a:1", digest(1)),
             record("r.io/a@" + digest(1), digest(1)),
@@ -64,7 +55,7 @@ def test_pins_every_record_of_pinned_images_and_writes_the_manifest(tmp_path: Pa
 
 
 def test_an_image_without_a_record_is_an_error_not_a_silent_success(tmp_path: Path) -> None:
-    api = FakeImagesApi([])
+    api = images_api([])
     outcomes = [ImageOutcome("r.io/a:1", pin=True, result="pulled", digest=digest(1), size=1)]
     result = asyncio.run(pin_and_record(outcomes, api, Paths(tmp_path)))
     assert not result.ok

@@ -73,6 +73,23 @@ def test_karpenter_example_valid() -> None:
     assert "startupTaints" not in node_pool["spec"]["template"]["spec"]
 
 
+def test_karpenter_startup_taint_example_carries_its_remover() -> None:
+    """The opt-in example: its objects are the ones tests/integration/test_karpenter_taint.py applies to a
+    real API server (same renderer); here they are checked to be the example's."""
+    rel = "bootstrap/karpenter/nodeclass-startup-taint.yaml"
+    docs = list(yaml.safe_load_all((REPO / rel).read_text()))
+    assert [d["kind"] for d in docs] == [
+        "EC2NodeClass", "NodePool", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+    ]  # fmt: skip
+    jsonschema.validate(docs[1], karpenter_schema("NodePool"))
+    assert docs[1]["spec"]["template"]["spec"]["startupTaints"] == [
+        {"key": "nodeagent.io/images-not-ready", "effect": "NoSchedule"}
+    ]
+    assert docs[3]["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch", "patch"]}
+    ]
+
+
 def test_packer_tags_the_ami_the_nodeclass_selects() -> None:
     import json
 

@@ -2,7 +2,7 @@ import pytest
 
 from nodeagent.cli import build_parser, main
 
-COMMANDS = ["validate", "apply", "prefetch", "run", "evict", "status", "userdata"]
+COMMANDS = ["validate", "apply", "prefetch", "run", "evict", "status", "userdata", "taint-remover"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -24,3 +24,8 @@ def test_status_takes_no_config_it_would_ignore() -> None:
         build_parser().parse_args(["status", "-c", "/x.yaml"])
     assert e.value.code == 2
     assert build_parser().parse_args(["status", "--json", "--root", "/r"]).json
+
+
+def test_taint_remover_refuses_a_bad_max_wait(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["taint-remover", "--max-wait=soon"]) == 1
+    assert "--max-wait: 'soon' is not a duration" in capsys.readouterr().err

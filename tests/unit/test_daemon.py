@@ -8,10 +8,12 @@ import json
 import os
 import signal
 import socket
+import threading
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -55,6 +57,29 @@ async def running(daemon: Daemon) -> AsyncIterator[asyncio.Task[int]]:
     finally:
         daemon.stop()
         await asyncio.wait_for(task, 20)
+
+
+async def status_when(daemon: Daemon, done: Callable[[dict[str, Any]], bool], within: float = 10.0) -> Any:
+    """The daemon's status file once ``done(status)`` holds, woken by each write of the file (the
+    writer runs off the loop, in a thread); fails after ``within`` seconds without one."""
+    written = threading.Event()
+    write = daemon.status_writer._write
+
+    def spy(body: str) -> None:
+        write(body)
+        written.set()
+
+    daemon.status_writer._write = spy  # type: ignore[method-assign]
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                st = json.loads(daemon.paths.daemon_status_file.read_text())
+                if done(st):
+                    return st
+                await asyncio.to_thread(written.wait, 0.5)
+                written.clear()
+    finally:
+        daemon.status_writer._write = write  # type: ignore[method-assign]
 
 
 class NotifySocket:
@@ -151,8 +176,8 @@ def test_daemon_serves_proxy_metrics_health_and_status_then_stops_cleanly() -> N
                         break
                     await asyncio.sleep(0.01)
                 assert [r.image for r in seen] == ["reg.local/app:1"] and async_seen == ["reg.local/app:1"]
-                await asyncio.sleep(1.2)  # the status writer runs every second when something changed
-                st = json.loads(daemon.paths.daemon_status_file.read_text())
+                # the status writer follows the change (debounced): the first file that has the pull
+                st = await status_when(daemon, lambda s: s["pulls"]["totals"] == {"success": 1})
                 assert st["state"] == "running" and st["pid"] == os.getpid()
                 assert st["proxy"]["upstreamOk"] is True
                 assert st["pulls"]["totals"] == {"success": 1}

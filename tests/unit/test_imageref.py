@@ -54,3 +54,19 @@ def test_normalize_pattern(pattern: str, want: str) -> None:
 def test_every_docker_hub_alias_folds_into_docker_io() -> None:
     for alias in refs.DOCKER_HUB_ALIASES:
         assert refs.normalize(f"{alias}/library/busybox:1") == "docker.io/library/busybox:1"
+
+
+@pytest.mark.parametrize(
+    "alias", ["index.docker.io", "Registry-1.Docker.IO", "REGISTRY.HUB.DOCKER.COM", "docker.io"]
+)
+def test_one_docker_hub_rule_for_eviction_prefetch_credentials_and_the_proxy(alias: str) -> None:
+    # every place that names a registry agrees (they used to disagree on aliases written in capitals)
+    from nodeagent.credentials import image_for_matching
+    from nodeagent.proxy.records import image_label, registry_of
+
+    ref = f"{alias}/library/busybox:1"
+    assert refs.normalize(ref) == "docker.io/library/busybox:1"
+    assert refs.split_domain(ref) == refs.split_domain("busybox:1") == ("docker.io", "library/busybox:1")
+    assert registry_of(ref) == "docker.io"
+    assert image_label(ref) == "docker.io/library/busybox:1"
+    assert image_for_matching(ref) == "docker.io/library/busybox:1"

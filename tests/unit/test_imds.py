@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from nodeagent.imds import ImdsClient, ImdsError, ImdsSettings
@@ -71,23 +69,21 @@ def test_expired_token_is_refreshed_once_then_error() -> None:
     assert len(puts) == 2  # the first token and exactly one refresh
 
 
-def test_refused_fails_fast() -> None:
-    t0 = time.monotonic()
+def test_refused_is_unreachable_after_the_bounded_retries() -> None:
+    # how fast: bench/bench_imds_fallback.py
     with RefusedPort() as refused, pytest.raises(ImdsError) as e:
         client(refused.url, backoff=0.01).user_data()
-    assert e.value.unreachable
-    assert time.monotonic() - t0 < 1.0
+    assert e.value.unreachable and "token request failed: ConnectionRefusedError" in str(e.value)
 
 
-def test_hung_imds_bounded_by_deadline() -> None:
+def test_hung_imds_is_unreachable_at_the_deadline() -> None:
+    # how long it takes against the overall deadline: bench/bench_imds_fallback.py
     with FakeImds(b"data") as fake:
         fake.hang = True
-        t0 = time.monotonic()
         with pytest.raises(ImdsError) as e:
             client(fake.endpoint, request_timeout=0.3, deadline=0.8, backoff=0.05).user_data()
-        elapsed = time.monotonic() - t0
-    assert e.value.unreachable
-    assert elapsed < 0.8 + 0.3  # never beyond the overall deadline (plus one socket timeout slice)
+    assert e.value.unreachable and "token request failed" in str(e.value)
+    assert "timed out" in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -1,96 +1,59 @@
-"""Prefetcher logic against a FAKE in-memory CRI image service (same methods and errors as
-nodeagent.cri.client.CriClient, not containerd; the real one is in tests/integration/test_prefetch.py).
+"""Prefetcher logic against the FAKE runtime (tests/unit/cri/fakes.py: CriClient's image calls and
+errors, in process, not containerd; the real one is in tests/integration/test_prefetch.py).
 Backoff sleeps go through an injected clock, so nothing here waits for real except the budget test."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import pytest
 
 from nodeagent.config.model import PrefetchImage
 from nodeagent.credentials import Auth, Credentials
-from nodeagent.cri.client import CriError
-from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.prefetch import (
     BUDGET_SPENT,
     ImageOutcome,
-    LineProgress,
     Prefetcher,
     PrefetchReport,
     PullRetry,
-    TtyProgress,
-    format_summary,
     pick_digest,
 )
-from tests.unit.cri.fakes import FakeClock
+from nodeagent.prefetch_output import LineProgress, TtyProgress, format_summary
+from tests.unit.cri.fakes import FakeClock, FakeRuntime
 
 
 def digest(n: int) -> str:
     return f"sha256:{n:064x}"
 
 
-@dataclass
-class FakeCri:
-    """``present``: image -> (id, size, manifest digest). ``fail``: image -> list of (code, details)
-    answered by successive PullImage calls before success (None: the image does not exist)."""
-
-    present: dict[str, tuple[str, int, str]] = field(default_factory=dict)
-    fail: dict[str, list[tuple[grpc.StatusCode, str]] | None] = field(default_factory=dict)
-    pull_delay: float = 0.0
-    pulls: list[tuple[str, Any, float | None]] = field(default_factory=list)
-    in_flight: int = 0
-    max_in_flight: int = 0
-
-    async def image_status(self, image: str, verbose: bool = False) -> Any:
-        for name, (iid, size, dg) in self.present.items():
-            if image in (name, iid):
-                repo = name.rsplit(":", 1)[0]
-                return pb.ImageStatusResponse(
-                    image=pb.Image(id=iid, size=size, repo_tags=[name], repo_digests=[f"{repo}@{dg}"])
-                )
-        return pb.ImageStatusResponse()
-
-    async def pull_image(
-        self,
-        image: str,
-        auth: Any = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-        retry: bool = True,
-        metadata: Any = None,
-    ) -> str:
-        assert retry is False, "prefetch retries pulls itself: the client's retry would multiply it"
-        assert metadata == (("x-nodeagent-origin", "prefetch"),)  # recorded as prefetch by the proxy
-        self.pulls.append((image, auth, timeout))
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if self.pull_delay:
-                if timeout is not None and timeout < self.pull_delay:
-                    await asyncio.sleep(timeout)
-                    raise CriError(
-                        "fake", "PullImage", grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
-                    )
-                await asyncio.sleep(self.pull_delay)
-            script = self.fail.get(image, [])
-            if script is None:
-                raise CriError("fake", "PullImage", grpc.StatusCode.NOT_FOUND, f"{image}: not found")
-            if script:
-                code, details = script.pop(0)
-                raise CriError("fake", "PullImage", code, details)
-            n = len(self.present) + 1
-            self.present[image] = (digest(1000 + n), 1000 * n, digest(n))
-            return digest(1000 + n)
-        finally:
-            self.in_flight -= 1
+def runtime(
+    present: dict[str, tuple[str, int, str]] | None = None,
+    fail: dict[str, list[tuple[grpc.StatusCode, str]] | None] | None = None,
+    pull_delay: float = 0.0,
+) -> FakeRuntime:
+    """The FAKE runtime with ``present``: image -> (id, size, manifest digest), and ``fail``: image ->
+    the (code, details) answered by successive PullImage calls before success (None: the image
+    does not exist)."""
+    rt = FakeRuntime(pull_delay=pull_delay)
+    for name, (iid, size, dg) in (present or {}).items():
+        rt.add_image(iid, size, tags=[name], digests=[f"{name.rsplit(':', 1)[0]}@{dg}"])
+    for image, script in (fail or {}).items():
+        if script is None:
+            rt.missing.add(image)
+        else:
+            rt.pull_errors[image] = list(script)
+    return rt
 
 
 def run(pf: Prefetcher) -> PrefetchReport:
-    return asyncio.run(pf.run())
+    report = asyncio.run(pf.run())
+    assert isinstance(pf.cri, FakeRuntime)
+    for pull in pf.cri.pulls:
+        assert pull.retry is False, "prefetch retries pulls itself: the client's retry would multiply it"
+        assert pull.metadata == (("x-nodeagent-origin", "prefetch"),)  # recorded as prefetch by the proxy
+    return report
 
 
 def images(*names: str, required: bool = False) -> list[PrefetchImage]:
@@ -98,7 +61,7 @@ def images(*names: str, required: bool = False) -> list[PrefetchImage]:
 
 
 def test_present_images_are_skipped_without_pulling() -> None:
-    cri = FakeCri(present={"r.io/a:1": (digest(7), 123, digest(8))})
+    cri = runtime(present={"r.io/a:1": (digest(7), 123, digest(8))})
     report = run(Prefetcher(cri, images("r.io/a:1", "r.io/b:1")))
     a, b = report.outcomes
     assert (a.result, a.image_id, a.size, a.digest) == ("present", digest(7), 123, digest(8))
@@ -109,7 +72,7 @@ def test_present_images_are_skipped_without_pulling() -> None:
 
 def test_rate_limited_retries_with_longer_backoff_than_network() -> None:
     clock = FakeClock()
-    cri = FakeCri(
+    cri = runtime(
         fail={
             "r.io/rl:1": [(grpc.StatusCode.UNKNOWN, "429 Too Many Requests: toomanyrequests")],
             "r.io/net:1": [(grpc.StatusCode.UNKNOWN, "dial tcp 10.0.0.1:443: connection refused")],
@@ -129,7 +92,7 @@ def test_rate_limited_retries_with_longer_backoff_than_network() -> None:
 def test_retries_are_bounded_and_not_found_is_not_retried() -> None:
     clock = FakeClock()
     net = [(grpc.StatusCode.UNKNOWN, "i/o timeout")] * 10
-    cri = FakeCri(fail={"r.io/net:1": net, "r.io/gone:1": None})
+    cri = runtime(fail={"r.io/net:1": net, "r.io/gone:1": None})
     pf = Prefetcher(
         cri,
         images("r.io/net:1", "r.io/gone:1", required=True),
@@ -147,21 +110,20 @@ def test_retries_are_bounded_and_not_found_is_not_retried() -> None:
 
 
 def test_concurrency_is_bounded() -> None:
-    cri = FakeCri(pull_delay=0.02)
+    cri = runtime(pull_delay=0.02)
     names = [f"r.io/i{i}:1" for i in range(9)]
     report = run(Prefetcher(cri, images(*names), concurrency=3))
     assert all(o.result == "pulled" for o in report.outcomes)
-    assert cri.max_in_flight == 3
+    assert cri.max_active == 3
 
 
 def test_budget_cancels_running_pulls_and_counts_as_missing() -> None:
-    cri = FakeCri(pull_delay=30.0)
+    cri = runtime(pull_delay=30.0)
     pf = Prefetcher(cri, images("r.io/slow:1", required=True), budget=0.2)
     report = run(pf)
     (o,) = report.outcomes
     assert (o.result, o.error) == ("canceled", BUDGET_SPENT)
     assert report.budget_spent and report.exit_code == 1
-    assert report.seconds < 5
     assert cri.pulls[0][2] is not None and cri.pulls[0][2] <= 0.2  # the gRPC deadline is the budget left
 
 
@@ -181,7 +143,7 @@ class FakeCredentials(Credentials):
 
 def test_unauthorized_asks_the_provider_again_once() -> None:
     creds = FakeCredentials()
-    cri = FakeCri(fail={"r.io/p:1": [(grpc.StatusCode.UNKNOWN, "401 Unauthorized")] * 5})
+    cri = runtime(fail={"r.io/p:1": [(grpc.StatusCode.UNKNOWN, "401 Unauthorized")] * 5})
     report = run(Prefetcher(cri, images("r.io/p:1"), credentials=creds))
     (o,) = report.outcomes
     assert o.result == "unauthorized" and o.attempts == 2
@@ -191,7 +153,7 @@ def test_unauthorized_asks_the_provider_again_once() -> None:
 
 def test_summary_table_and_plain_progress_lines() -> None:
     out = io.StringIO()
-    cri = FakeCri(present={"r.io/a:1": (digest(7), 2_500_000, digest(8))}, fail={"r.io/gone:1": None})
+    cri = runtime(present={"r.io/a:1": (digest(7), 2_500_000, digest(8))}, fail={"r.io/gone:1": None})
     report = run(
         Prefetcher(cri, [PrefetchImage("r.io/a:1"), PrefetchImage("r.io/gone:1")], progress=LineProgress(out))
     )
@@ -255,7 +217,7 @@ def test_tty_progress_fits_many_images_into_the_terminal(monkeypatch: pytest.Mon
 
 def test_running_out_of_budget_while_retrying_keeps_the_failure_class() -> None:
     clock = FakeClock()
-    cri = FakeCri(fail={"r.io/net:1": [(grpc.StatusCode.UNKNOWN, "connection refused")] * 10})
+    cri = runtime(fail={"r.io/net:1": [(grpc.StatusCode.UNKNOWN, "connection refused")] * 10})
     pf = Prefetcher(
         cri,
         images("r.io/net:1"),

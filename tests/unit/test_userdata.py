@@ -247,6 +247,33 @@ def test_karpenter_objects_validate_against_v1_fields() -> None:
     assert "startupTaints" not in np["spec"]["template"]["spec"]
 
 
+def test_karpenter_opt_in_startup_taint_comes_with_its_remover() -> None:
+    text = userdata.render_karpenter(CONFIG, remover_image="registry.example/nodeagent:0.1.0", max_wait="20m")
+    _, np, sa, role, binding, deploy = yaml.safe_load_all(text)
+    jsonschema.validate(np, karpenter_schema("NodePool"))
+    assert np["spec"]["template"]["spec"]["startupTaints"] == [
+        {"key": "nodeagent.io/images-not-ready", "effect": "NoSchedule"}
+    ]
+    assert "taints" not in np["spec"]["template"]["spec"]  # a startup taint, not a permanent one
+    assert [d["kind"] for d in (sa, role, binding, deploy)] == [
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+    ]  # fmt: skip
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch", "patch"]}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert pod["tolerations"] == [
+        {"key": "nodeagent.io/images-not-ready", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/nodeagent:0.1.0"
+    assert container["command"] == ["nodeagent", "taint-remover", "--max-wait=20m"]
+    assert "&id" not in text  # plain YAML, no anchors
+
+
 def test_karpenter_schema_rejects_misnamed_field() -> None:
     nc, _ = karpenter_docs(userdata.render_karpenter(CONFIG))
     nc["spec"]["amiSelector"] = nc["spec"].pop("amiSelectorTerms")  # the pre-v1beta1 name

@@ -63,3 +63,54 @@ def test_dry_run_writes_nothing_not_even_the_report(
     out = capsys.readouterr().out
     assert "would change: " in out and "--- " in out
     assert not (root / "var").exists() and not (root / "etc/kubernetes").exists()
+
+
+# --- mirrors in a dry run: offline mode, and a header naming what was left out (first-use friction) --
+MIRRORED = (
+    "containerd:\n  restartCommand: []\n  mirrors:\n    docker.io:\n"
+    "      - endpoint: http://127.0.0.1:1\n"  # nothing listens on port 1: a probe fails at once
+    "      - endpoint: https://ecr.example.com\n"
+    "        credentials: {from: file, path: /etc/nodeagent/mirror-creds}\n"
+)
+
+
+def test_dry_run_header_names_the_mirrors_left_out_and_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _root(tmp_path, MIRRORED)
+    assert main(["apply", "--root", str(root), "--flavor", "generic", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    header = out.split("\n--- ", 1)[0].splitlines()
+    assert (
+        header[0]
+        == "# mirrors: each mirror probed once now; what is left out of the hosts.toml diffs below, and why:"
+    )
+    assert header[1].startswith(
+        "#   containerd.mirrors.docker.io[1]: https://ecr.example.com: credentials unavailable ("
+    )
+    assert header[2].startswith(
+        "#   containerd.mirrors.docker.io[0]: http://127.0.0.1:1 not answering at apply time ("
+    )
+    assert "127.0.0.1:1" not in out.split("\n--- ", 1)[1]  # and indeed not in the diff
+
+
+def test_offline_dry_run_probes_nothing_and_writes_every_mirror_without_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nodeagent.mirrorhealth.applycheck as applycheck
+
+    def no_probe(*_: object) -> None:
+        raise AssertionError("--offline must not probe")
+
+    monkeypatch.setattr(applycheck, "probe_all_once", no_probe)
+    root = _root(tmp_path, MIRRORED)
+    assert main(["apply", "--root", str(root), "--flavor", "generic", "--dry-run", "--offline"]) == 0
+    out = capsys.readouterr().out
+    header, diffs = out.split("\n--- ", 1)
+    assert header.splitlines() == [
+        "# mirrors: --offline: no mirror probed, no credentials fetched; what is left out of the hosts.toml "
+        "diffs below, and why:",
+        "#   containerd.mirrors.docker.io[1]: https://ecr.example.com: credentials unavailable "
+        "(--offline: not fetched); left out of hosts.toml until nodeagent run gets them",
+    ]
+    assert '[host."http://127.0.0.1:1"]' in diffs and "ecr.example.com" not in diffs

@@ -100,6 +100,31 @@ def test_karpenter(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "taint" not in captured.out.lower().replace("no startup taint", "")
 
 
+def test_startup_taint_only_with_its_remover(cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["userdata", "-c", str(cfg), "--format", "karpenter"]
+    assert main([*base, "--startup-taint"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "--startup-taint: needs --remover-image IMAGE" in captured.err
+    assert main([*base, "--remover-image=r.example/nodeagent:1"]) == 2
+    assert "--remover-image: only with --startup-taint" in capsys.readouterr().err
+    assert main([*base, "--startup-taint", "--remover-image=r/n:1", "--remover-max-wait=soon"]) == 2
+    assert "--remover-max-wait: 'soon' is not a duration" in capsys.readouterr().err
+
+    assert (
+        main([*base, "--startup-taint", "--remover-image=r.example/nodeagent:1", "--remover-max-wait=0"]) == 0
+    )
+    captured = capsys.readouterr()
+    docs = list(yaml.safe_load_all(captured.out))
+    assert [d["kind"] for d in docs] == [
+        "EC2NodeClass", "NodePool", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+    ]  # fmt: skip
+    assert docs[1]["spec"]["template"]["spec"]["startupTaints"][0]["key"] == "nodeagent.io/images-not-ready"
+    assert docs[5]["spec"]["template"]["spec"]["containers"][0]["command"][-1] == "--max-wait=0"
+    size = len(docs[0]["spec"]["userData"].encode())  # the size reported is still the user-data's
+    assert captured.err == f"user-data: {size} bytes (EC2 limit 16384)\n"
+
+
 def test_size_is_reported_and_a_warning_comes_near_the_ec2_limit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

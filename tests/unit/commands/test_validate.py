@@ -67,13 +67,44 @@ def test_default_path_is_under_root(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert capsys.readouterr().out.startswith(f"{cfg}: OK")
 
 
-def test_missing_file_is_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_file_is_invalid_and_points_at_the_example(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a new user's first `nodeagent validate`: no file yet, so say where to start
     assert main(["validate", "--root", str(tmp_path)]) == 2
     cfg = tmp_path / "etc/nodeagent/config.yaml"
     assert capsys.readouterr().err.splitlines() == [
         f"{cfg}: invalid, 1 problem:",
         f"  {cfg}: cannot read: No such file or directory",
+        f"  no config at {cfg}: start from docs/config.example.yaml (every key, commented) or pass -c FILE",
     ]
+    assert (REPO / "docs/config.example.yaml").is_file()
+
+
+def test_one_setting_that_differs_is_singular(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "config.yaml"
+    f.write_text(HEAD + "kubelet:\n  registryPullQPS: 50\n")
+    assert main(["validate", "-c", str(f)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{f}: OK, 1 setting differs from its default:",
+        "  kubelet.registryPullQPS: 50 (default: 10)",
+    ]
+
+
+def test_warns_as_apply_does_when_eviction_cannot_act_before_the_kubelet_gc(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "config.yaml"
+    f.write_text(HEAD + "eviction:\n  highThresholdPercent: 90\n  lowThresholdPercent: 80\n")
+    assert main(["validate", "-c", str(f)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "warning: eviction.highThresholdPercent (90) is not below kubelet.imageGCHighThresholdPercent (85)"
+    )
+    from nodeagent.config import load
+    from nodeagent.config.warnings import config_warnings
+
+    assert err.splitlines() == [f"warning: {w}" for w in config_warnings(load(f))]  # apply's list
 
 
 # --- --imds: the user-data part merged over the file (FAKE IMDSv2 on loopback, threads only) --------
@@ -116,6 +147,19 @@ def test_imds_on_with_an_invalid_user_data_part_exits_2(
         "  user-data part 1 (application/nodeagent.yaml): kubelet.registryPullQPS: expected an integer, "
         "got a string 'lots' (line 4)",
     ]
+
+
+def test_nodeagent_imds_env_is_honoured_as_the_help_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _root(tmp_path)
+    monkeypatch.setenv("NODEAGENT_IMDS", "on")
+    with FakeImds(render_al2023(PART).encode()) as fake:
+        monkeypatch.setenv("NODEAGENT_IMDS_ENDPOINT", fake.endpoint)
+        assert main(["validate", "--root", str(root)]) == 0
+        assert fake.requests != []
+    cfg = root / "etc/nodeagent/config.yaml"
+    assert capsys.readouterr().out.startswith(f"{cfg} + imds:user-data: OK, 2 settings differ")
 
 
 def test_without_imds_flag_imds_is_not_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

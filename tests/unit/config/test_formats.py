@@ -10,42 +10,6 @@ from nodeagent.config import formats as f
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("0", 0.0),
-        ("0s", 0.0),
-        ("500ms", 0.5),
-        ("30s", 30.0),
-        ("10m", 600.0),
-        ("1h30m", 5400.0),
-        ("1.5h", 5400.0),
-        ("2h45m30.5s", 9930.5),
-        ("100us", 0.0001),
-        ("100\u00b5s", 0.0001),
-        ("-5m", -300.0),
-    ],
-)
-def test_go_durations_parse(text: str, seconds: float) -> None:
-    assert f.parse_duration(text) == pytest.approx(seconds)
-    assert re.fullmatch(f.DURATION_PATTERN, text) or text.startswith("-")
-
-
-@pytest.mark.parametrize("text", ["", "5", "10 m", "10min", "m", "1d", "1h 30m", "s10", "--1s", "1e3s"])
-def test_bad_durations_are_refused_by_parser_and_pattern(text: str) -> None:
-    assert f.parse_duration(text) is None
-    assert not re.search(f.DURATION_PATTERN, text)
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [(0, "0s"), (0.5, "500ms"), (120, "2m"), (5400, "1h30m"), (90.5, "1m30.5s"), (7200, "2h")],
-)
-def test_durations_format_back_go_style(seconds: float, text: str) -> None:
-    assert f.format_duration(seconds) == text
-    assert f.parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize(
     "name",
     [
         "_default",

@@ -498,11 +498,13 @@ def test_there_are_at_least_30_distinct_invalid_cases() -> None:
     [
         (
             "",
-            "<string>: the file is empty; expected a mapping with apiVersion: nodeagent.io/v1alpha1 and kind",
+            "<string>: the file is empty; a config starts with 'apiVersion: nodeagent.io/v1alpha1' and "
+            "'kind: NodeAgentConfig' (a commented example: docs/config.example.yaml)",
         ),
         (
             "# only a comment\n",
-            "<string>: the file is empty; expected a mapping with apiVersion: nodeagent.io/v1alpha1 and kind",
+            "<string>: the file is empty; a config starts with 'apiVersion: nodeagent.io/v1alpha1' and "
+            "'kind: NodeAgentConfig' (a commented example: docs/config.example.yaml)",
         ),
         (
             "- a\n- b\n",

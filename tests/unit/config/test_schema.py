@@ -13,8 +13,9 @@ import jsonschema
 import pytest
 import yaml
 
-from nodeagent.config import load, schema
-from nodeagent.config.types import List, ListOrObject, Map, Object
+from nodeagent.config import default_config, load, load_data, schema
+from nodeagent.config.objects import ListOrObject, Object
+from nodeagent.config.types import List, Map
 from tests.unit.config.test_loader import INVALID, _text
 
 REPO = Path(__file__).resolve().parents[3]
@@ -104,25 +105,32 @@ def test_schema_covers_every_field_of_the_typed_model() -> None:
     for obj in _objects(schema.SCHEMA, []):
         if obj is schema.SCHEMA:
             continue
-        model = getattr(obj.build, "model", obj.build)  # a builder names the model it builds
         derived = getattr(obj.build, "derived", frozenset())  # model fields computed from other keys
-        assert dataclasses.is_dataclass(model)
-        assert {f.attr for f in obj.fields} | derived == {f.name for f in dataclasses.fields(model)}, model
+        assert dataclasses.is_dataclass(obj.model)
+        assert {f.attr for f in obj.fields} | derived == {f.name for f in dataclasses.fields(obj.model)}, (
+            obj.model
+        )
 
 
-def test_schema_defaults_equal_model_defaults() -> None:
-    for obj in _objects(schema.SCHEMA, []):
-        if obj is schema.SCHEMA:
-            continue
-        model = getattr(obj.build, "model", obj.build)
-        for f in obj.fields:
-            if f.required:
-                continue
-            field = next(x for x in dataclasses.fields(model) if x.name == f.attr)  # type: ignore[arg-type]
-            model_default = (
-                field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-            )
-            assert f.default_value() == model_default, f"{model.__name__}.{f.attr}"  # type: ignore[attr-defined]
+def _defaults_document(obj: Object) -> dict[str, Any]:
+    """Every key written with the default the published schema states for it."""
+    doc: dict[str, Any] = {}
+    for f in obj.fields:
+        if isinstance(f.type, Object) and not f.required and f.attr != "credentials":
+            doc[f.key] = _defaults_document(f.type)
+        elif f.default is not None:
+            doc[f.key] = f.default
+    return doc
+
+
+def test_published_defaults_load_back_to_the_model_defaults() -> None:
+    # defaults are declared once, on the model; the schema renders them for docs and the JSON Schema
+    # (Type.to_yaml). Writing every published default out must load to exactly the model's defaults.
+    doc = _defaults_document(schema.SCHEMA)
+    doc.update(apiVersion=schema.API_VERSION, kind=schema.KIND)
+    assert doc["kubelet"]["imageMinimumGCAge"] == "2m" and doc["containerd"]["mirrors"] == {}
+    assert load_data(doc) == default_config()
+    assert not list(validator().iter_errors(doc))
 
 
 # Invalid cases the JSON Schema can express too (types, ranges, enums, unknown keys, formats);

@@ -13,7 +13,6 @@ import grpc
 import pytest
 
 from nodeagent.cri.client import CriClient, CriError, RetryPolicy, grpc_target, redact
-from nodeagent.cri.gen import cri_api_pb2 as pb
 from tests.unit.cri.fakes import FakeClock, Plan, fake_runtime
 
 # gRPC encodes the deadline in the grpc-timeout header rounded up to its unit, so the server can
@@ -169,18 +168,16 @@ def test_deadline_exceeded_is_final_and_named() -> None:
     run(main)
 
 
-def test_create_calls_are_not_retried_on_unavailable() -> None:
+def test_a_pull_with_its_own_retry_loop_is_not_retried_by_the_client() -> None:
+    # prefetch retries pulls itself (retry=False): the two must not multiply
     async def main() -> None:
         async with fake_runtime() as (rt, ep):
-            rt.plans["RunPodSandbox"] = Plan(fail_times=1)
-            rt.plans["CreateContainer"] = Plan(fail_times=1)
+            rt.plans["PullImage"] = Plan(fail_times=1)
             async with CriClient(ep) as c:
-                with pytest.raises(CriError):
-                    await c.run_pod_sandbox(pb.PodSandboxConfig())
-                with pytest.raises(CriError):
-                    await c.create_container("sb1", pb.ContainerConfig(), pb.PodSandboxConfig())
-            assert len(rt.calls("RunPodSandbox")) == 1
-            assert len(rt.calls("CreateContainer")) == 1
+                with pytest.raises(CriError) as ei:
+                    await c.pull_image("reg.local/a:1", retry=False)
+            assert ei.value.code == grpc.StatusCode.UNAVAILABLE
+            assert len(rt.calls("PullImage")) == 1
 
     run(main)
 

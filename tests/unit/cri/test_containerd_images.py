@@ -40,7 +40,7 @@ def test_set_labels_updates_only_named_labels() -> None:
             async with ContainerdImages(ep) as ci:
                 await ci.set_labels("reg.local/a:1", {"b": "2", "a": None})
                 await ci.pin("reg.local/a:1")
-                await ci.unpin("reg.local/a:1")
+                await ci.set_labels("reg.local/a:1", {PINNED_LABEL: None})  # unpin
             u1, u2, u3 = rt.calls("images.Update")
             assert list(u1.request.update_mask.paths) == ["labels.a", "labels.b"]
             assert dict(u1.request.image.labels) == {"b": "2"}

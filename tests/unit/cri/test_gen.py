@@ -1,4 +1,5 @@
-"""The committed stubs in nodeagent/cri/gen/ are exactly what scripts/gen_proto.py produces."""
+"""The committed stubs in nodeagent/cri/gen/ (modules and their typed .pyi) are exactly what
+scripts/gen_proto.py produces."""
 
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ def _gen_proto() -> ModuleType:
 def test_regenerating_gives_identical_files(tmp_path: Path) -> None:
     written = _gen_proto().generate(tmp_path)
     fresh = {p.name: p.read_bytes() for p in written}
-    committed = {p.name: p.read_bytes() for p in (REPO / "nodeagent" / "cri" / "gen").glob("*.py")}
+    committed = {p.name: p.read_bytes() for p in (REPO / "nodeagent" / "cri" / "gen").glob("*.py*")}
     assert sorted(fresh) == sorted(committed)
     for name, data in fresh.items():
         assert committed[name] == data, f"nodeagent/cri/gen/{name} is stale: run scripts/gen_proto.py"
 
 
 def test_stub_imports_are_package_relative() -> None:
-    for p in (REPO / "nodeagent" / "cri" / "gen").glob("*_pb2*.py"):
+    for p in (REPO / "nodeagent" / "cri" / "gen").glob("*_pb2*.py*"):
         for line in p.read_text().splitlines():
             if line.startswith("import ") and "_pb2" in line:
                 raise AssertionError(f"{p.name}: top-level import of a sibling stub: {line}")

@@ -1,53 +1,38 @@
-"""CRI messages -> policy data, against a FAKE runtime object (real runtime.v1 messages)."""
+"""CRI messages -> policy data, against the FAKE runtime (tests/unit/cri/fakes.py): real runtime.v1
+messages."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
+from nodeagent.cri.client import CriError
 from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.eviction.inventory import Inventory, container_of, image_of, sandbox_image_from_status
 from nodeagent.eviction.policy import Container, Image
+from tests.unit.cri.fakes import FakeRuntime, Plan
 
 
-class NotFound(Exception):
-    code = SimpleNamespace(name="NOT_FOUND")
+def runtime() -> FakeRuntime:
+    """One image used by a running container; two sandboxes (ready, not ready) whose pause images
+    PodSandboxStatus(verbose) names."""
+    rt = FakeRuntime()
+    rt.add_image("sha256:" + "a" * 64, 7, tags=["r/x:v1"], digests=["r/x@sha256:" + "b" * 64])
+    rt.containers = [
+        pb.Container(id="c1", image=pb.ImageSpec(image="r/x:v1"), image_ref="sha256:" + "a" * 64, state=1)
+    ]
+    rt.sandboxes = [pb.PodSandbox(id="sb1", state=0), pb.PodSandbox(id="sb2", state=1)]
+    rt.sandbox_images = {"sb1": "r/pause:sb1", "sb2": "r/pause:sb2"}
+    return rt
 
 
-class FakeCri:
-    def __init__(self) -> None:
-        self.sandboxes = [pb.PodSandbox(id="sb1", state=0), pb.PodSandbox(id="sb2", state=1)]
-        self.status_calls: list[str] = []
-        self.status_error: dict[str, Exception] = {}
-
-    async def list_images(self) -> list[Any]:
-        return [
-            pb.Image(
-                id="sha256:" + "a" * 64, repo_tags=["r/x:v1"], repo_digests=["r/x@sha256:" + "b" * 64], size=7
-            )
-        ]
-
-    async def list_containers(self) -> list[Any]:
-        return [
-            pb.Container(id="c1", image=pb.ImageSpec(image="r/x:v1"), image_ref="sha256:" + "a" * 64, state=1)
-        ]
-
-    async def list_pod_sandboxes(self) -> list[Any]:
-        return list(self.sandboxes)
-
-    async def pod_sandbox_status(self, sid: str, verbose: bool = False) -> Any:
-        self.status_calls.append(sid)
-        if sid in self.status_error:
-            raise self.status_error[sid]
-        return pb.PodSandboxStatusResponse(info={"info": json.dumps({"image": f"r/pause:{sid}"})})
+def status_calls(rt: FakeRuntime) -> list[str]:
+    return [s.request for s in rt.calls("PodSandboxStatus")]
 
 
 def test_messages_become_policy_data() -> None:
-    inv = Inventory(FakeCri())
+    inv = Inventory(runtime())
     assert asyncio.run(inv.images()) == [
         Image("sha256:" + "a" * 64, ("r/x:v1",), ("r/x@sha256:" + "b" * 64,), 7, False)
     ]
@@ -60,26 +45,27 @@ def test_messages_become_policy_data() -> None:
 
 
 def test_sandbox_images_are_read_once_per_sandbox_and_forgotten_with_it() -> None:
-    cri = FakeCri()
-    inv = Inventory(cri)
+    rt = runtime()
+    inv = Inventory(rt)
     asyncio.run(inv.users())
     asyncio.run(inv.users())
-    assert cri.status_calls == ["sb1", "sb2"]
-    cri.sandboxes = [pb.PodSandbox(id="sb2", state=1)]
+    assert status_calls(rt) == ["sb1", "sb2"]
+    rt.sandboxes = [pb.PodSandbox(id="sb2", state=1)]
     asyncio.run(inv.users())
-    cri.sandboxes.append(pb.PodSandbox(id="sb1", state=0))
+    rt.sandboxes.append(pb.PodSandbox(id="sb1", state=0))
     asyncio.run(inv.users())
-    assert cri.status_calls == ["sb1", "sb2", "sb1"]
+    assert status_calls(rt) == ["sb1", "sb2", "sb1"]
 
 
 def test_a_sandbox_gone_since_the_list_is_skipped_other_errors_are_not() -> None:
-    cri = FakeCri()
-    cri.status_error["sb1"] = NotFound("gone")
-    users = asyncio.run(Inventory(cri).users())
+    rt = runtime()
+    rt.gone.add("sb1")  # removed between ListPodSandbox and PodSandboxStatus
+    users = asyncio.run(Inventory(rt).users())
     assert [u.id for u in users] == ["c1", "sb2"]
-    cri.status_error["sb1"] = RuntimeError("UNAVAILABLE")
-    with pytest.raises(RuntimeError):
-        asyncio.run(Inventory(cri).users())
+    rt.gone.clear()
+    rt.plans["PodSandboxStatus"] = Plan(fail_times=1)  # UNAVAILABLE: the sandbox image is unknown
+    with pytest.raises(CriError):
+        asyncio.run(Inventory(rt).users())
 
 
 @pytest.mark.parametrize(

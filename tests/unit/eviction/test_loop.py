@@ -1,6 +1,6 @@
-"""The eviction loop against a FAKE runtime (a Python object answering CriClient's methods with real
-runtime.v1 messages) and a fake filesystem whose usage follows the images on it. Real containerd:
-tests/integration/test_eviction.py."""
+"""The eviction loop against the FAKE runtime (tests/unit/cri/fakes.py: CriClient's calls answered
+in process with real runtime.v1 messages) and its image filesystem, whose usage follows the images on
+it. Real containerd: tests/integration/test_eviction.py."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from nodeagent.config.model import Config, EvictionConfig, ImagesConfig
@@ -24,6 +24,7 @@ from nodeagent.lastused import LastUsed
 from nodeagent.metrics import Metrics
 from nodeagent.paths import Paths
 from nodeagent.throttle import TokenBucket
+from tests.unit.cri.fakes import FakeRuntime, Plan
 
 MB = 1_000_000
 T0 = 1_800_000_000.0
@@ -33,66 +34,23 @@ def sha(n: int) -> str:
     return f"sha256:{n:064x}"
 
 
-@dataclass
-class FakeRuntime:
-    """Images with a CRI size and what they take on disk; containers; scripted failures."""
+def runtime() -> FakeRuntime:
+    """The FAKE runtime on a 200 MB image filesystem whose usage follows the images on it."""
+    return FakeRuntime(total=200 * MB, imagefs_mountpoint="/imagefs")
 
-    disk: dict[str, int] = field(default_factory=dict)  # image id -> bytes on disk
-    images: dict[str, pb.Image] = field(default_factory=dict)
-    containers: list[pb.Container] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    fail: dict[str, Exception] = field(default_factory=dict)
-    on_list_containers: Callable[[int], None] | None = None
-    list_containers_calls: int = 0
-    base: int = 0  # bytes used by other things on the filesystem
-    total: int = 200 * MB
 
-    def add(self, n: int, size_mb: float, disk_mb: float | None = None, pinned: bool = False) -> str:
-        i = sha(n)
-        self.images[i] = pb.Image(
-            id=i,
-            repo_tags=[f"reg.example/app{n}:v1"],
-            repo_digests=[f"reg.example/app{n}@{sha(10_000 + n)}"],
-            size=int(size_mb * MB),
-            pinned=pinned,
-        )
-        self.disk[i] = int((disk_mb if disk_mb is not None else 2 * size_mb) * MB)
-        return i
-
-    def usage(self, path: Path) -> FsUsage:
-        return FsUsage(self.base + sum(self.disk.values()), self.total)
-
-    def _maybe_fail(self, name: str) -> None:
-        if name in self.fail:
-            raise self.fail[name]
-
-    async def image_fs_info(self) -> Any:
-        self._maybe_fail("ImageFsInfo")
-        fs = pb.FilesystemUsage(fs_id=pb.FilesystemIdentifier(mountpoint="/imagefs"))
-        return pb.ImageFsInfoResponse(image_filesystems=[fs])
-
-    async def list_images(self) -> list[Any]:
-        self._maybe_fail("ListImages")
-        return list(self.images.values())
-
-    async def list_containers(self) -> list[Any]:
-        self._maybe_fail("ListContainers")
-        self.list_containers_calls += 1
-        if self.on_list_containers is not None:
-            self.on_list_containers(self.list_containers_calls)
-        return list(self.containers)
-
-    async def list_pod_sandboxes(self) -> list[Any]:
-        return []
-
-    async def remove_image(self, image: str) -> None:
-        self._maybe_fail("RemoveImage")
-        self.removed.append(image)
-        self.images.pop(image, None)
-        self.disk.pop(image, None)
-
-    async def close(self) -> None:
-        pass
+def add(rt: FakeRuntime, n: int, size_mb: float, disk_mb: float | None = None, pinned: bool = False) -> str:
+    """Image ``n`` with a CRI size of ``size_mb`` taking ``disk_mb`` (default twice that) on disk."""
+    i = sha(n)
+    rt.add_image(
+        i,
+        int(size_mb * MB),
+        tags=[f"reg.example/app{n}:v1"],
+        digests=[f"reg.example/app{n}@{sha(10_000 + n)}"],
+        pinned=pinned,
+        disk=int((disk_mb if disk_mb is not None else 2 * size_mb) * MB),
+    )
+    return i
 
 
 class Clock:
@@ -154,9 +112,9 @@ def messages(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, Any]
 
 
 def test_below_high_removes_nothing_and_records_first_seen(tmp_path: Path) -> None:
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(3):
-        rt.add(n, 10)  # 60 MB of 200: 30%
+        add(rt, n, 10)  # 60 MB of 200: 30%
     loop, metrics, _ = make_loop(rt, tmp_path)
     r = asyncio.run(loop.cycle())
     assert not r.triggered and r.removed == [] and rt.removed == []
@@ -169,7 +127,7 @@ def test_below_high_removes_nothing_and_records_first_seen(tmp_path: Path) -> No
 
 
 def test_thresholds_are_exported_as_ratios(tmp_path: Path) -> None:
-    _loop, metrics, _ = make_loop(FakeRuntime(), tmp_path, high=70, low=55)
+    _loop, metrics, _ = make_loop(runtime(), tmp_path, high=70, low=55)
     assert value(metrics, "nodeagent_image_eviction_threshold_ratio", threshold="high") == pytest.approx(0.7)
     assert value(metrics, "nodeagent_image_eviction_threshold_ratio", threshold="low") == pytest.approx(0.55)
 
@@ -178,9 +136,9 @@ def test_removes_lru_one_at_a_time_until_measured_usage_is_under_low(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(7):
-        rt.add(n, 10)  # 20 MB on disk each (CRI says 10): 140 MB of 200 = 70% >= 60%
+        add(rt, n, 10)  # 20 MB on disk each (CRI says 10): 140 MB of 200 = 70% >= 60%
     lu = LastUsed(Paths(tmp_path).last_used_file)
     for n in range(7):
         lu.touch(f"reg.example/app{n}:v1", T0 - 1000 + (6 - n) * 10)  # app6 least recently used
@@ -215,9 +173,9 @@ def test_removes_lru_one_at_a_time_until_measured_usage_is_under_low(
 
 
 def test_plans_again_when_removals_free_less_than_their_size(tmp_path: Path) -> None:
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(8):
-        rt.add(n, 10, disk_mb=4)  # shared layers: a removal frees only 4 MB
+        add(rt, n, 10, disk_mb=4)  # shared layers: a removal frees only 4 MB
     rt.base = 100 * MB  # 132 MB used: 66%
     lu = LastUsed(None)
     for n in range(8):
@@ -234,9 +192,9 @@ def test_a_container_created_after_the_plan_keeps_its_image(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(7):
-        rt.add(n, 10)
+        add(rt, n, 10)
     lu = LastUsed(None)
     for n in range(7):
         lu.touch(sha(n), T0 - 1000 + n)  # app0 is first in line
@@ -261,10 +219,10 @@ def test_everything_protected_says_so_once_per_period(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    rt = FakeRuntime()
-    rt.add(0, 30, pinned=True)
-    rt.add(1, 20)
-    rt.add(2, 10)
+    rt = runtime()
+    add(rt, 0, 30, pinned=True)
+    add(rt, 1, 20)
+    add(rt, 2, 10)
     rt.containers.append(pb.Container(id="c1", image_ref=sha(1), state=1))
     loop, metrics, clock = make_loop(rt, tmp_path, protect=("reg.example/app2",))
     r = asyncio.run(loop.cycle())
@@ -297,8 +255,8 @@ def test_everything_protected_says_so_once_per_period(
 
 
 def test_low_unreachable_holds_between_low_and_high_until_low_is_reached(tmp_path: Path) -> None:
-    rt = FakeRuntime()
-    rt.add(0, 10, pinned=True)
+    rt = runtime()
+    add(rt, 0, 10, pinned=True)
     rt.base = 130 * MB  # 75% used (high 60%, low 40%) and nothing removable
     loop, metrics, _ = make_loop(rt, tmp_path)
     assert asyncio.run(loop.cycle()).low_unreachable
@@ -314,9 +272,9 @@ def test_low_unreachable_holds_between_low_and_high_until_low_is_reached(tmp_pat
 
 
 def test_too_recent_images_are_kept(tmp_path: Path) -> None:
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(7):
-        rt.add(n, 10)
+        add(rt, n, 10)
     loop, _, clock = make_loop(rt, tmp_path, min_age=600)
     r = asyncio.run(loop.cycle())  # every image is first seen now
     assert rt.removed == [] and r.low_unreachable
@@ -329,9 +287,9 @@ def test_errors_are_counted_logged_once_per_period_and_cleared(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    rt = FakeRuntime()
-    rt.add(0, 80)
-    rt.fail["ListImages"] = RuntimeError("unix:///run/containerd/containerd.sock: ListImages: UNAVAILABLE")
+    rt = runtime()
+    add(rt, 0, 80)
+    rt.plans["ListImages"] = Plan(fail_times=1_000)  # UNAVAILABLE until the plan is dropped
     loop, metrics, clock = make_loop(rt, tmp_path)
     for _ in range(3):
         r = asyncio.run(loop.cycle())
@@ -345,7 +303,7 @@ def test_errors_are_counted_logged_once_per_period_and_cleared(
     errors = [f for m, f in messages(caplog) if m == "eviction error"]
     assert len(errors) == 2 and errors[1]["persisting_seconds"] == 690 and errors[1]["occurrences"] == 4
     assert loop.status()["degraded"] is True  # persisting for more than 5 minutes
-    del rt.fail["ListImages"]
+    del rt.plans["ListImages"]
     asyncio.run(loop.cycle())
     cleared = [f for m, f in messages(caplog) if m == "eviction error cleared"]
     assert cleared == [{"stage": "list", "lasted_seconds": 690.0, "occurrences": 4}]
@@ -353,10 +311,10 @@ def test_errors_are_counted_logged_once_per_period_and_cleared(
 
 
 def test_remove_failure_stops_the_cycle_and_is_counted(tmp_path: Path) -> None:
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(7):
-        rt.add(n, 10)
-    rt.fail["RemoveImage"] = RuntimeError("RemoveImage: UNKNOWN: boom")
+        add(rt, n, 10)
+    rt.plans["RemoveImage"] = Plan(fail_times=1, fail_code=grpc.StatusCode.UNKNOWN, fail_details="boom")
     loop, metrics, _ = make_loop(rt, tmp_path)
     r = asyncio.run(loop.cycle())
     assert r.error.startswith("remove: reg.example/app")
@@ -365,9 +323,9 @@ def test_remove_failure_stops_the_cycle_and_is_counted(tmp_path: Path) -> None:
 
 
 def test_broken_baked_manifest_stops_eviction(tmp_path: Path) -> None:
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(7):
-        rt.add(n, 10)
+        add(rt, n, 10)
     Paths(tmp_path).baked_manifest.parent.mkdir(parents=True)
     Paths(tmp_path).baked_manifest.write_text("[{]")
     loop, metrics, _ = make_loop(rt, tmp_path)
@@ -379,9 +337,9 @@ def test_broken_baked_manifest_stops_eviction(tmp_path: Path) -> None:
 
 
 def test_baked_images_are_kept(tmp_path: Path) -> None:
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(7):
-        rt.add(n, 10)
+        add(rt, n, 10)
     write_baked(
         Paths(tmp_path).baked_manifest, [BakedImage(f"reg.example/app{n}:v1", sha(9), 1) for n in range(6)]
     )
@@ -391,9 +349,9 @@ def test_baked_images_are_kept(tmp_path: Path) -> None:
 
 
 def test_removals_are_rate_limited(tmp_path: Path) -> None:
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(7):
-        rt.add(n, 10)
+        add(rt, n, 10)
     loop, _, clock = make_loop(rt, tmp_path, rate=2.0)
     loop.bucket = TokenBucket(2.0, 1, clock, clock.sleep)
     start = clock.t
@@ -403,9 +361,9 @@ def test_removals_are_rate_limited(tmp_path: Path) -> None:
 
 
 def test_restart_keeps_lru_order(tmp_path: Path) -> None:
-    rt = FakeRuntime()
+    rt = runtime()
     for n in range(4):
-        rt.add(n, 10)
+        add(rt, n, 10)
     clock = Clock()
     loop, _, _ = make_loop(rt, tmp_path, clock=clock)
     for n in (2, 0, 3, 1):  # uses in this order: 2 is now least recently used
@@ -415,7 +373,7 @@ def test_restart_keeps_lru_order(tmp_path: Path) -> None:
     asyncio.run(loop.close())
     # "restart": a new loop with the state file read back
     for n in range(4, 7):
-        rt.add(n, 10)
+        add(rt, n, 10)
     clock.t += 10
     lu = LastUsed(Paths(tmp_path).last_used_file, clock=clock)
     lu.load()
@@ -453,27 +411,27 @@ async def _cycles_after_a_pull(
 
 
 def test_a_pull_that_fills_the_disk_to_high_runs_a_cycle_at_once(tmp_path: Path) -> None:
-    rt = FakeRuntime()
-    rt.add(0, 10)
+    rt = runtime()
+    add(rt, 0, 10)
     loop, _, _ = make_loop(rt, tmp_path)
     loop.interval = 3600
     loop.pull_settle = 3600  # a cycle after the pull can only be the immediate one
     # the pull took the disk to 70% (high is 60)
-    before, _, after = asyncio.run(_cycles_after_a_pull(loop, 0.0, lambda: rt.add(1, 60)))
+    before, _, after = asyncio.run(_cycles_after_a_pull(loop, 0.0, lambda: add(rt, 1, 60)))
     assert (before, after) == (1, 2)
     assert rt.removed  # and that cycle evicted
 
 
 def test_a_pull_below_high_runs_a_cycle_once_pulls_settle(tmp_path: Path) -> None:
-    rt = FakeRuntime()
-    rt.add(0, 10)
+    rt = runtime()
+    add(rt, 0, 10)
     loop, metrics, _ = make_loop(rt, tmp_path)
     loop.interval = 3600
     loop.pull_settle = 0.3
     seen: list[float] = []
 
     def pulled() -> None:
-        rt.add(1, 5)  # 30 MB of 200: 15%, still below high
+        add(rt, 1, 5)  # 30 MB of 200: 15%, still below high
         loop.on_pull(object())
         seen.append(value(metrics, "nodeagent_imagefs_used_ratio"))  # before any cycle ran
 
@@ -485,8 +443,8 @@ def test_a_pull_below_high_runs_a_cycle_once_pulls_settle(tmp_path: Path) -> Non
 def test_an_unexpected_error_is_counted_and_the_loop_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rt = FakeRuntime()
-    rt.add(0, 80)
+    rt = runtime()
+    add(rt, 0, 80)
     loop, metrics, _ = make_loop(rt, tmp_path)
 
     def broken(*args: object, **kwargs: object) -> None:

@@ -6,12 +6,12 @@ import asyncio
 from pathlib import Path
 
 from nodeagent.statusfile import Section
-from tests.unit.eviction.test_loop import T0, FakeRuntime, make_loop
+from tests.unit.eviction.test_loop import T0, add, make_loop, runtime
 
 
 def test_the_section_says_when_the_imagefs_was_measured(tmp_path: Path) -> None:
-    rt = FakeRuntime()
-    rt.add(0, 10)
+    rt = runtime()
+    add(rt, 0, 10)
     loop, _, clock = make_loop(rt, tmp_path)
     assert "at" not in loop.status()  # nothing measured yet: the daemon stamps the time it asked
     asyncio.run(loop.cycle())

@@ -83,7 +83,6 @@ def test_apply_does_not_write_a_mirror_that_is_dead_and_says_so(tmp_path: Path) 
         gather(Paths(tmp_path), cfg.containerd.hosts_dir),
         flavor="generic",
         out=io.StringIO(),
-        err=io.StringIO(),
         restarter=lambda c: None,
         mirror_check=check,
     )

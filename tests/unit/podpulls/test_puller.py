@@ -1,8 +1,8 @@
 """PodPuller: which images of a pod are pulled, how, with which credentials, and what is reported.
 
-The pull and ImageStatus functions here are recorders standing in for the proxy (the single-flight
-behaviour itself is tested on the proxy, and everything together with real components in
-tests/integration/test_pod_pulls.py)."""
+The pull and ImageStatus functions here send to the FAKE runtime (tests/unit/cri/fakes.py) what the
+proxy would send upstream (the single-flight behaviour itself is tested on the proxy, and everything
+together with real components in tests/integration/test_pod_pulls.py)."""
 
 from __future__ import annotations
 
@@ -10,44 +10,12 @@ import asyncio
 import json
 from typing import Any
 
-import grpc
-
 from nodeagent.credentials import Auth, Credentials, DockerConfig
 from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.metrics import Metrics
 from nodeagent.podpulls.pods import PodInfo, default_policy, images_of
 from nodeagent.podpulls.puller import PodPuller
-from nodeagent.proxy.h2grpc import RpcError
-
-
-class Runtime:
-    """Records PullImage requests; answers from ``present`` and ``fail``."""
-
-    def __init__(self, present: set[str] = frozenset(), delay: float = 0.05) -> None:  # type: ignore[assignment]
-        self.present = set(present)
-        self.requests: list[Any] = []
-        self.fail: dict[str, tuple[grpc.StatusCode, str]] = {}
-        self.delay = delay
-        self.active = 0
-        self.max_active = 0
-
-    async def pull(self, request: bytes) -> bytes:
-        req = pb.PullImageRequest.FromString(request)
-        self.requests.append(req)
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            await asyncio.sleep(self.delay)
-        finally:
-            self.active -= 1
-        failure = self.fail.get(req.image.image)
-        if failure is not None and not (failure[1] == "needs-auth" and req.auth.username == "ok"):
-            raise RpcError(failure[0], f"pull {req.image.image}: 401 Unauthorized")
-        self.present.add(req.image.image)
-        return pb.PullImageResponse(image_ref="sha256:" + "0" * 64).SerializeToString()
-
-    async def is_present(self, image: str) -> bool:
-        return image in self.present
+from tests.unit.cri.fakes import FakeRuntime, digest
 
 
 def pod(images: list[tuple[str, str, str | None]], **kw: Any) -> PodInfo:
@@ -56,11 +24,28 @@ def pod(images: list[tuple[str, str, str | None]], **kw: Any) -> PodInfo:
     return PodInfo(images=images_of(images), **base)
 
 
-def puller(rt: Runtime, **kw: Any) -> tuple[PodPuller, Metrics]:
+def runtime(present: set[str] = frozenset(), delay: float = 0.05) -> FakeRuntime:  # type: ignore[assignment]
+    rt = FakeRuntime(pull_delay=delay)
+    for n, image in enumerate(sorted(present)):
+        rt.add_image(digest(n), 1000, tags=[image])
+    return rt
+
+
+def puller(rt: FakeRuntime, **kw: Any) -> tuple[PodPuller, Metrics]:
+    """A PodPuller whose pulls go to the FAKE runtime the way the proxy's ``ImageProxy.pull`` sends
+    them upstream (a PullImageRequest in, a PullImageResponse out)."""
+
+    async def pull(request: bytes) -> bytes:
+        req = pb.PullImageRequest.FromString(request)
+        auth = req.auth if req.HasField("auth") else None
+        ref = await rt.pull_image(req.image.image, auth=auth, sandbox_config=req.sandbox_config)
+        return pb.PullImageResponse(image_ref=ref).SerializeToString()
+
+    async def present(image: str) -> bool:
+        return rt.find(image) is not None
+
     m = Metrics()
-    return PodPuller(
-        pull=rt.pull, present=rt.is_present, metrics=m, concurrency=kw.pop("concurrency", 4), **kw
-    ), m
+    return PodPuller(pull=pull, present=present, metrics=m, concurrency=kw.pop("concurrency", 4), **kw), m
 
 
 def count(m: Metrics, name: str, **labels: str) -> float:
@@ -90,7 +75,7 @@ def test_images_in_pod_order_once_each_strongest_policy_and_defaults() -> None:
 
 def test_all_images_of_a_pod_start_at_once_and_policies_are_honoured() -> None:
     async def main() -> None:
-        rt = Runtime(present={"r/present:1", "r/always:1"}, delay=0.2)
+        rt = runtime(present={"r/present:1", "r/always:1"}, delay=0.2)
         p, m = puller(rt)
         assert p.submit(
             pod(
@@ -105,7 +90,7 @@ def test_all_images_of_a_pod_start_at_once_and_policies_are_honoured() -> None:
             )
         )
         await p.wait_idle()
-        pulled = [r.image.image for r in rt.requests]
+        pulled = [r.image for r in rt.pulls]
         assert pulled == ["r/init:1", "r/a:1", "r/b:1", "r/always:1"]
         assert rt.max_active == 4  # all at once (concurrency 4)
         (out,) = p.recent
@@ -122,7 +107,8 @@ def test_all_images_of_a_pod_start_at_once_and_policies_are_honoured() -> None:
         assert count(m, "nodeagent_pod_pulls_pods_total", result="ready") == 1
         assert count(m, "nodeagent_pod_images_ready_seconds_count") == 1
         # the sandbox config carries the pod's metadata, as the kubelet's would
-        sc = rt.requests[0].sandbox_config
+        sc = rt.pulls[0].sandbox_config
+        assert sc is not None
         assert (sc.metadata.name, sc.metadata.namespace, sc.metadata.uid) == ("web", "ns", "u1")
         assert sc.labels["io.kubernetes.pod.uid"] == "u1"
 
@@ -131,26 +117,26 @@ def test_all_images_of_a_pod_start_at_once_and_policies_are_honoured() -> None:
 
 def test_concurrency_is_bounded_and_a_pod_is_handled_once() -> None:
     async def main() -> None:
-        rt = Runtime(delay=0.1)
+        rt = runtime(delay=0.1)
         p, _ = puller(rt, concurrency=2)
         first = pod([(f"container:c{i}", f"r/i{i}:1", "IfNotPresent") for i in range(5)])
         assert p.submit(first)
         assert not p.submit(first)  # the same UID again (a relist, an update)
         assert not p.submit(pod([("container:c", "r/q:1", None)], uid="u2", phase="Running"))
         await p.wait_idle()
-        assert rt.max_active == 2 and len(rt.requests) == 5
+        assert rt.max_active == 2 and len(rt.pulls) == 5
 
     asyncio.run(main())
 
 
 def test_pods_needing_the_same_pull_share_it_without_holding_slots() -> None:
     async def main() -> None:
-        rt = Runtime(delay=0.3)
+        rt = runtime(delay=0.3)
         p, m = puller(rt, concurrency=1)
         for i in range(20):
             p.submit(pod([("container:c", "r/same:1", "IfNotPresent")], uid=f"u{i}", name=f"p{i}"))
         await p.wait_idle()
-        assert len(rt.requests) == 1
+        assert len(rt.pulls) == 1
         assert count(m, "nodeagent_pod_pulls_pods_total", result="ready") == 20
 
     asyncio.run(main())
@@ -158,8 +144,8 @@ def test_pods_needing_the_same_pull_share_it_without_holding_slots() -> None:
 
 def test_pull_secrets_first_then_node_credentials_and_secrets_never_reported() -> None:
     async def main() -> None:
-        rt = Runtime()
-        rt.fail["reg.local/private:1"] = (grpc.StatusCode.UNKNOWN, "needs-auth")
+        rt = runtime()
+        rt.private["reg.local/private:1"] = "ok"
         node = Credentials(docker=DockerConfig({"reg.local": Auth(username="ok", password="node-secret")}))
 
         async def secrets(namespace: str, names: Any) -> list[dict[str, Auth]]:
@@ -174,7 +160,7 @@ def test_pull_secrets_first_then_node_credentials_and_secrets_never_reported() -
             pod([("container:c", "reg.local/private:1", "IfNotPresent")], pull_secrets=("wrong", "right"))
         )
         await p.wait_idle()
-        assert [r.auth.username for r in rt.requests] == ["bad", "ok"]  # the pod's secret, then the node's
+        assert [r.auth.username for r in rt.pulls] == ["bad", "ok"]  # the pod's secret, then the node's
         (out,) = p.recent
         assert out.images[0].result == "pulled"
         text = json.dumps(p.status())
@@ -185,8 +171,8 @@ def test_pull_secrets_first_then_node_credentials_and_secrets_never_reported() -
 
 def test_failures_are_reported_with_their_class_and_the_pod_is_partial() -> None:
     async def main() -> None:
-        rt = Runtime()
-        rt.fail["r/gone:1"] = (grpc.StatusCode.NOT_FOUND, "not found")
+        rt = runtime()
+        rt.private["r/gone:1"] = "someone else"  # 401 Unauthorized
         p, m = puller(rt)
         p.submit(
             pod([("container:a", "r/gone:1", "IfNotPresent"), ("container:b", "r/ok:1", "IfNotPresent")])
@@ -203,7 +189,7 @@ def test_failures_are_reported_with_their_class_and_the_pod_is_partial() -> None
 
 def test_disk_check_skips_an_image_with_its_reason() -> None:
     async def main() -> None:
-        rt = Runtime()
+        rt = runtime()
 
         class Disk:
             tickets: list[int | None] = []

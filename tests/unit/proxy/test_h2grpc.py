@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -236,9 +235,7 @@ def test_a_call_still_running_when_the_grace_ends_is_cancelled() -> None:
         async with our_server(lambda m: ("relay", hold)) as (srv, path), grpc_channel(path) as ch:
             call = asyncio.ensure_future(ch.unary_unary("/t.S/Hold")(b"x", timeout=5))
             await asyncio.sleep(0.2)
-            t = time.monotonic()
-            await srv.stop(grace=0.2)
-            assert time.monotonic() - t < 2
+            await srv.stop(grace=0.2)  # CANCELLED below: not left to its 5 s deadline
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await call
             assert ei.value.code() == grpc.StatusCode.CANCELLED
@@ -320,11 +317,9 @@ def test_channel_deadline_and_cancel_reach_the_server() -> None:
         async with grpc_server({"/t.S/Slow": grpc.unary_unary_rpc_method_handler(slow)}) as target:
             ch = Channel(target, max_message=LIMIT)
             try:
-                t = time.monotonic()
                 with pytest.raises(RpcError) as ei:
                     await ch.unary("/t.S/Slow", b"deadline", timeout=0.3)
-                assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                assert time.monotonic() - t < 1.5
+                assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # not the answer after 10 s
                 task = asyncio.ensure_future(ch.unary("/t.S/Slow", b"cancel"))
                 await asyncio.sleep(0.2)
                 task.cancel()
@@ -358,11 +353,9 @@ def test_channel_streams_and_fails_fast_when_nobody_listens() -> None:
         sock = socket.socket(socket.AF_UNIX)
         sock.bind(os.path.join(d, "dead.sock"))  # bound, not listening: connection refused
         ch = Channel("unix://" + os.path.join(d, "dead.sock"), max_message=LIMIT)
-        t = time.monotonic()
         with pytest.raises(RpcError) as ei:
             await ch.unary("/t.S/Any", b"", timeout=30)
-        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert time.monotonic() - t < 1
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE  # at once, not DEADLINE_EXCEEDED after 30 s
         sock.close()
         os.unlink(os.path.join(d, "dead.sock"))
         os.rmdir(d)

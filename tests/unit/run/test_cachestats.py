@@ -8,43 +8,35 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.eviction.policy import FsUsage
 from nodeagent.eviction.usage import Imagefs
 from nodeagent.metrics import Metrics
 from nodeagent.paths import Paths
 from nodeagent.proxy.records import PullRecord
 from nodeagent.run.cachestats import DAEMON, EVICTION, PULLS, CacheStats
+from tests.unit.cri.fakes import FakeRuntime
 
 MB = 1_000_000
 
 
-class Listing:
-    """Stands in for the daemon's CRI client (ListImages only; the image filesystem comes from
-    eviction.imagefsPath, so no ImageFsInfo)."""
+def pull(rt: FakeRuntime, n: int, ok: bool = True) -> PullRecord:
+    """Image ``n`` lands in the runtime; the record the proxy would hand on."""
+    image_id = f"sha256:{n:064x}"
+    if ok:
+        rt.add_image(image_id, 10 * MB)
+    return PullRecord(
+        image=f"reg.local/app{n}:1",
+        registry="reg.local",
+        result="success" if ok else "not_found",
+        duration=0.5,
+        started_at=0.0,
+        bytes=10 * MB if ok else 0,
+        image_ref=image_id if ok else "",
+    )
 
-    def __init__(self) -> None:
-        self.images: list[Any] = []
-        self.lists = 0
 
-    def pull(self, n: int, ok: bool = True) -> PullRecord:
-        """The image lands in the runtime; the record the proxy would hand on."""
-        image_id = f"sha256:{n:064x}"
-        if ok and image_id not in {i.id for i in self.images}:
-            self.images.append(pb.Image(id=image_id, size=10 * MB))
-        return PullRecord(
-            image=f"reg.local/app{n}:1",
-            registry="reg.local",
-            result="success" if ok else "not_found",
-            duration=0.5,
-            started_at=0.0,
-            bytes=10 * MB if ok else 0,
-            image_ref=image_id if ok else "",
-        )
-
-    async def list_images(self) -> list[Any]:
-        self.lists += 1
-        return list(self.images)
+def lists(rt: FakeRuntime) -> int:
+    return len(rt.calls("ListImages"))
 
 
 def make(tmp_path: Path, metrics: Metrics | None = None) -> tuple[CacheStats, Metrics, list[int]]:
@@ -75,7 +67,7 @@ async def until(cond: Any) -> None:
 
 def test_pulls_make_the_figures_current_once_pulls_settle(tmp_path: Path) -> None:
     stats, metrics, _ = make(tmp_path)
-    cri = Listing()
+    cri = FakeRuntime()  # the image filesystem comes from eviction.imagefsPath: no ImageFsInfo
 
     async def main() -> None:
         task = asyncio.ensure_future(stats.run(cri))
@@ -84,14 +76,15 @@ def test_pulls_make_the_figures_current_once_pulls_settle(tmp_path: Path) -> Non
             assert stats.current is not None and stats.current.images == 0
             stats.pull_settle = 0.3
             for n in (0, 1, 2, 3, 3):  # four images in a burst (the last one pulled twice)
-                stats.on_pull(cri.pull(n))
-            stats.on_pull(cri.pull(9, ok=False))  # a failed pull adds nothing
+                stats.on_pull(pull(cri, n))
+            stats.on_pull(pull(cri, 9, ok=False))  # a failed pull adds nothing
             c = stats.current
             assert (c.images, c.bytes, c.source) == (4, 40 * MB, PULLS)  # at once, before any listing
             assert gauge(metrics, "nodeagent_image_cache_images") == 4
             await until(lambda: stats.current is not None and stats.current.source == DAEMON)
             await asyncio.sleep(0.2)
-            assert cri.lists == 2  # once at start, once for the whole burst
+            assert lists(cri) == 2  # once at start, once for the whole burst
+            assert cri.calls("ImageFsInfo") == []  # the path is eviction.imagefsPath, under --root
         finally:
             task.cancel()
 
@@ -107,13 +100,13 @@ def test_pulls_make_the_figures_current_once_pulls_settle(tmp_path: Path) -> Non
 def test_no_listing_of_its_own_when_eviction_reported_after_the_pull(tmp_path: Path) -> None:
     stats, metrics, changes = make(tmp_path)
     stats.pull_settle = 0.3
-    cri = Listing()
+    cri = FakeRuntime()  # the image filesystem comes from eviction.imagefsPath: no ImageFsInfo
 
     async def main() -> None:
         task = asyncio.ensure_future(stats.run(cri))
         try:
-            await until(lambda: cri.lists == 1)
-            stats.on_pull(cri.pull(1))
+            await until(lambda: lists(cri) == 1)
+            stats.on_pull(pull(cri, 1))
             await asyncio.sleep(0.05)
             stats.report({"sha256:1": 10 * MB}, FsUsage(30, 100), EVICTION)  # eviction's cycle
             await asyncio.sleep(0.5)
@@ -121,7 +114,7 @@ def test_no_listing_of_its_own_when_eviction_reported_after_the_pull(tmp_path: P
             task.cancel()
 
     asyncio.run(main())
-    assert cri.lists == 1
+    assert lists(cri) == 1
     assert stats.current is not None and stats.current.source == EVICTION
     assert gauge(metrics, "nodeagent_imagefs_used_ratio") == 0.3
     assert changes  # the status file is told
@@ -137,10 +130,10 @@ def test_usage_alone_moves_only_the_gauge(tmp_path: Path) -> None:
 def test_an_unmeasurable_imagefs_still_gives_the_image_count(tmp_path: Path) -> None:
     metrics = Metrics()
     stats = CacheStats(metrics, Imagefs(Paths(tmp_path), "/not/there"))
-    cri = Listing()
-    cri.pull(1)
+    cri = FakeRuntime()  # the image filesystem comes from eviction.imagefsPath: no ImageFsInfo
+    pull(cri, 1)
     asyncio.run(stats.refresh(cri))
-    stats.on_pull(cri.pull(1))  # already listed: not counted twice
+    stats.on_pull(pull(cri, 1))  # already listed: not counted twice
     assert stats.current is not None and stats.current.source == DAEMON
     assert stats.current is not None
     assert (stats.current.images, stats.current.imagefs_used_ratio) == (1, None)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.targets import TargetError, is_owned
+from nodeagent.targets import TargetError, is_owned, pullpath
 from nodeagent.targets import containerd as ctd
 from tests.unit.targets.helpers import DATA, config, facts
 
@@ -158,7 +158,7 @@ def _downloads(text: str) -> tuple[object, object]:
     doc = tomllib.loads(text)
     plugins = doc.get("plugins", {})
     images = plugins.get("io.containerd.cri.v1.images") or plugins.get("io.containerd.grpc.v1.cri") or {}
-    return images.get("max_concurrent_downloads"), plugins.get(ctd.V3_TRANSFER, {}).get(
+    return images.get("max_concurrent_downloads"), plugins.get(pullpath.V3_TRANSFER, {}).get(
         "max_concurrent_downloads"
     )
 
@@ -223,7 +223,7 @@ def test_own_cri_value_from_an_older_apply_is_set_back_to_3() -> None:
     old += '[plugins."io.containerd.transfer.v1.local"]\n  max_concurrent_downloads = 6\n'
     p = ctd.patch(old, V, containerd=(2, 2, 9))
     assert p.pull.transfer and _downloads(p.text) == (3, 6)
-    assert ctd.local_pull_reasons(ctd.cri_image_settings(tomllib.loads(p.text), 3)) == []
+    assert pullpath.local_pull_reasons(pullpath.cri_image_settings(tomllib.loads(p.text), 3)) == []
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.config.model import Mirror
+from nodeagent.config.warnings import config_warnings
 from nodeagent.paths import Paths
 from nodeagent.targets import TargetError, is_owned, mirrors
 from tests.unit.targets.helpers import config, facts
@@ -208,7 +209,7 @@ def test_warnings_explain_mirror_only_and_unrefreshed_credentials() -> None:
                   credentials: {from: file, path: /etc/nodeagent/login}
         """
     )
-    (only, stale) = mirrors.config_warnings(cfg)
+    (only, stale) = config_warnings(cfg)
     assert only.startswith("containerd.mirrors.docker.io.mirrorOnly: pulls from docker.io never go to")
     assert "while its mirror is down every pull from docker.io fails" in only and "second mirror" in only
     assert "never refreshed" in stale

@@ -16,8 +16,7 @@ from nodeagent.config import ConfigError, load_text
 from nodeagent.config.model import Config
 from nodeagent.facts import gather
 from nodeagent.paths import Paths
-from nodeagent.targets import containerd as ctd
-from nodeagent.targets import is_owned, nodeadm, soci
+from nodeagent.targets import is_owned, nodeadm, pullpath, soci
 from tests.unit.targets.helpers import DATA, HEADER, config, facts
 
 SOCI = """
@@ -130,7 +129,7 @@ def _apply(cfg: Config, root: Path, flavor: str = "generic", **kw: object) -> Ap
     f = gather(Paths(root), cfg.containerd.hosts_dir)
     if kw:
         f = type(f)(**{**f.__dict__, **kw})
-    return run_apply(cfg, f, flavor=flavor, out=io.StringIO(), err=io.StringIO(), restarter=lambda c: None)
+    return run_apply(cfg, f, flavor=flavor, out=io.StringIO(), restarter=lambda c: None)
 
 
 def test_generic_apply_writes_soci_config_and_containerd_proxy_plugin(tmp_path: Path) -> None:
@@ -162,7 +161,7 @@ def test_generic_apply_writes_soci_config_and_containerd_proxy_plugin(tmp_path: 
         "address": "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock",
         "exports": {"root": "/var/lib/soci-snapshotter-grpc"},
     }
-    cri = c["plugins"][ctd.V2_CRI]["containerd"]
+    cri = c["plugins"][pullpath.V2_CRI]["containerd"]
     assert cri["snapshotter"] == "soci" and cri["disable_snapshot_annotations"] is False
     keys = [t["key"] for t in report.tuning]
     assert "containerd.soci.maxConcurrentDownloadsPerImage" in keys
@@ -206,8 +205,8 @@ def test_overlayfs_writes_no_soci_settings(tmp_path: Path) -> None:
     assert not (tmp_path / "etc/soci-snapshotter-grpc").exists()
     doc = tomllib.loads((tmp_path / "etc/containerd/config.toml").read_text())
     assert doc["proxy_plugins"] == {}  # the stock file's empty table, left alone
-    assert "snapshotter" not in doc["plugins"][ctd.V2_CRI]["containerd"] or (
-        doc["plugins"][ctd.V2_CRI]["containerd"]["snapshotter"] == "overlayfs"
+    assert "snapshotter" not in doc["plugins"][pullpath.V2_CRI]["containerd"] or (
+        doc["plugins"][pullpath.V2_CRI]["containerd"]["snapshotter"] == "overlayfs"
     )
 
 
@@ -261,7 +260,7 @@ def test_eks_direct_configuration_where_nodeadm_would_not(
     assert "featureGates" not in doc["spec"]
     frag = tomllib.loads(doc["spec"]["containerd"]["config"])
     assert frag["proxy_plugins"]["soci"]["type"] == "snapshot"
-    images = frag["plugins"][ctd.V3_IMAGES]
+    images = frag["plugins"][pullpath.V3_IMAGES]
     assert images["snapshotter"] == "soci" and images["disable_snapshot_annotations"] is False
     assert (tmp_path / "etc/soci-snapshotter-grpc/config.toml").exists()
     assert any(why in n for n in report.notes), report.notes
