@@ -16,38 +16,53 @@ and never removes it, so connections made while the daemon restarts wait in its 
 by hand it binds ``cri.proxySocket`` itself. SIGTERM/SIGINT drain in-flight calls for at most
 ``drain_seconds`` and return exit code 0. An unreachable upstream never stops the daemon: the
 proxy answers UNAVAILABLE, /healthz says 503, metrics keep being served.
+
+``Daemon`` is the supervisor: it starts and stops the parts, each in a module named for its job
+(``nodeagent/run/``: the metrics endpoint, upstream health, cache figures, pull fan-out, the status
+file; ``sd_daemon.py``: systemd; ``memory.py``: malloc_trim), and restarts a feature's worker that
+crashes, with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
-import inspect
-import json
 import os
 import signal
 import socket
 import time
-from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from nodeagent import __version__
-from nodeagent.atomicio import write_atomic
+from nodeagent import __version__, memory
 from nodeagent.config.model import Config
+from nodeagent.eviction.usage import Imagefs, configured_path
 from nodeagent.lastused import LastUsed
 from nodeagent.log import event, get_logger
 from nodeagent.metrics import Metrics
 from nodeagent.paths import Paths
-from nodeagent.proxy.records import PullRecord
+from nodeagent.run.cachestats import CacheStats
+from nodeagent.run.http import MetricsEndpoint
+from nodeagent.run.pulls import PullFeed, PullListener
+from nodeagent.run.statuswriter import HEARTBEAT, StatusWriter
+from nodeagent.run.upstream import UpstreamHealth
 from nodeagent.sd_daemon import (
     listen_fds,
     same_socket_path,
     sd_notify,
     socket_path,
     take_unix_listener,
-    watchdog_interval,
+    watchdog,
+)
+from nodeagent.statusfile import (
+    VERSION,
+    DaemonStatus,
+    MetricsStatus,
+    ProxyStatus,
+    Section,
+    WorkerStatus,
 )
 
 if TYPE_CHECKING:
@@ -59,34 +74,13 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 DRAIN_SECONDS = 10.0
-STATUS_INTERVAL = 15.0  # heartbeat of the status file; `nodeagent status` calls it stale after 6x
-STATUS_DEBOUNCE = 1.0  # a change is written within this long (pull bursts make one write)
-HEALTH_INTERVAL = 15.0  # idle-time upstream probe; proxied calls update the state as they happen
-HEALTH_TIMEOUT = 2.0
+UPSTREAM_TIMEOUT = 2.0  # the daemon's own CRI calls: health checks and cache figures
 SHUTDOWN_TASKS_TIMEOUT = 2.0  # background loops get this long to stop after their cancel
-CACHE_STATS_INTERVAL = 60.0
 LAST_USED_SAVE_INTERVAL = 60.0
-# malloc_trim (memory.py): soon after large buffers were used, and every so often regardless
-MEMORY_TRIM_CHECK = 2.0
-MEMORY_TRIM_INTERVAL = 30.0
-RECENT_PULLS = 20
 WORKER_BACKOFF = 1.0  # first restart delay of a crashed worker; doubles up to WORKER_MAX_BACKOFF
 WORKER_MAX_BACKOFF = 60.0
-HTTP_HEADER_LIMIT = 16 * 1024
-HEALTHZ_CACHE_SECONDS = 1.0
-HTTP_READ_TIMEOUT = 5.0
 
-PullListener = Callable[[PullRecord], Awaitable[None] | None]
 StatusHook = Callable[[], Mapping[str, Any]]
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``:port`` (all addresses)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"metrics.listen: {listen!r} is not host:port")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
 
 
 class Daemon:
@@ -108,28 +102,23 @@ class Daemon:
         self.started_at = time.time()
         self.proxy_socket = paths.host(config.cri.proxy_socket) if config.cri.proxy_socket else None
         self.socket_inherited = False  # the proxy serves a socket systemd passed (LISTEN_FDS)
-        self.metrics_address: str | None = None  # "host:port" actually bound
-        self.upstream_ok: bool | None = None
-        self.upstream_error = ""
-        self.upstream_checked_at: float | None = None
-        self.cache: dict[str, Any] = {}
-        self.recent_pulls: deque[dict[str, Any]] = deque(maxlen=RECENT_PULLS)
-        self.pull_totals: Counter[str] = Counter()
         self.ready = asyncio.Event()
+        self.status_writer = StatusWriter(paths.daemon_status_file, self.status)
+        changed = self.status_writer.mark_dirty
+        self.upstream = UpstreamHealth(config.cri.endpoint, self.metrics, on_change=changed)
+        imagefs = Imagefs(paths, configured_path(config))
+        self.cache = CacheStats(self.metrics, imagefs, on_change=changed)
+        self.pulls = PullFeed(on_change=changed)
+        self.pulls.add_listener(self.cache.on_pull)
+        self.http = MetricsEndpoint(config.metrics.listen, self.metrics, self._healthz)
         self._workers: dict[str, Callable[[], Awaitable[None]]] = {}
-        self._worker_state: dict[str, dict[str, Any]] = {}
-        self._pull_listeners: list[PullListener] = []
+        self._worker_state: dict[str, WorkerStatus] = {}
         self._status_hooks: dict[str, StatusHook] = {}
         self._pull_wrapper: PullWrapper | None = None
         self._stop: asyncio.Event | None = None
-        self._dirty_event: asyncio.Event | None = None
-        self._last_upstream_ok = 0.0
-        self._checked_mono = 0.0
         self._proxy: ImageProxy | None = None
-        self._http: asyncio.Server | None = None
         self._cri: CriClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._listener_tasks: set[asyncio.Task[None]] = set()
 
     # --- extension points ----------------------------------------------------------------------
     def add_worker(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
@@ -141,11 +130,12 @@ class Daemon:
 
     def add_pull_listener(self, cb: PullListener) -> None:
         """``cb(record)`` after every PullImage through the proxy (sync or async; errors logged)."""
-        self._pull_listeners.append(cb)
+        self.pulls.add_listener(cb)
 
     def add_status_hook(self, name: str, fn: StatusHook) -> None:
-        """``fn()`` becomes section ``name`` of the status file. A section with a true
-        ``degraded`` key makes ``nodeagent status`` exit 1."""
+        """``fn()`` becomes section ``name`` of the status file (``statusfile.Section``: ``at``,
+        ``degraded``, ``error``, ``summary`` and the feature's own keys). A true ``degraded`` or an
+        ``error`` makes ``nodeagent status`` exit 1."""
         self._status_hooks[name] = fn
 
     def set_pull_wrapper(self, fn: PullWrapper) -> None:
@@ -166,27 +156,13 @@ class Daemon:
         assert self._cri is not None, "the daemon is not running"
         return self._cri
 
-    def mark_status_dirty(self) -> None:
-        if self._dirty_event is not None:
-            self._dirty_event.set()
+    @property
+    def metrics_address(self) -> str | None:
+        """``host:port`` the metrics endpoint is bound to (None before it is)."""
+        return self.http.address
 
-    def update_cache_stats(
-        self, images: int, size_bytes: int, imagefs_used_ratio: float | None, imagefs_path: str = ""
-    ) -> None:
-        """One place that sets the cache/imagefs gauges and the status ``cache`` section (the
-        daemon refreshes it every minute; eviction may call it more often)."""
-        self.metrics.cache_images.set(images)
-        self.metrics.cache_bytes.set(size_bytes)
-        if imagefs_used_ratio is not None:
-            self.metrics.imagefs_used_ratio.set(imagefs_used_ratio)
-        self.cache = {
-            "images": images,
-            "bytes": size_bytes,
-            "imagefsUsedRatio": None if imagefs_used_ratio is None else round(imagefs_used_ratio, 4),
-            "imagefsPath": imagefs_path,
-            "at": time.time(),
-        }
-        self.mark_status_dirty()
+    def mark_status_dirty(self) -> None:
+        self.status_writer.mark_dirty()
 
     # --- run -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -199,24 +175,23 @@ class Daemon:
 
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._dirty_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         self.last_used.load()
-        self._cri = CriClient(self.config.cri.endpoint, timeout=HEALTH_TIMEOUT)
+        self._cri = self.upstream.cri = CriClient(self.config.cri.endpoint, timeout=UPSTREAM_TIMEOUT)
         listener: socket.socket | None = None
         try:
             listener = self._inherited_listener()
-            await self._start_http()
+            await self.http.start()
             if self.proxy_socket is not None:
                 self._proxy = ImageProxy(
                     self.config.cri.endpoint,
                     self.proxy_socket,
                     self.metrics,
                     self.last_used,
-                    on_pull=self._on_pull,
-                    on_upstream=self._on_upstream,
+                    on_pull=self.pulls.on_pull,
+                    on_upstream=self.upstream.observe,
                     pull_wrapper=self._pull_wrapper,
                     limits=proxy_limits(self.config.cri.proxy_max_connections),
                 )
@@ -240,19 +215,18 @@ class Daemon:
             startup_seconds=round(time.time() - self.started_at, 3),
             version=__version__,
         )
-        self._write_status()
+        self.status_writer.write()
         sd_notify("READY=1\nSTATUS=serving", self.environ)
         self.ready.set()
-        self._tasks = [
-            asyncio.ensure_future(self._health_loop()),
-            asyncio.ensure_future(self._status_loop()),
-            asyncio.ensure_future(self._cache_stats_loop()),
-            asyncio.ensure_future(self._last_used_loop()),
-            asyncio.ensure_future(self._memory_loop()),
+        background: list[Awaitable[None]] = [
+            self.upstream.run(),
+            self.status_writer.run(),
+            self.cache.run(self._cri),
+            self._last_used_loop(),
+            memory.trim_loop(),
+            watchdog(self.environ),
         ]
-        wd = watchdog_interval(self.environ)
-        if wd:
-            self._tasks.append(asyncio.ensure_future(self._watchdog_loop(wd)))
+        self._tasks = [asyncio.ensure_future(aw) for aw in background]
         for name, fn in self._workers.items():
             self._tasks.append(asyncio.ensure_future(self._supervise(name, fn)))
         await self._stop.wait()
@@ -307,12 +281,9 @@ class Daemon:
             _, stuck = await asyncio.wait(self._tasks, timeout=SHUTDOWN_TASKS_TIMEOUT)
             for t in stuck:
                 event(log, "task did not stop", level=30, task=repr(t.get_coro()))
-        if self._listener_tasks:
-            await asyncio.wait(set(self._listener_tasks), timeout=2.0)
-        if self._http is not None:
-            self._http.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._http.wait_closed(), 2.0)
+        await self.pulls.wait_listeners(SHUTDOWN_TASKS_TIMEOUT)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.http.stop(), SHUTDOWN_TASKS_TIMEOUT)
         if self._cri is not None:
             await self._cri.close()
         if not write_status:
@@ -321,109 +292,34 @@ class Daemon:
             self.last_used.save()
         except OSError as e:
             event(log, "saving last-used times failed", level=40, error=str(e))
-        self._write_status(state="stopped")
+        self.status_writer.write("stopped")
 
     # --- workers -------------------------------------------------------------------------------
     async def _supervise(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         backoff = WORKER_BACKOFF
-        st = self._worker_state.setdefault(name, {"state": "running", "restarts": 0, "lastError": None})
+        st = self._worker_state.setdefault(name, WorkerStatus("running", 0, None, time.time()))
+
+        def enter(state: str) -> None:
+            st.state, st.since = state, time.time()
+
         while True:
-            st["state"] = "running"
+            enter("running")
             try:
                 await fn()
-                st["state"] = "exited"
+                enter("exited")
                 event(log, "worker exited", worker=name)
                 return
             except asyncio.CancelledError:
-                st["state"] = "stopped"
+                enter("stopped")
                 raise
             except Exception as e:
-                st["restarts"] += 1
-                st["lastError"] = f"{type(e).__name__}: {e}"[:500]
-                st["state"] = "restarting"
+                st.restarts += 1
+                st.last_error = f"{type(e).__name__}: {e}"[:500]
+                enter("restarting")
                 self.mark_status_dirty()
                 log.exception("worker %s failed; restarting in %.0fs", name, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, WORKER_MAX_BACKOFF)
-
-    async def _health_loop(self) -> None:
-        while True:
-            if time.monotonic() - self._last_upstream_ok >= HEALTH_INTERVAL:
-                await self.check_upstream()  # only when the proxy saw no answer lately
-            await asyncio.sleep(HEALTH_INTERVAL)
-
-    async def check_upstream(self, max_age: float = 0.0) -> bool:
-        """Does the upstream image service answer? (ImageFsInfo: every image service has it.)
-        A result younger than ``max_age`` seconds is reused (a /healthz flood is not a CRI flood)."""
-        import grpc
-
-        from nodeagent.cri.client import CriError
-
-        if max_age and self._checked_mono and time.monotonic() - self._checked_mono < max_age:
-            return bool(self.upstream_ok)
-        try:
-            await self.cri.image_fs_info()
-        except CriError as e:
-            answered = e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            self._on_upstream(answered, "" if answered else str(e))
-        else:
-            self._on_upstream(True, "")
-        self.upstream_checked_at = time.time()
-        self._checked_mono = time.monotonic()
-        return bool(self.upstream_ok)
-
-    def _on_upstream(self, ok: bool, error: str) -> None:
-        if ok != self.upstream_ok:
-            if ok:
-                event(log, "upstream CRI answering", upstream=self.config.cri.endpoint)
-            else:
-                event(
-                    log,
-                    "upstream CRI not answering",
-                    level=30,
-                    upstream=self.config.cri.endpoint,
-                    error=error,
-                )
-            self.mark_status_dirty()
-        self.upstream_ok = ok
-        self.upstream_error = error
-        if ok:
-            self._last_upstream_ok = time.monotonic()
-        self.metrics.upstream_up.set(1 if ok else 0)
-
-    async def _cache_stats_loop(self) -> None:
-        from nodeagent.cri.client import CriError
-
-        while True:
-            # The eviction loop reports the same figures every eviction.interval (update_cache_stats);
-            # list the images here only when nothing did within the last interval.
-            if time.time() - float(self.cache.get("at", 0.0)) >= CACHE_STATS_INTERVAL:
-                try:
-                    await self.refresh_cache_stats()
-                except CriError:
-                    pass  # the runtime is not answering: /healthz and the status file say so
-                except Exception:
-                    log.exception("cache stats failed")  # a bug: visible, and the loop goes on
-            await asyncio.sleep(CACHE_STATS_INTERVAL)
-
-    async def refresh_cache_stats(self) -> None:
-        """Image count and size from ListImages; imagefs usage measured the way eviction measures
-        it (``eviction.imagefsPath`` or SOCI's root under ``--root``, else the runtime's mountpoint;
-        statvfs)."""
-        from nodeagent.eviction import usage
-
-        images = await self.cri.list_images()
-        configured = usage.configured_path(self.config)
-        mountpoint = "" if configured else usage.mountpoint_from_imagefs_info(await self.cri.image_fs_info())
-        ratio: float | None = None
-        path = ""
-        try:
-            where = usage.imagefs_path(self.paths, configured, mountpoint)
-            path = str(where)
-            ratio = usage.measure(where).ratio
-        except usage.UsageError:
-            pass
-        self.update_cache_stats(len(images), sum(int(i.size) for i in images), ratio, path)
 
     async def _last_used_loop(self) -> None:
         while True:
@@ -433,169 +329,44 @@ class Daemon:
             except OSError as e:
                 event(log, "saving last-used times failed", level=40, error=str(e))
 
-    async def _memory_loop(self) -> None:
-        from nodeagent import memory
+    async def _healthz(self, max_age: float) -> tuple[bool, str]:
+        ok = await self.upstream.check(max_age)
+        return ok, self.upstream.error
 
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(MEMORY_TRIM_CHECK)
-            if memory.take_pending() or time.monotonic() - last >= MEMORY_TRIM_INTERVAL:
-                last = time.monotonic()
-                if not memory.trim():
-                    return  # no glibc: nothing to do
-
-    async def _watchdog_loop(self, interval: float) -> None:
-        while True:
-            sd_notify("WATCHDOG=1", self.environ)
-            await asyncio.sleep(interval)
-
-    # --- pulls -----------------------------------------------------------------------------------
-    def _on_pull(self, rec: PullRecord) -> None:
-        self.recent_pulls.append(rec.to_json())
-        self.pull_totals[rec.result] += 1
-        self.mark_status_dirty()
-        for cb in self._pull_listeners:
-            try:
-                res = cb(rec)
-            except Exception:
-                log.exception("pull listener failed")
-                continue
-            if inspect.isawaitable(res):
-                task = asyncio.ensure_future(self._await_listener(res))
-                self._listener_tasks.add(task)
-                task.add_done_callback(self._listener_tasks.discard)
-
-    async def _await_listener(self, aw: Awaitable[None]) -> None:
-        try:
-            await aw
-        except Exception:
-            log.exception("pull listener failed")
-
-    # --- status file -----------------------------------------------------------------------------
-    async def _status_loop(self) -> None:
-        assert self._dirty_event is not None
-        while True:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that arrives as the
-            # event is set, and the daemon's shutdown would then wait for this loop forever.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STATUS_INTERVAL):
-                    await self._dirty_event.wait()
-                await asyncio.sleep(STATUS_DEBOUNCE)
-            self._dirty_event.clear()
-            # The file is written (with its fsyncs) off the event loop: the proxy keeps answering.
-            body = self._status_body()
-            await asyncio.to_thread(self._write_status_body, body)
-
-    def status(self, state: str = "running") -> dict[str, Any]:
-        sections: dict[str, Any] = {}
+    # --- status --------------------------------------------------------------------------------
+    def status(self, state: str = "running") -> DaemonStatus:
+        """The status file's content as of now (``nodeagent/statusfile.py``)."""
+        now = time.time()
+        sections: dict[str, Section] = {}
         for name, fn in self._status_hooks.items():
             try:
-                sections[name] = dict(fn())
+                sections[name] = Section.of(dict(fn()), now)
             except Exception as e:
-                sections[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                sections[name] = Section(at=now, error=f"{type(e).__name__}: {e}"[:500])
         if state == "running":  # the same judgement as `nodeagent status`, as a metric
-            self.metrics.set_degraded("upstream", self.upstream_ok is False)
+            self.metrics.set_degraded("upstream", self.upstream.ok is False)
             for name, section in sections.items():
-                self.metrics.set_degraded(name, bool(section.get("degraded") or section.get("error")))
-        return {
-            "version": 1,
-            "nodeagentVersion": __version__,
-            "state": state,
-            "pid": os.getpid(),
-            "startedAt": self.started_at,
-            "updatedAt": time.time(),
-            "heartbeatSeconds": STATUS_INTERVAL,
-            "proxy": {
-                "socket": str(self.proxy_socket or ""),
-                "socketInherited": self.socket_inherited,
-                "upstream": self.config.cri.endpoint,
-                "upstreamOk": self.upstream_ok,
-                "upstreamError": self.upstream_error,
-                "upstreamCheckedAt": self.upstream_checked_at,
-            },
-            "metrics": {"listen": self.metrics_address},
-            "pulls": {
-                "inFlight": self._proxy.in_flight if self._proxy is not None else 0,
-                "totals": dict(self.pull_totals),
-                "recent": list(self.recent_pulls),
-            },
-            "cache": self.cache,
-            "workers": self._worker_state,
-            "sections": sections,
-        }
-
-    def _write_status(self, state: str = "running") -> None:
-        self._write_status_body(self._status_body(state))
-
-    def _status_body(self, state: str = "running") -> str:
-        return json.dumps(self.status(state), indent=1, sort_keys=True, default=str) + "\n"
-
-    def _write_status_body(self, body: str) -> None:
-        try:
-            write_atomic(self.paths.daemon_status_file, body, mode=0o644)
-        except OSError as e:
-            event(log, "writing the status file failed", level=40, error=str(e))
-
-    # --- HTTP: /metrics and /healthz -----------------------------------------------------------
-    async def _start_http(self) -> None:
-        host, port = parse_listen(self.config.metrics.listen)
-        self._http = await asyncio.start_server(self._serve_http, host, port, limit=HTTP_HEADER_LIMIT)
-        sock = self._http.sockets[0].getsockname()
-        h = sock[0]
-        self.metrics_address = f"[{h}]:{sock[1]}" if ":" in h else f"{h}:{sock[1]}"
-
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_READ_TIMEOUT)
-            line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = line.split(" ")
-            if len(parts) != 3:
-                await self._respond(writer, 400, b"bad request\n")
-                return
-            method, target, _ = parts
-            path = target.split("?", 1)[0]
-            if method not in ("GET", "HEAD"):
-                await self._respond(writer, 405, b"method not allowed\n", head_only=False)
-            elif path == "/metrics":
-                from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-                body = generate_latest(self.metrics.registry)
-                await self._respond(writer, 200, body, CONTENT_TYPE_LATEST, head_only=method == "HEAD")
-            elif path == "/healthz":
-                ok = await self.check_upstream(max_age=HEALTHZ_CACHE_SECONDS)
-                msg = (
-                    "ok: upstream CRI answers\n"
-                    if ok
-                    else f"upstream CRI not answering: {self.upstream_error}\n"
-                )
-                await self._respond(writer, 200 if ok else 503, msg.encode(), head_only=method == "HEAD")
-            elif path == "/":
-                await self._respond(writer, 200, b"nodeagent: /metrics /healthz\n")
-            else:
-                await self._respond(writer, 404, b"not found\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    @staticmethod
-    async def _respond(
-        writer: asyncio.StreamWriter,
-        status: int,
-        body: bytes,
-        content_type: str = "text/plain; charset=utf-8",
-        head_only: bool = False,
-    ) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}.get(
-            status, "Service Unavailable"
+                self.metrics.set_degraded(name, section.degraded or bool(section.error))
+        up = self.upstream
+        return DaemonStatus(
+            version=VERSION,
+            nodeagent_version=__version__,
+            state=state,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            updated_at=now,
+            heartbeat_seconds=HEARTBEAT,
+            proxy=ProxyStatus(
+                socket=str(self.proxy_socket or ""),
+                socket_inherited=self.socket_inherited,
+                upstream=self.config.cri.endpoint,
+                upstream_ok=up.ok,
+                upstream_error=up.error,
+                upstream_checked_at=up.checked_at,
+            ),
+            metrics=MetricsStatus(listen=self.metrics_address),
+            pulls=self.pulls.status(now, self._proxy.in_flight if self._proxy is not None else 0),
+            cache=self.cache.current,
+            workers={k: dataclasses.replace(v) for k, v in self._worker_state.items()},
+            sections=sections,
         )
-        hdr = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        writer.write(hdr.encode() + (b"" if head_only else body))
-        await writer.drain()

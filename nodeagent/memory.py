@@ -6,20 +6,24 @@ threshold after large frees, so later large blocks also come from the heap), so 
 daemon's RSS would stay at the high-water mark of its busiest moment. ``malloc_trim(0)`` returns
 free heap pages to the system; the daemon calls it every few seconds, which costs well under a
 millisecond when there is nothing to give back. Code that has just used large buffers calls
-``note_large()``; the daemon then trims within ``nodeagent.daemon.MEMORY_TRIM_CHECK`` seconds (and
-every ``MEMORY_TRIM_INTERVAL`` seconds regardless).
+``note_large()``; the daemon's ``trim_loop()`` then trims within ``TRIM_CHECK`` seconds (and every
+``TRIM_INTERVAL`` seconds regardless).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import sys
+import time
 from collections.abc import Callable
 
 _trim: Callable[[int], int] | None = None
 _loaded = False
 _pending = False
 LARGE = 1 << 20  # a buffer at least this big is worth a trim afterwards
+TRIM_CHECK = 2.0  # trim this soon after large buffers were used
+TRIM_INTERVAL = 30.0  # and this often regardless
 
 
 def note_large() -> None:
@@ -56,3 +60,15 @@ def trim() -> bool:
         return False
     fn(0)
     return True
+
+
+async def trim_loop() -> None:
+    """The daemon's worker: trim soon after ``note_large()`` and every ``TRIM_INTERVAL`` seconds;
+    returns when there is no ``malloc_trim`` (not glibc)."""
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(TRIM_CHECK)
+        if take_pending() or time.monotonic() - last >= TRIM_INTERVAL:
+            last = time.monotonic()
+            if not trim():
+                return

@@ -1,7 +1,8 @@
 """systemd's service protocols (sd-daemon(3)), spoken directly, without libsystemd.
 
 - ``sd_notify(state)``: ``READY=1``, ``WATCHDOG=1``, ``STOPPING=1`` ... over ``$NOTIFY_SOCKET``;
-  ``watchdog_interval()`` from ``$WATCHDOG_USEC``/``$WATCHDOG_PID``.
+  ``watchdog_interval()`` from ``$WATCHDOG_USEC``/``$WATCHDOG_PID``; ``watchdog()`` the daemon's
+  ping loop (WATCHDOG=1 while its event loop runs).
 - ``listen_fds()``: the sockets socket activation passed (``systemd/nodeagent.socket``, or
   ``systemd-socket-activate``): ``$LISTEN_PID`` must be this process, ``$LISTEN_FDS`` sockets
   start at fd 3, ``$LISTEN_FDNAMES`` names them (``FileDescriptorName=``, colon-separated). The
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -66,6 +68,17 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     if pid and pid != str(os.getpid()):
         return None
     return int(usec) / 2e6
+
+
+async def watchdog(environ: Mapping[str, str] | None = None) -> None:
+    """Send WATCHDOG=1 every ``watchdog_interval()`` for as long as the event loop runs (until
+    cancelled); returns at once when the unit set no ``WatchdogSec``."""
+    interval = watchdog_interval(environ)
+    if not interval:
+        return
+    while True:
+        sd_notify("WATCHDOG=1", environ)
+        await asyncio.sleep(interval)
 
 
 # --- socket activation --------------------------------------------------------------------------

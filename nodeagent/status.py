@@ -1,12 +1,13 @@
 """``nodeagent status``: the operator's first look at a node, from files only.
 
 Reads the daemon's status file (``Paths.daemon_status_file``, rewritten by ``nodeagent run`` at
-least every 15 seconds) and the last apply report (``Paths.apply_report_file``); never the
-metrics text and never the CRI socket, so it answers instantly even when containerd is wedged.
-A section may carry ``summary`` (a list of lines) to be shown instead of a generic dump.
-Degraded (exit 1) when the daemon is not running (its process is gone) or its file is stale, the
-upstream CRI does not answer, the last apply had errors, or a feature section reports
-``degraded: true``.
+least every 15 seconds; its model is ``nodeagent/statusfile.py``, shared with the daemon that writes
+it) and the last apply report (``Paths.apply_report_file``); never the metrics text and never the
+CRI socket, so it answers instantly even when containerd is wedged. Every part is shown with how
+old its figures are. A section's ``summary`` lines are shown instead of a generic dump.
+Degraded (exit 1) when the daemon is not running (its process is gone) or its file is stale or
+unreadable, the upstream CRI does not answer, the last apply had errors, or a feature section
+reports ``degraded: true`` or an ``error``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import Any
 
 from nodeagent import humanize
 from nodeagent.paths import Paths
+from nodeagent.statusfile import DaemonStatus, StatusFileError, read
 
 STALE_AFTER_HEARTBEATS = 6
 
 
 @dataclass
 class Report:
-    daemon: dict[str, Any] | None
+    daemon: DaemonStatus | None
     daemon_error: str | None
     apply: dict[str, Any] | None
     apply_error: str | None
@@ -41,12 +43,23 @@ class Report:
         return {
             "healthy": not self.degraded,
             "problems": self.problems,
-            "daemon": self.daemon,
+            "daemon": None if self.daemon is None else self.daemon.to_json(),
             "daemonError": self.daemon_error,
             "apply": self.apply,
             "applyError": self.apply_error,
             "applyFileTime": self.apply_mtime,
         }
+
+
+def _read_daemon(path: Path) -> tuple[DaemonStatus | None, str | None]:
+    try:
+        return read(path)[0], None
+    except FileNotFoundError:
+        return None, f"{path}: not found"
+    except OSError as e:
+        return None, f"{path}: cannot read: {e.strerror}"
+    except StatusFileError as e:
+        return None, str(e)
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None, float | None]:
@@ -66,9 +79,9 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None, float | N
     return data, None, mtime
 
 
-def _process_gone(pid: Any, started_at: Any) -> str | None:
+def _process_gone(pid: int, started_at: float) -> str | None:
     """Why the daemon that wrote the file is not running (killed, crashed), or None if it is."""
-    if not isinstance(pid, int) or pid <= 0:
+    if pid <= 0:
         return None
     import psutil
 
@@ -78,40 +91,36 @@ def _process_gone(pid: Any, started_at: Any) -> str | None:
         return f"process {pid} is gone"
     except psutil.Error:
         return None
-    if isinstance(started_at, int | float) and created > started_at + 5:
+    if created > started_at + 5:
         return f"process {pid} is gone (the pid now belongs to a newer process)"
     return None
 
 
 def collect(paths: Paths, now: float | None = None) -> Report:
     now = time.time() if now is None else now
-    daemon, daemon_err, _ = _read_json(paths.daemon_status_file)
+    daemon, daemon_err = _read_daemon(paths.daemon_status_file)
     apply, apply_err, apply_mtime = _read_json(paths.apply_report_file)
     r = Report(daemon, daemon_err, apply, apply_err, apply_mtime, now)
     if daemon is None:
         r.problems.append(f"daemon: no status ({daemon_err}); is nodeagent run running?")
+    elif daemon.state != "running":
+        r.problems.append(f"daemon: {daemon.state}")
+    elif gone := _process_gone(daemon.pid, daemon.started_at):
+        r.problems.append(f"daemon: {gone}; the status file is from a process that no longer runs")
+    elif now - daemon.updated_at > STALE_AFTER_HEARTBEATS * daemon.heartbeat_seconds:
+        r.problems.append(
+            f"daemon: status file is stale ({now - daemon.updated_at:.0f}s old); the daemon is not "
+            "running or hung"
+        )
     else:
-        state = daemon.get("state")
-        updated = daemon.get("updatedAt")
-        beat = float(daemon.get("heartbeatSeconds") or 5.0)
-        gone = _process_gone(daemon.get("pid"), daemon.get("startedAt"))
-        if state != "running":
-            r.problems.append(f"daemon: {state or 'unknown state'}")
-        elif gone:
-            r.problems.append(f"daemon: {gone}; the status file is from a process that no longer runs")
-        elif not isinstance(updated, int | float) or now - updated > STALE_AFTER_HEARTBEATS * beat:
-            age = f"{now - updated:.0f}s old" if isinstance(updated, int | float) else "no timestamp"
-            r.problems.append(f"daemon: status file is stale ({age}); the daemon is not running or hung")
-        else:
-            proxy = daemon.get("proxy") or {}
-            if proxy.get("upstreamOk") is False:
-                upstream, err = proxy.get("upstream", "?"), proxy.get("upstreamError", "")
-                r.problems.append(f"upstream CRI {upstream} not answering: {err}")
-            for name, section in sorted((daemon.get("sections") or {}).items()):
-                if isinstance(section, dict) and section.get("degraded"):
-                    r.problems.append(f"{name}: degraded")
-                elif isinstance(section, dict) and section.get("error"):
-                    r.problems.append(f"{name}: {section['error']}")
+        proxy = daemon.proxy
+        if proxy.upstream_ok is False:
+            r.problems.append(f"upstream CRI {proxy.upstream} not answering: {proxy.upstream_error}")
+        for name, section in sorted(daemon.sections.items()):
+            if section.degraded:
+                r.problems.append(f"{name}: degraded")
+            elif section.error:
+                r.problems.append(f"{name}: {section.error}")
     if apply is not None:
         for err in apply.get("errors") or []:
             r.problems.append(f"apply: {err}")
@@ -124,7 +133,7 @@ def _size(n: float | int | None) -> str:
     return "-" if n is None else humanize.size(n, binary=True)
 
 
-def _ago(now: float, t: Any) -> str:
+def _ago(now: float, t: float | None) -> str:
     return humanize.ago(now - t) if isinstance(t, int | float) else "-"
 
 
@@ -135,57 +144,7 @@ def render(r: Report) -> str:
     if d is None:
         add(f"daemon         not running ({r.daemon_error})")
     else:
-        add(
-            f"daemon         {d.get('state', '?')} (pid {d.get('pid', '?')}, version "
-            f"{d.get('nodeagentVersion', '?')}, started {_ago(r.now, d.get('startedAt'))}, "
-            f"status written {_ago(r.now, d.get('updatedAt'))})"
-        )
-        p = d.get("proxy") or {}
-        up = {True: "answering", False: "NOT ANSWERING", None: "not checked yet"}.get(
-            p.get("upstreamOk"), "?"
-        )
-        add(f"upstream CRI   {p.get('upstream', '?')}: {up}")
-        sock = p.get("socket")
-        origin = " (from systemd: nodeagent.socket)" if p.get("socketInherited") else ""
-        add(f"proxy socket   {sock + origin if sock else '(proxy off)'}")
-        add(f"metrics        {(d.get('metrics') or {}).get('listen') or '-'}")
-        c = d.get("cache") or {}
-        if c:
-            ratio = c.get("imagefsUsedRatio")
-            fs = f"{ratio * 100:.0f}% used" if isinstance(ratio, int | float) else "usage unknown"
-            add(
-                f"image cache    {c.get('images', '?')} images, {_size(c.get('bytes'))}; imagefs {fs}"
-                f" ({c.get('imagefsPath') or '?'})"
-            )
-        pulls = d.get("pulls") or {}
-        totals = pulls.get("totals") or {}
-        summary = ", ".join(f"{k} {v}" for k, v in sorted(totals.items())) or "none yet"
-        add(f"pulls          {summary}; in flight {pulls.get('inFlight', 0)}")
-        recent = pulls.get("recent") or []
-        if recent:
-            add("recent pulls")
-            add(f"  {'WHEN':<9} {'RESULT':<13} {'SECONDS':>8} {'SIZE':>10}  IMAGE")
-            for p in reversed(recent[-10:]):
-                add(
-                    f"  {_ago(r.now, p.get('started_at')):<9} {p.get('result', '?'):<13} "
-                    f"{p.get('duration', 0):>8.2f} {_size(p.get('bytes')):>10}  {p.get('image', '?')}"
-                )
-        for name, section in sorted((d.get("sections") or {}).items()):
-            add(f"{name}")
-            if not isinstance(section, dict):
-                continue
-            lines = section.get("summary")
-            if isinstance(lines, list) and all(isinstance(x, str) for x in lines):
-                for text in lines:  # the feature's own lines (the JSON keeps every field)
-                    add(f"  {text}")
-                continue
-            for key, value in section.items():
-                if isinstance(value, list):
-                    add(f"  {key}: {len(value)}")
-                    for item in value[-10:]:
-                        add(f"    {json.dumps(item, sort_keys=True, default=str)}")
-                else:
-                    add(f"  {key}: {json.dumps(value, default=str)}")
+        _render_daemon(d, r.now, add)
     if r.apply is not None:
         warnings = r.apply.get("warnings") or []
         errors = r.apply.get("errors") or []
@@ -211,3 +170,57 @@ def render(r: Report) -> str:
     else:
         add("healthy")
     return "\n".join(out) + "\n"
+
+
+def _render_daemon(d: DaemonStatus, now: float, add: Any) -> None:
+    add(
+        f"daemon         {d.state} (pid {d.pid}, version {d.nodeagent_version}, started "
+        f"{_ago(now, d.started_at)}, status written {_ago(now, d.updated_at)})"
+    )
+    p = d.proxy
+    up = {True: "answering", False: "NOT ANSWERING", None: "not checked yet"}[p.upstream_ok]
+    checked = f" (checked {_ago(now, p.upstream_checked_at)})" if p.upstream_checked_at is not None else ""
+    add(f"upstream CRI   {p.upstream}: {up}{checked}")
+    origin = " (from systemd: nodeagent.socket)" if p.socket_inherited else ""
+    add(f"proxy socket   {p.socket + origin if p.socket else '(proxy off)'}")
+    add(f"metrics        {d.metrics.listen or '-'}")
+    c = d.cache
+    if c is None:
+        add("image cache    not measured yet")
+    else:
+        ratio = c.imagefs_used_ratio
+        fs = f"{ratio * 100:.0f}% used" if ratio is not None else "usage unknown"
+        add(
+            f"image cache    {c.images} images, {_size(c.bytes)}; imagefs {fs} ({c.imagefs_path or '?'}); "
+            f"measured {_ago(now, c.at)}"
+        )
+    pulls = d.pulls
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(pulls.totals.items())) or "none yet"
+    add(f"pulls          {summary}; in flight {pulls.in_flight}")
+    if pulls.recent:
+        add("recent pulls")
+        add(f"  {'WHEN':<9} {'RESULT':<13} {'SECONDS':>8} {'SIZE':>10}  IMAGE")
+        for rec in reversed(pulls.recent[-10:]):
+            add(
+                f"  {_ago(now, rec.started_at):<9} {rec.result:<13} "
+                f"{rec.duration:>8.2f} {_size(rec.bytes):>10}  {rec.image}"
+            )
+    for name, w in sorted(d.workers.items()):
+        if w.state != "running" or w.restarts:
+            err = f"; last error: {w.last_error}" if w.last_error else ""
+            add(f"worker {name:<7} {w.state} since {_ago(now, w.since)}, {w.restarts} restarts{err}")
+    for name, section in sorted(d.sections.items()):
+        add(f"{name} (as of {_ago(now, section.at)})")
+        if section.error:
+            add(f"  error: {section.error}")
+        if section.summary:
+            for text in section.summary:  # the feature's own lines (the JSON keeps every field)
+                add(f"  {text}")
+            continue
+        for key, value in section.fields.items():
+            if isinstance(value, list):
+                add(f"  {key}: {len(value)}")
+                for item in value[-10:]:
+                    add(f"    {json.dumps(item, sort_keys=True, default=str)}")
+            else:
+                add(f"  {key}: {json.dumps(value, default=str)}")

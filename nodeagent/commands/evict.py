@@ -1,7 +1,8 @@
 """``nodeagent evict --dry-run``: print what the eviction policy would remove now, and why.
 
-Reads the same inputs as the daemon's eviction loop (CRI images, containers and sandboxes; statvfs
-of the image filesystem; the baked-images manifest; the last-used state the daemon persists) and
+Reads the same inputs as the daemon's eviction loop, with the same code (``eviction/gather.py``:
+statvfs of the image filesystem; CRI images, containers and sandboxes; the baked-images manifest;
+and the last-used state the daemon persists) and
 prints the plan as a table, one row per image: removals first, in order. Removes nothing.
 """
 
@@ -18,8 +19,9 @@ from typing import TextIO
 from nodeagent import config
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_INVALID_USAGE, EXIT_OK
 from nodeagent.commands.loadconfig import load
-from nodeagent.eviction import baked, usage
+from nodeagent.eviction.gather import BakedManifest, StageError, gather
 from nodeagent.eviction.policy import REMOVE, Plan
+from nodeagent.eviction.usage import Imagefs, configured_path
 from nodeagent.humanize import ago, size, table
 from nodeagent.paths import Paths
 
@@ -76,37 +78,32 @@ def render(result: DryRun, *, max_name: int = 60) -> str:
 
 
 async def dry_run(cfg: config.Config, paths: Paths, *, now: float | None = None) -> DryRun:
+    """The plan from the inputs the daemon's loop reads, read the same way (``eviction/gather.py``).
+    Raises ``StageError``."""
     # grpc is imported here, not at module level: the CLI stays fast for the other commands.
     from nodeagent.cri.client import CriClient
-    from nodeagent.eviction.inventory import Inventory
     from nodeagent.eviction.policy import Thresholds, plan
     from nodeagent.lastused import LastUsed
 
     ev = cfg.eviction
     thresholds = Thresholds(ev.high_threshold_percent, ev.low_threshold_percent, ev.min_unused_age)
-    manifest = baked.load(paths.baked_manifest)
+    manifest = BakedManifest(paths.baked_manifest).load()
     last_used = LastUsed(paths.last_used_file)
     last_used.load()
     async with CriClient(cfg.cri.endpoint, cfg.cri.timeout) as cri:
-        inv = Inventory(cri)
-        configured = usage.configured_path(cfg)
-        mountpoint = "" if configured else usage.mountpoint_from_imagefs_info(await cri.image_fs_info())
-        fs_path = usage.imagefs_path(paths, configured, mountpoint)
-        images = await inv.images()
-        users = await inv.users()
-    fs = usage.measure(fs_path)
+        inputs = await gather(cri, Imagefs(paths, configured_path(cfg)))
     t = time.time() if now is None else now
     p = plan(
-        images,
-        users,
-        usage=fs,
+        inputs.images,
+        inputs.users,
+        usage=inputs.usage,
         thresholds=thresholds,
         now=t,
         last_used=last_used.items(),
         protect=cfg.images.protect,
         baked=manifest,
     )
-    return DryRun(p, fs_path, t)
+    return DryRun(p, inputs.imagefs, t)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -124,11 +121,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if loaded is None:
         return EXIT_INVALID_CONFIG
     cfg = loaded.config
-    from nodeagent.cri.client import CriError
-
     try:
         result = asyncio.run(dry_run(cfg, paths))
-    except (CriError, usage.UsageError, baked.BakedManifestError) as e:
+    except StageError as e:
         print(f"nodeagent evict: {e}", file=sys.stderr)
         return EXIT_FAILED
     out.write(render(result))

@@ -41,9 +41,7 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
     if config.eviction.enabled:  # disk-aware image eviction (issue 5)
         from nodeagent.eviction.loop import EvictionLoop
 
-        evictor = EvictionLoop(
-            config, paths, daemon.metrics, daemon.last_used, report_cache=daemon.update_cache_stats
-        )
+        evictor = EvictionLoop(config, paths, daemon.metrics, daemon.last_used, cache=daemon.cache)
         daemon.add_worker("eviction", evictor.run)
         daemon.add_pull_listener(evictor.on_pull)
         daemon.add_status_hook("eviction", evictor.status)

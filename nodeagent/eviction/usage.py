@@ -16,6 +16,7 @@ filesystem (containerd: its snapshotter root).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from nodeagent.paths import Paths
 
 if TYPE_CHECKING:
     from nodeagent.cri.gen import cri_api_pb2 as pb
+    from nodeagent.cri.runtime import ImageService
 
 
 class UsageError(RuntimeError):
@@ -79,3 +81,49 @@ def imagefs_path(paths: Paths, configured: str, mountpoint: str = "") -> Path:
         return Paths().host(mountpoint)  # validated: absolute, no '..'
     except ValueError as e:
         raise UsageError(f"ImageFsInfo fs_id.mountpoint: {e}") from None
+
+
+class Imagefs:
+    """The image filesystem of one runtime: where it is, found once, and how full it is now.
+
+    The path is ``eviction.imagefsPath`` under ``--root`` when configured, else the mountpoint
+    the runtime reports (CRI ImageFsInfo, asked once). A path that cannot be measured is forgotten,
+    so the next ``measure`` looks it up again (the runtime may have moved it). Shared by the daemon's
+    cache figures, the eviction loop and ``nodeagent evict --dry-run``.
+    """
+
+    def __init__(
+        self, paths: Paths, configured: str, measure: Callable[[Path], FsUsage] | None = None
+    ) -> None:
+        self.paths = paths
+        self.configured = configured
+        self.path: Path | None = None
+        self._measure = measure
+
+    async def locate(self, cri: ImageService) -> Path:
+        """The path to measure (looked up on the first call). Raises ``UsageError``, or the CRI
+        client's error when ImageFsInfo fails."""
+        if self.path is None:
+            mountpoint = ""
+            if not self.configured:
+                mountpoint = mountpoint_from_imagefs_info(await cri.image_fs_info())
+            self.path = imagefs_path(self.paths, self.configured, mountpoint)
+        return self.path
+
+    def measure_located(self) -> FsUsage | None:
+        """statvfs of the path found before, without asking the runtime; None when not found yet.
+        Raises ``UsageError``."""
+        if self.path is None:
+            return None
+        return self._statvfs(self.path)
+
+    async def measure(self, cri: ImageService) -> FsUsage:
+        """Usage now (statvfs). Raises ``UsageError`` or the CRI client's error."""
+        return self._statvfs(await self.locate(cri))
+
+    def _statvfs(self, path: Path) -> FsUsage:
+        try:
+            return (self._measure or measure)(path)
+        except UsageError:
+            self.path = None
+            raise

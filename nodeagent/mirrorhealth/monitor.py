@@ -19,17 +19,19 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nodeagent.config.model import Config, Mirror, MirrorHealthConfig
-from nodeagent.credentials import CredentialError, MirrorAuth, MirrorCredentialSource
+from nodeagent.credentials import CredentialError, MirrorCredentialSource
 from nodeagent.log import event, get_logger
 from nodeagent.mirrorhealth import probe as probes
 from nodeagent.mirrorhealth.state import Health, MirrorState, Thresholds
+from nodeagent.mirrorhealth.stuckpulls import StuckPulls
+from nodeagent.mirrorhealth.watched import HostsWriter, WatchedMirror
 from nodeagent.paths import Paths, child
+from nodeagent.throttle import LOG_PERIOD, PeriodicLog
 
 if TYPE_CHECKING:
     from nodeagent.metrics import Metrics
@@ -37,52 +39,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 T = TypeVar("T")
 
-DEFAULT_REGISTRY = "_default"  # containerd's fallback host namespace
-
-
-class HostsWriter(Protocol):
-    """Rewrites one registry's hosts.toml (implemented by ``failover.HostsFileWriter``)."""
-
-    def endpoints_in_file(self, registry: str) -> frozenset[str] | None:
-        """Mirror endpoints the registry's file lists now; None if nodeagent does not own it."""
-
-    def write(self, registry: str, active: tuple[Mirror, ...]) -> bool:
-        """Write the file with ``active`` mirrors only; True if it changed. Raises
-        ``NotOwnedError`` (file not written by nodeagent) or ``OSError``."""
-
 
 def normalize_endpoint(endpoint: str) -> str:
     return endpoint.rstrip("/")
-
-
-@dataclass
-class _Mirror:
-    registry: str
-    mirror: Mirror
-    target: probes.ProbeTarget
-    state: MirrorState
-    label: str  # endpoint without userinfo: safe for labels, logs and status
-    in_file: bool = True
-    last: probes.ProbeResult | None = None
-    last_probe_wall: float | None = None
-    last_change_wall: float | None = None
-    source: MirrorCredentialSource | None = None  # its credentials, when configured
-    auth: MirrorAuth | None = None  # the current credential (a secret: never logged)
-    auth_error: str = ""  # why the last fetch failed (no secret inside)
-    auth_wall: float | None = None  # when the current credential was fetched
-    auth_refreshes: int = 0
-    make: Callable[[Mirror], probes.ProbeTarget] | None = None
-
-    def written(self) -> Mirror:
-        """The mirror as hosts.toml gets it: with its credentials' Authorization header."""
-        if self.auth is None:
-            return self.mirror
-        from nodeagent.mirrorhealth.auth import with_authorization
-
-        return with_authorization(self.mirror, self.auth.header)
-
-    def writable(self) -> bool:
-        return self.source is None or self.auth is not None
 
 
 def display_endpoint(endpoint: str) -> str:
@@ -115,6 +74,7 @@ class MirrorHealth:
         rng: random.Random | None = None,
         mirror_only: frozenset[str] = frozenset(),
         source_for: Callable[[Mirror], MirrorCredentialSource | None] | None = None,
+        log_period: float = LOG_PERIOD,
     ) -> None:
         self.settings = settings
         self.mirror_only = mirror_only
@@ -129,10 +89,12 @@ class MirrorHealth:
         self._thresholds = Thresholds(
             settings.failures_before_down, settings.successes_before_up, settings.hold_time
         )
-        self._mirrors: list[_Mirror] = []
-        self._registries: dict[str, list[_Mirror]] = {}
-        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._mirrors: list[WatchedMirror] = []
+        self._registries: dict[str, list[WatchedMirror]] = {}
         self._write_failed: set[str] = set()
+        # a problem that persists (a mirror down, hosts.toml not writable, credentials unavailable)
+        # is logged when it starts, once per period while it lasts, and when it clears
+        self.problems = PeriodicLog(log_period, clock, log)
         for registry, lst in mirrors:
             for m in lst:
                 if resolve_ca is not None:
@@ -144,7 +106,7 @@ class MirrorHealth:
                     make = functools.partial(probes.make_target, registry, resolve_ca=ca)
                 else:
                     make = functools.partial(probes.make_target, registry)
-                entry = _Mirror(
+                entry = WatchedMirror(
                     registry, m, make(m), MirrorState(self._thresholds), display_endpoint(m.endpoint)
                 )
                 entry.make = make
@@ -152,6 +114,7 @@ class MirrorHealth:
                 self._mirrors.append(entry)
                 self._registries.setdefault(registry, []).append(entry)
         self._load_initial_state()
+        self.pulls = StuckPulls(self._registries, mirror_only)
 
     # --- state from disk --------------------------------------------------------------------
     def _load_initial_state(self) -> None:
@@ -169,16 +132,16 @@ class MirrorHealth:
                     e.state.health = Health.DOWN
                 self._set_up_metric(e)
 
-    def _set_up_metric(self, e: _Mirror) -> None:
+    def _set_up_metric(self, e: WatchedMirror) -> None:
         if self.metrics is not None:
             self.metrics.mirror_up.labels(e.registry, e.label).set(1 if e.state.health is Health.UP else 0)
 
-    def _set_auth_metric(self, e: _Mirror, ok: bool) -> None:
+    def _set_auth_metric(self, e: WatchedMirror, ok: bool) -> None:
         if self.metrics is not None:
             self.metrics.mirror_auth_ok.labels(e.registry, e.label).set(1 if ok else 0)
 
     # --- credentials ----------------------------------------------------------------------------
-    async def refresh_credentials(self, e: _Mirror, *, rewrite: bool = True) -> None:
+    async def refresh_credentials(self, e: WatchedMirror, *, rewrite: bool = True) -> None:
         """Fetch the mirror's credentials when due (half their lifetime, or the file changed). A
         new value is written into hosts.toml at once, atomically; containerd reads the file per
         pull, and the old value stays valid for the other half of its lifetime, so no pull fails
@@ -192,22 +155,27 @@ class MirrorHealth:
             new = await asyncio.to_thread(e.source.fetch)
         except CredentialError as err:
             msg = str(err)
-            if msg != e.auth_error:
-                event(
-                    log,
-                    "mirror credentials unavailable",
-                    logging.WARNING,
-                    registry=e.registry,
-                    mirror=e.label,
-                    source=e.source.describe(),
-                    error=msg,
-                )
+            self.problems.problem(
+                f"credentials:{e.registry}:{e.label}",
+                "mirror credentials unavailable",
+                msg,
+                logging.WARNING,
+                registry=e.registry,
+                mirror=e.label,
+                source=e.source.describe(),
+            )
             e.auth_error = msg
             expires = e.auth.expires() if e.auth is not None else None
             if e.auth is not None and expires is not None and now >= expires:
                 e.auth = None  # expired: nothing usable is left to write
             return
         e.auth_error = ""
+        self.problems.clear(
+            f"credentials:{e.registry}:{e.label}",
+            "mirror credentials available again",
+            registry=e.registry,
+            mirror=e.label,
+        )
         changed = e.auth is None or e.auth.header != new.header
         e.auth, e.auth_wall = new, self._wall()
         if not changed:
@@ -229,7 +197,7 @@ class MirrorHealth:
         )
 
     # --- probing ------------------------------------------------------------------------------
-    async def probe_once(self, e: _Mirror) -> Health | None:
+    async def probe_once(self, e: WatchedMirror) -> Health | None:
         """Probe one mirror, feed its state; on a transition rewrite hosts.toml. Returns the new health
         on a transition."""
         await self.refresh_credentials(e)
@@ -252,6 +220,12 @@ class MirrorHealth:
                 error=result.error,
             )
         new = e.state.observe(result.alive, now) if e.writable() else e.state.force_down(now)
+        down_key = f"down:{e.registry}:{e.label}"
+        if new is None and e.state.health is Health.DOWN and not result.alive:
+            # still down: said again once per period, with for how long (the transition said it first)
+            self.problems.problem(
+                down_key, "mirror down", result.error, logging.WARNING, registry=e.registry, mirror=e.label
+            )
         if new is None:
             # retry a write that failed earlier; pulls waiting on this registry go again once it lands
             if (
@@ -259,26 +233,26 @@ class MirrorHealth:
                 and self._rewrite(e.registry)
                 and any(x.state.health is Health.DOWN for x in self._registries[e.registry])
             ):
-                self._wake(e.registry)
+                self.pulls.wake(e.registry)
             return None
         e.last_change_wall = self._wall()
         changed = self._rewrite(e.registry)
         self._set_up_metric(e)
         if self.metrics is not None and changed:
             self.metrics.mirror_failovers.labels(e.registry, e.label, new.value).inc()
-        event(
-            log,
-            f"mirror {new.value}",
-            logging.WARNING if new is Health.DOWN else logging.INFO,
-            registry=e.registry,
-            mirror=e.label,
-            failures=e.state.failures,
-            successes=e.state.successes,
-            error=result.error or None,
-            hosts_toml="rewritten" if changed else "unchanged",
-        )
+        fields: dict[str, Any] = {
+            "registry": e.registry,
+            "mirror": e.label,
+            "failures": e.state.failures,
+            "successes": e.state.successes,
+            "hosts_toml": "rewritten" if changed else "unchanged",
+        }
+        if new is Health.DOWN:
+            self.problems.problem(down_key, "mirror down", result.error, logging.WARNING, **fields)
+        elif not self.problems.clear(down_key, "mirror up", **fields):  # says how long it was down
+            event(log, "mirror up", **fields)  # down since start-up (apply left it out), never probed down
         if new is Health.DOWN and (changed or self.unavailable(e.registry) is not None):
-            self._wake(e.registry)
+            self.pulls.wake(e.registry)
         if self._on_change is not None:
             self._on_change()
         return new
@@ -308,30 +282,33 @@ class MirrorHealth:
             )
             return False
         except OSError as err:
-            if registry not in self._write_failed:
-                event(log, "cannot rewrite hosts.toml", logging.ERROR, registry=registry, error=str(err))
+            self.problems.problem(
+                f"write:{registry}", "cannot rewrite hosts.toml", str(err), logging.ERROR, registry=registry
+            )
             self._write_failed.add(registry)
             return False
         self._write_failed.discard(registry)
+        self.problems.clear(f"write:{registry}", "hosts.toml rewritten again", registry=registry)
         for e in entries:
             e.in_file = any(e is k for k in keep)
         return changed
 
-    async def _loop(self, e: _Mirror) -> None:
+    async def _loop(self, e: WatchedMirror) -> None:
         while True:
             started = self._clock()
+            key = f"loop:{e.registry}:{e.label}"
             try:
                 await self.probe_once(e)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # a bug in one probe loop must not stop the others
-                event(
-                    log,
-                    "mirror probe loop error",
-                    logging.ERROR,
-                    registry=e.registry,
-                    mirror=e.label,
-                    error=f"{type(err).__name__}: {err}",
+                why = f"{type(err).__name__}: {err}"
+                self.problems.problem(
+                    key, "mirror probe loop error", why, logging.ERROR, registry=e.registry, mirror=e.label
+                )
+            else:
+                self.problems.clear(
+                    key, "mirror probe loop error cleared", registry=e.registry, mirror=e.label
                 )
             delay = probes.next_interval(self.settings.interval, self._rng) - (self._clock() - started)
             await self._sleep(max(0.0, delay))
@@ -360,152 +337,25 @@ class MirrorHealth:
             for e in self._mirrors:
                 tg.create_task(self._loop(e), name=f"mirrorhealth:{e.registry}:{e.label}")
 
-    # --- stuck pulls ------------------------------------------------------------------------------
-    def registry_key(self, registry: str) -> str | None:
-        """The configured registry whose hosts.toml containerd uses for ``registry``, if any."""
-        if registry in self._registries:
-            return registry
-        if DEFAULT_REGISTRY in self._registries:
-            return DEFAULT_REGISTRY
-        return None
-
-    @contextlib.contextmanager
-    def watch(self, registry: str) -> Iterator[asyncio.Event | None]:
-        """An event set when a mirror of ``registry`` goes down (after hosts.toml was rewritten);
-        None when no configured mirror applies to that registry."""
-        key = self.registry_key(registry)
-        if key is None:
-            yield None
-            return
-        ev = asyncio.Event()
-        self._watchers.setdefault(key, set()).add(ev)
-        try:
-            yield ev
-        finally:
-            self._watchers[key].discard(ev)
-
-    def _wake(self, registry: str) -> None:
-        for ev in self._watchers.get(registry, ()):
-            ev.set()
+    # --- stuck pulls (stuckpulls.py) ---------------------------------------------------------------
+    def watch(self, registry: str) -> contextlib.AbstractContextManager[asyncio.Event | None]:
+        return self.pulls.watch(registry)
 
     def unavailable(self, registry: str) -> str | None:
-        """Why a pull from ``registry`` cannot succeed now, or None: a mirror-only registry whose every
-        mirror is down and failed its last probe (a mirror that answers again is given its chance)."""
-        key = self.registry_key(registry)
-        if key is None or key not in self.mirror_only:
-            return None
-        entries = self._registries[key]
-        if any(e.state.health is Health.UP or (e.last is not None and e.last.alive) for e in entries):
-            return None
-        why = "; ".join(
-            f"{e.label}: {e.last.error if e.last is not None else 'not probed yet'}" for e in entries
-        )
-        return (
-            f"nodeagent: {key} is mirror-only (containerd.mirrors.{key}.mirrorOnly) and no mirror is up "
-            f"({why}); the registry itself is never used, so the pull fails now instead of waiting"
-        )
-
-    @staticmethod
-    def _fail(message: str) -> BaseException:
-        import grpc
-
-        from nodeagent.proxy.h2grpc import RpcError
-
-        return RpcError(grpc.StatusCode.UNAVAILABLE, message)
+        return self.pulls.unavailable(registry)
 
     async def run_with_failover(
         self, registry: str, call: Callable[[], Awaitable[T]]
     ) -> tuple[T, str | None]:
-        """Run ``call`` (an upstream PullImage); if a mirror of ``registry`` goes down meanwhile,
-        cancel it and run it once more. Returns the result and the retry reason (None: no retry).
-        A pull from a mirror-only registry without a usable mirror fails at once (UNAVAILABLE, the
-        reason in the message), also when that happens while it runs."""
-        if (why := self.unavailable(registry)) is not None:
-            raise self._fail(why)
-        with self.watch(registry) as down:
-            if down is None:
-                return await call(), None
-            pull = asyncio.ensure_future(call())
-            waiter = asyncio.ensure_future(down.wait())
-            try:
-                await asyncio.wait({pull, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if pull.done():
-                    return pull.result(), None
-            finally:
-                waiter.cancel()
-                if not pull.done():
-                    pull.cancel()
-                    await asyncio.gather(pull, return_exceptions=True)
-        if (why := self.unavailable(registry)) is not None:
-            raise self._fail(why)
-        event(log, "pull retried: a mirror went down while it ran", registry=registry)
-        return await call(), "mirror_down"
+        """The daemon's pull wrapper (``StuckPulls.run_with_failover``)."""
+        return await self.pulls.run_with_failover(registry, call)
 
     # --- status -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """The ``mirrors`` section of the daemon status file (``nodeagent status``)."""
-        out = []
-        for e in self._mirrors:
-            item: dict[str, Any] = {
-                "registry": e.registry,
-                "mirror": e.label,
-                "state": e.state.health.value,
-                "inHostsToml": e.in_file,
-                "consecutiveFailures": e.state.failures,
-                "consecutiveSuccesses": e.state.successes,
-                "transitions": e.state.transitions,
-                "since": e.last_change_wall,
-                "authOk": e.last is None or e.last.auth_ok is not False,
-            }
-            if e.source is not None:  # where the credentials come from and how they fare; no secret
-                item["credentials"] = {
-                    "source": e.source.describe(),
-                    "present": e.auth is not None,
-                    "fetchedAt": e.auth_wall,
-                    "refreshes": e.auth_refreshes,
-                    "error": e.auth_error,
-                }
-            if e.last is not None:
-                item["lastProbe"] = {
-                    "at": e.last_probe_wall,
-                    "alive": e.last.alive,
-                    "status": e.last.status,
-                    "error": e.last.error,
-                    "durationSeconds": round(e.last.duration, 4),
-                }
-            out.append(item)
-        return {
-            "mirrors": out,
-            "degraded": any(e.state.health is Health.DOWN for e in self._mirrors),
-            "summary": [self._summary_line(e) for e in self._mirrors],
-        }
+        """The ``mirrorHealth`` section of the daemon status file (``mirrorhealth/report.py``)."""
+        from nodeagent.mirrorhealth.report import section
 
-    def _summary_line(self, e: _Mirror) -> str:
-        """One line per mirror for ``nodeagent status`` (absolute times: the file is read later)."""
-        state = e.state.health.value.upper()
-        since = (
-            time.strftime(" since %H:%M:%SZ", time.gmtime(e.last_change_wall))
-            if e.last_change_wall is not None
-            else ""
-        )
-        if e.last is None:
-            probe = "not probed yet"
-        elif e.last.alive:
-            probe = f"last probe HTTP {e.last.status} in {e.last.duration * 1000:.0f} ms"
-        else:
-            probe = f"last probe failed: {e.last.error}"
-        streak = (
-            f"{e.state.failures} failures in a row"
-            if e.state.failures
-            else f"{e.state.successes} good in a row"
-        )
-        where = "in hosts.toml" if e.in_file else "out of hosts.toml"
-        if e.in_file and e.state.health is Health.DOWN and e.registry in self.mirror_only:
-            where += " (mirror-only: the last mirror is never taken out; pulls fail fast)"
-        auth = ""
-        if e.last is not None and e.last.auth_ok is False:
-            auth = "; credentials: " + ("refused" if e.writable() else f"unavailable ({e.auth_error})")
-        return f"{e.registry}  {e.label}  {state}{since}; {probe}{auth}; {streak}; {where}"
+        return section(self._mirrors, self.mirror_only)
 
 
 def ca_resolver(paths: Paths, hosts_dir: str) -> Callable[[str, str], Path]:

@@ -27,6 +27,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodeagent import humanize
 from nodeagent.cri.client import CriClient, CriError, RetryPolicy
 from tests.sandbox import Containerd, NodeAgent, PushedImage, Registry, Sandbox, free_port
 from tests.sandbox.process import Daemon, wait_until
@@ -155,6 +156,53 @@ def test_pull_results_counts_durations_and_bytes(sandbox: Sandbox, two_registrie
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert img.reference in out.stdout and "healthy" in out.stdout
+    assert agent.stop() == 0
+
+
+def test_status_shows_the_image_cache_right_after_pulls(
+    sandbox: Sandbox, registry: Registry, containerd: Containerd
+) -> None:
+    """Reported: `nodeagent status` said "image cache 0 images, 0 B" after 4 successful pulls (the
+    figures of the start-up listing, no age shown). Now they follow the pulls and say how old they
+    are, then a listing confirms them."""
+    images = [sandbox.image(registry, f"apps/cache{n}", layers=1, layer_size=256 << 10) for n in range(4)]
+    agent = sandbox.nodeagent(containerd)
+    wait_until("the start-up listing", lambda: agent.status()["cache"] is not None, 10)
+    before = agent.status()["cache"]["images"]
+
+    async def body() -> tuple[int, int]:
+        async with CriClient(agent.proxy_endpoint, retry=NO_RETRY) as cri:
+            for img in images:
+                await cri.pull_image(img.reference)
+        async with CriClient(containerd.endpoint) as direct:
+            listed = await direct.list_images()
+        return len(listed), sum(int(i.size) for i in listed)
+
+    count, size = asyncio.run(body())
+    assert count == before + 4
+    wait_until("status file shows the pulls", lambda: agent.status()["pulls"]["totals"] == {"success": 4}, 5)
+    cache = agent.status()["cache"]
+    assert (cache["images"], cache["bytes"]) == (count, size)  # in the same write as the pulls
+    out = subprocess.run(
+        [sys.executable, "-m", "nodeagent", "status", "--root", str(agent.root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    line = next(x for x in out.stdout.splitlines() if x.startswith("image cache"))
+    want = f"image cache    {count} images, {humanize.size(size, binary=True)}; imagefs "
+    assert line.startswith(want), line
+    assert "% used" in line and line.endswith(" ago"), line  # measured, and how long ago
+
+    # a listing confirms them once pulls settle (the eviction loop's or the daemon's own)
+    pulled_at = cache["at"]
+    wait_until(
+        "a listing after the pulls",
+        lambda: agent.status()["cache"]["at"] > pulled_at and agent.status()["cache"]["source"] != "pulls",
+        15,
+    )
+    cache = agent.status()["cache"]
+    assert (cache["images"], cache["bytes"]) == (count, size)
     assert agent.stop() == 0
 
 

@@ -18,14 +18,15 @@ from typing import Any
 import grpc
 import pytest
 
-from nodeagent.config.model import Config, CriConfig, EvictionConfig, MetricsConfig
+from nodeagent.config.model import Config, CriConfig, MetricsConfig
 from nodeagent.cri.client import CriClient
 from nodeagent.cri.gen import cri_api_pb2 as cri
 from nodeagent.cri.gen import cri_api_pb2_grpc as cri_grpc
-from nodeagent.daemon import Daemon, parse_listen, sd_notify, watchdog_interval
+from nodeagent.daemon import Daemon
 from nodeagent.paths import Paths
 from nodeagent.proxy.records import PullRecord
-from tests.unit.cri.fakes import FakeRuntime, fake_runtime
+from nodeagent.sd_daemon import sd_notify, watchdog_interval
+from tests.unit.cri.fakes import fake_runtime
 from tests.unit.proxy.helpers import rm, short_tmp
 
 
@@ -62,13 +63,13 @@ async def status_when(daemon: Daemon, done: Callable[[dict[str, Any]], bool], wi
     """The daemon's status file once ``done(status)`` holds, woken by each write of the file (the
     writer runs off the loop, in a thread); fails after ``within`` seconds without one."""
     written = threading.Event()
-    write = daemon._write_status_body
+    write = daemon.status_writer._write
 
     def spy(body: str) -> None:
         write(body)
         written.set()
 
-    daemon._write_status_body = spy  # type: ignore[method-assign]
+    daemon.status_writer._write = spy  # type: ignore[method-assign]
     try:
         async with asyncio.timeout(within):
             while True:
@@ -78,7 +79,7 @@ async def status_when(daemon: Daemon, done: Callable[[dict[str, Any]], bool], wi
                 await asyncio.to_thread(written.wait, 0.5)
                 written.clear()
     finally:
-        daemon._write_status_body = write  # type: ignore[method-assign]
+        daemon.status_writer._write = write  # type: ignore[method-assign]
 
 
 class NotifySocket:
@@ -97,14 +98,6 @@ class NotifySocket:
                 out.append(self.sock.recv(4096).decode())
             except BlockingIOError:
                 return out
-
-
-def test_parse_listen() -> None:
-    assert parse_listen("0.0.0.0:9847") == ("0.0.0.0", 9847)
-    assert parse_listen(":9847") == ("0.0.0.0", 9847)
-    assert parse_listen("[::1]:9") == ("::1", 9)
-    with pytest.raises(ValueError, match=r"metrics\.listen"):
-        parse_listen("nohost")
 
 
 def test_sd_notify_and_watchdog_env() -> None:
@@ -189,7 +182,7 @@ def test_daemon_serves_proxy_metrics_health_and_status_then_stops_cleanly() -> N
                 assert st["proxy"]["upstreamOk"] is True
                 assert st["pulls"]["totals"] == {"success": 1}
                 assert st["pulls"]["recent"][0]["image"] == "reg.local/app:1"
-                assert st["sections"]["feature"] == {"hello": 1}
+                assert st["sections"]["feature"]["hello"] == 1
                 assert "ZeroDivisionError" in st["sections"]["broken"]["error"]
                 assert st["metrics"]["listen"] == daemon.metrics_address
                 assert "WATCHDOG=1" in notify.messages()
@@ -290,10 +283,10 @@ def test_crashing_worker_is_restarted_and_reported(monkeypatch: pytest.MonkeyPat
                 await asyncio.sleep(0.02)
             assert len(runs) == 3
             st = daemon.status()
-            assert st["workers"]["flaky"]["restarts"] == 2
-            assert st["workers"]["flaky"]["state"] == "running"
-            assert "boom" in st["workers"]["flaky"]["lastError"]
-            assert st["proxy"]["socket"] == ""
+            assert st.workers["flaky"].restarts == 2
+            assert st.workers["flaky"].state == "running"
+            assert "boom" in (st.workers["flaky"].last_error or "")
+            assert st.proxy.socket == ""
 
     asyncio.run(main())
     rm(d)
@@ -358,23 +351,6 @@ def test_sigterm_drain_is_bounded() -> None:
     rm(d)
 
 
-def test_cache_stats_measure_imagefs_like_eviction_under_root(tmp_path: Path) -> None:
-    cfg = Config(
-        cri=CriConfig(proxy_socket=""),
-        eviction=EvictionConfig(imagefs_path="/var/lib/containerd"),
-        metrics=MetricsConfig(listen="127.0.0.1:0"),
-    )
-    (tmp_path / "var/lib/containerd").mkdir(parents=True)
-    d = Daemon(cfg, Paths(tmp_path), environ={})
-    cri = FakeRuntime()
-    d._cri = cri  # type: ignore[assignment]
-    asyncio.run(d.refresh_cache_stats())
-    assert len(cri.calls("ListImages")) == 1
-    assert cri.calls("ImageFsInfo") == []  # the measured path comes from eviction.imagefsPath
-    assert d.cache["imagefsPath"] == str(tmp_path / "var/lib/containerd")
-    assert 0.0 <= d.cache["imagefsUsedRatio"] <= 1.0
-
-
 # --- socket activation (a FAKE systemd: the test holds the listening socket and passes a copy) ---
 class PassedSocket:
     """What systemd's nodeagent.socket does: bind and listen on ``path``, keep it open, and hand a
@@ -416,7 +392,7 @@ def test_socket_activation_serves_the_passed_socket_and_never_removes_it(
                 daemon = Daemon(make_config(up), Paths(root), environ=environ)
                 async with running(daemon):
                     assert environ == {}  # consumed: children of the daemon never see them
-                    assert daemon.status()["proxy"]["socketInherited"] is True
+                    assert daemon.status().proxy.socket_inherited is True
                     async with CriClient(endpoint, retry=RetryPolicy(attempts=1)) as c:
                         assert (await c.image_status("reg.local/a:1")).HasField("image") is False
                 assert held.path.exists(), f"round {round_}: the daemon removed systemd's socket"
@@ -452,7 +428,7 @@ def test_started_by_hand_binds_and_removes_its_own_socket() -> None:
             environ = {"LISTEN_PID": "1", "LISTEN_FDS": "1"}  # inherited from a parent, not for us
             daemon = Daemon(make_config(up), Paths(root), environ=environ)
             async with running(daemon):
-                assert environ == {} and daemon.status()["proxy"]["socketInherited"] is False
+                assert environ == {} and daemon.status().proxy.socket_inherited is False
                 assert (root / "run/nodeagent/cri.sock").exists()
             assert not (root / "run/nodeagent/cri.sock").exists()
 
@@ -474,7 +450,7 @@ def test_passed_socket_at_another_path_is_reported_and_the_configured_path_serve
             daemon = Daemon(make_config(up), Paths(root), environ=held.environ(monkeypatch))
             with captured_log() as buf:
                 async with running(daemon):
-                    assert daemon.status()["proxy"]["socketInherited"] is False
+                    assert daemon.status().proxy.socket_inherited is False
                     async with CriClient("unix://" + str(root / "run/nodeagent/cri.sock")) as c:
                         await c.image_status("reg.local/a:1")
             (warning,) = [e for e in log_events(buf) if "is not cri.proxySocket" in e["msg"]]
@@ -507,8 +483,8 @@ def test_passed_socket_with_the_proxy_off_is_left_unused(monkeypatch: pytest.Mon
         )
         with captured_log() as buf:
             async with running(daemon):
-                st = daemon.status()["proxy"]
-                assert (st["socket"], st["socketInherited"]) == ("", False)
+                st = daemon.status().proxy
+                assert (st.socket, st.socket_inherited) == ("", False)
                 code, _ = await http_get(f"http://{daemon.metrics_address}/metrics")
                 assert code == 200
         (warning,) = [e for e in log_events(buf) if "left unused" in e["msg"]]

@@ -189,3 +189,11 @@ def test_same_socket_path(tmp_path: Path) -> None:
     assert not same_socket_path(tmp_path / "run/cri.sock", tmp_path / "run/other.sock")
     assert not same_socket_path("@abstract", tmp_path / "run/cri.sock")
     assert not same_socket_path("", tmp_path / "run/cri.sock")
+
+
+def test_watchdog_returns_at_once_without_watchdogsec() -> None:
+    import asyncio
+
+    from nodeagent.sd_daemon import watchdog
+
+    asyncio.run(asyncio.wait_for(watchdog({}), 1))  # no WATCHDOG_USEC: nothing to ping

@@ -18,11 +18,12 @@ from nodeagent.config.model import Config, EvictionConfig, ImagesConfig
 from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.eviction.baked import BakedImage
 from nodeagent.eviction.baked import write as write_baked
-from nodeagent.eviction.loop import EvictionLoop, PeriodicLog, TokenBucket
+from nodeagent.eviction.loop import EvictionLoop
 from nodeagent.eviction.policy import FsUsage
 from nodeagent.lastused import LastUsed
 from nodeagent.metrics import Metrics
 from nodeagent.paths import Paths
+from nodeagent.throttle import TokenBucket
 from tests.unit.cri.fakes import FakeRuntime, Plan
 
 MB = 1_000_000
@@ -357,23 +358,6 @@ def test_removals_are_rate_limited(tmp_path: Path) -> None:
     asyncio.run(loop.cycle())
     assert len(rt.removed) == 3
     assert clock.t - start == pytest.approx(1.0)  # 1 token at once, then 2 more at 0.5 s each
-
-
-def test_token_bucket() -> None:
-    clock = Clock(0.0)
-    b = TokenBucket(1.0, 2, clock, clock.sleep)
-    waits = [asyncio.run(b.acquire()) for _ in range(4)]
-    assert waits == [0.0, 0.0, 1.0, 1.0]
-    clock.t += 10
-    assert [asyncio.run(b.acquire()) for _ in range(3)] == [0.0, 0.0, 1.0]  # burst capped at 2
-    with pytest.raises(ValueError):
-        TokenBucket(0, 1)
-
-
-def test_periodic_log_clear_without_problem_is_silent(caplog: pytest.LogCaptureFixture) -> None:
-    p = PeriodicLog(10, Clock(0.0))
-    assert p.clear("x", "cleared") is False
-    assert caplog.records == []
 
 
 def test_restart_keeps_lru_order(tmp_path: Path) -> None:

@@ -281,7 +281,7 @@ def test_pull_that_finishes_is_not_retried_and_watchers_do_not_leak() -> None:
         return "ref"
 
     assert asyncio.run(mh.run_with_failover("docker.io", pull)) == ("ref", None)
-    assert all(not s for s in mh._watchers.values())
+    assert all(not s for s in mh.pulls._watchers.values())
 
 
 def test_pull_errors_pass_through_unchanged() -> None:
@@ -299,7 +299,7 @@ def test_registry_without_mirrors_is_not_watched_and_default_namespace_applies()
     with mh.watch("quay.io") as ev:
         assert ev is None
     mh2 = MirrorHealth([("_default", (A,))], SETTINGS, None)
-    assert mh2.registry_key("quay.io") == "_default"
+    assert mh2.pulls.registry_key("quay.io") == "_default"
 
 
 def test_run_probes_at_once_then_every_interval_with_jitter() -> None:
@@ -363,6 +363,6 @@ def test_nodeagent_run_wires_mirror_health_into_the_daemon(tmp_path) -> None:  #
     d = build_daemon(with_mirrors, Paths(tmp_path))
     assert "mirrorhealth" in d._workers and "mirrorHealth" in d._status_hooks
     assert d._pull_wrapper is not None
-    assert d.status()["sections"]["mirrorHealth"]["mirrors"][0]["mirror"] == A.endpoint
+    assert d.status().sections["mirrorHealth"].fields["mirrors"][0]["mirror"] == A.endpoint
     plain = build_daemon(Config(), Paths(tmp_path))
     assert "mirrorhealth" not in plain._workers and plain._pull_wrapper is None
