@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import results
 from nodeagent.config.sources import load_for_command
-from nodeagent.imds import ImdsSettings
-from nodeagent.paths import Paths
-from nodeagent.userdata import render_al2023
+from nodeagent.eks.imds import ImdsSettings
+from nodeagent.eks.userdata import render_al2023
+from nodeagent.util.paths import Paths
 from tests.fakes.imds import FakeImds
 from tests.sandbox.net import RefusedPort
 from tests.unit.commands.test_apply_imds import node

@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.sandbox (the sandbox node) lives beside the package
 
 from bench import results  # noqa: E402
+from nodeagent.apply.targets.mirrors import render_hosts_toml  # noqa: E402
 from nodeagent.config.model import Mirror  # noqa: E402
 from nodeagent.cri.client import CriClient  # noqa: E402
-from nodeagent.targets.mirrors import render_hosts_toml  # noqa: E402
 from tests.sandbox import Containerd, Registry, Sandbox  # noqa: E402
 from tests.sandbox.agent import NodeAgent  # noqa: E402
 

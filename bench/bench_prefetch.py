@@ -17,7 +17,7 @@ import time
 
 from nodeagent.config.model import ImagesConfig, PrefetchImage
 from nodeagent.cri.client import CriClient
-from nodeagent.prefetch import Prefetcher
+from nodeagent.images.prefetch import Prefetcher
 from tests.sandbox import Sandbox
 
 TARGET_RATIO = 2.0

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nodeagent.atomicio import write_atomic
+from nodeagent.util.atomicio import write_atomic
 
 
 def _dir(results_dir: Path | None) -> Path:

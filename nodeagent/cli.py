@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from nodeagent import __version__
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 DEFAULT_CONFIG = str(Paths().config_file)
 

@@ -33,7 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.sandbox (the sandbox node) lives beside the package
 
-from nodeagent import humanize, proc  # noqa: E402
+from nodeagent.util import humanize, proc  # noqa: E402
 from tests.sandbox import Containerd, PushedImage, Registry, Sandbox  # noqa: E402
 
 
@@ -369,9 +369,9 @@ def prefetch_images(ctx: Context) -> None:
 
 def mirror_health(ctx: Context) -> None:
     """A hung mirror (accepts TCP, never answers) first in hosts.toml: stock containerd vs nodeagent."""
+    from nodeagent.apply.targets.mirrors import render_hosts_toml
     from nodeagent.config.model import Mirror
     from nodeagent.cri.client import CriClient
-    from nodeagent.targets.mirrors import render_hosts_toml
 
     registry, _ = ctx.need_node()
     hung = ctx.sb.hung_server()
@@ -472,7 +472,7 @@ def authenticated_mirror(ctx: Context) -> None:
     import secrets
 
     from nodeagent.cri.client import CriClient
-    from nodeagent.paths import Paths
+    from nodeagent.util.paths import Paths
     from tests.integration.test_mirror_credentials import (
         HOSTS_DIR,
         auth_users,

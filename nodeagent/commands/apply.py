@@ -9,12 +9,12 @@ import argparse
 import dataclasses
 import sys
 
-from nodeagent.apply import MirrorCheck, run_apply
+from nodeagent.apply.facts import gather
+from nodeagent.apply.runner import MirrorCheck, run_apply
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG, EXIT_OK
 from nodeagent.commands.loadconfig import load
 from nodeagent.config.model import Config, Mirror
-from nodeagent.facts import gather
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 OFFLINE = "--offline: not fetched"
 
@@ -22,7 +22,7 @@ OFFLINE = "--offline: not fetched"
 def offline_mirrors(config: Config, paths: Paths) -> tuple[Config, tuple[str, ...]]:
     """apply's mirror step without the network: no probe, no credential fetch (a mirror with
     credentials is left out as when they are unavailable, so nothing secret lands in an image)."""
-    from nodeagent.credentials import CredentialError
+    from nodeagent.images.credentials import CredentialError
     from nodeagent.mirrorhealth.applycheck import prepare_mirrors
 
     def no_fetch(m: Mirror) -> str:

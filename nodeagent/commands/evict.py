@@ -22,8 +22,8 @@ from nodeagent.commands.loadconfig import load
 from nodeagent.eviction.gather import BakedManifest, StageError, gather
 from nodeagent.eviction.policy import REMOVE, Plan
 from nodeagent.eviction.usage import Imagefs, configured_path
-from nodeagent.humanize import ago, size, table
-from nodeagent.paths import Paths
+from nodeagent.util.humanize import ago, size, table
+from nodeagent.util.paths import Paths
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ async def dry_run(cfg: config.Config, paths: Paths, *, now: float | None = None)
     # grpc is imported here, not at module level: the CLI stays fast for the other commands.
     from nodeagent.cri.client import CriClient
     from nodeagent.eviction.policy import Thresholds, plan
-    from nodeagent.lastused import LastUsed
+    from nodeagent.images.lastused import LastUsed
 
     ev = cfg.eviction
     thresholds = Thresholds(ev.high_threshold_percent, ev.low_threshold_percent, ev.min_unused_age)

@@ -21,7 +21,7 @@ from typing import TextIO
 
 from nodeagent.config.problems import ConfigError, Problem
 from nodeagent.config.sources import LoadedConfig, load_for_command
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 EXAMPLE = "docs/config.example.yaml"
 

@@ -14,13 +14,13 @@ from typing import TextIO
 
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG
 from nodeagent.commands.loadconfig import load
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 
 def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
-    from nodeagent.credentials import PROVIDER_TIMEOUT, CredentialError, Credentials, DockerConfig
-    from nodeagent.prefetch import Prefetcher
-    from nodeagent.prefetch_output import LineProgress, TtyProgress, format_summary
+    from nodeagent.images.credentials import PROVIDER_TIMEOUT, CredentialError, Credentials, DockerConfig
+    from nodeagent.images.prefetch import Prefetcher
+    from nodeagent.images.prefetch_output import LineProgress, TtyProgress, format_summary
 
     out = stdout or sys.stdout
     paths = Paths.at(args.root)
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     warnings: list[str] = []
     to_pull = images.prefetch
     if args.bake:
-        from nodeagent.bake import snapshotter_warnings, with_sandbox_image
+        from nodeagent.images.bake import snapshotter_warnings, with_sandbox_image
 
         to_pull, warnings = with_sandbox_image(images.prefetch, paths)  # the node's real pause image
         warnings += snapshotter_warnings(cfg, paths)
@@ -71,8 +71,8 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         rc = report.exit_code
         errors: list[str] = []
         if args.bake:
-            from nodeagent.bake import pin_and_record
             from nodeagent.cri.containerd_images import ContainerdImages
+            from nodeagent.images.bake import pin_and_record
 
             async with ContainerdImages(cfg.cri.endpoint, timeout=cfg.cri.timeout) as api:
                 result = await pin_and_record(report.outcomes, api, paths)

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 from nodeagent.cli import EXIT_FAILED, EXIT_INVALID_CONFIG
 from nodeagent.commands.loadconfig import load
 from nodeagent.config import Config
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 if TYPE_CHECKING:
-    from nodeagent.daemon import Daemon
+    from nodeagent.run.daemon import Daemon
 
 
 def build_daemon(config: Config, paths: Paths) -> Daemon:
-    from nodeagent.daemon import Daemon
+    from nodeagent.run.daemon import Daemon
 
     daemon = Daemon(config, paths)
     # --- features plug in here (one block each) -------------------------------------------------
@@ -52,7 +52,7 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
         daemon.add_worker("podpulls", pod_pulls.run)
         daemon.add_status_hook("podPulls", pod_pulls.status)
     if config.images.ready_condition:  # the Node condition the opt-in startup taint waits for (issue 15)
-        from nodeagent.readiness import ImagesReady
+        from nodeagent.images.readiness import ImagesReady
 
         ready = ImagesReady(config, paths, daemon)
         daemon.add_worker("imagesready", ready.run)
@@ -61,7 +61,7 @@ def build_daemon(config: Config, paths: Paths) -> Daemon:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nodeagent import log
+    from nodeagent.util import log
 
     log.setup()
     paths = Paths.at(args.root)

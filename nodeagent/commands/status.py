@@ -8,8 +8,8 @@ import json
 import sys
 
 from nodeagent.cli import EXIT_FAILED, EXIT_OK
-from nodeagent.paths import Paths
-from nodeagent.status import collect, render
+from nodeagent.run.status import collect, render
+from nodeagent.util.paths import Paths
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.cli import EXIT_FAILED, EXIT_OK
-from nodeagent.durations import parse_duration
+from nodeagent.util.durations import parse_duration
 
 
 def _client(kubeconfig: str | None) -> Any:
@@ -42,10 +42,10 @@ def _client(kubeconfig: str | None) -> Any:
 
 
 async def _main(kubeconfig: str | None, max_wait: float) -> None:
-    from nodeagent.log import event, get_logger
-    from nodeagent.taintremover import TaintRemover
+    from nodeagent.eks.taintremover import TaintRemover
+    from nodeagent.util.log import event, get_logger
 
-    log = get_logger("nodeagent.taintremover")
+    log = get_logger("nodeagent.eks.taintremover")
     client = _client(kubeconfig)
     remover = TaintRemover(client, max_wait=max_wait)
     task = asyncio.current_task()
@@ -63,7 +63,7 @@ async def _main(kubeconfig: str | None, max_wait: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nodeagent import log
+    from nodeagent.util import log
 
     max_wait = parse_duration(args.max_wait)
     if max_wait is None or max_wait < 0:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nodeagent import userdata
 from nodeagent.cli import EXIT_INVALID_CONFIG, EXIT_OK
 from nodeagent.commands.loadconfig import load
-from nodeagent.durations import parse_duration
-from nodeagent.paths import Paths
+from nodeagent.eks import userdata
+from nodeagent.util.durations import parse_duration
+from nodeagent.util.paths import Paths
 
 
 def _cluster(args: argparse.Namespace) -> tuple[userdata.ClusterDetails | None, list[str]]:

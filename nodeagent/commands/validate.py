@@ -22,7 +22,7 @@ from nodeagent.cli import EXIT_INVALID_CONFIG, EXIT_OK
 from nodeagent.commands.loadconfig import load, report_invalid
 from nodeagent.config.schema import differences
 from nodeagent.config.warnings import config_warnings
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 
 def run(args: argparse.Namespace) -> int:

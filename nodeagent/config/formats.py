@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nodeagent.endpoints import UNIX_SCHEME, split_host_port, unix_socket_path
+from nodeagent.util.endpoints import UNIX_SCHEME, split_host_port, unix_socket_path
 
 # --- formats -----------------------------------------------------------------------------------
 

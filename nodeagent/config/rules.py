@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nodeagent.config import model as m
-from nodeagent.durations import format_duration
+from nodeagent.util.durations import format_duration
 
 
 @dataclass(frozen=True)

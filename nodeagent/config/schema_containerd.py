@@ -10,7 +10,7 @@ from nodeagent.config import model as m
 from nodeagent.config.objects import CheckedObject, Field, ListOrObject, Object
 from nodeagent.config.problems import Ctx, Loc
 from nodeagent.config.types import Bool, Duration, Int, List, Map, Str
-from nodeagent.endpoints import without_trailing_slash
+from nodeagent.util.endpoints import without_trailing_slash
 
 
 def _check_credentials(c: m.MirrorCredentials, loc: Loc, ctx: Ctx) -> None:

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from nodeagent import imageref
 from nodeagent.config import formats as fmt
 from nodeagent.config import model as m
 from nodeagent.config.objects import Field, Object
 from nodeagent.config.types import Bool, Duration, Int, List, Str
+from nodeagent.util import imageref
 
 PREFETCH_IMAGE = Object(
     [

@@ -8,7 +8,7 @@ validate once -> typed ``Config``.
    parse it (``yamldoc``); validate it (``loader.load_data``). An invalid baked file raises
    ``ConfigError`` (exit 2): without a valid baked config there is nothing to fall back to.
 2. When IMDS is enabled (see ``imds_mode``), fetch the user-data through IMDSv2 (bounded time) and take
-   every ``application/nodeagent.yaml`` part (``nodeagent.userdata``), parsed the same way.
+   every ``application/nodeagent.yaml`` part (``nodeagent.eks.userdata``), parsed the same way.
 3. Merge the parts over the baked document, later wins (rules below), and validate the result once.
 
 Merge rules (documented in docs/eks.md):
@@ -39,8 +39,8 @@ from nodeagent.config.loader import load_data
 from nodeagent.config.model import Config
 from nodeagent.config.problems import ConfigError, Problem
 from nodeagent.config.yamldoc import parse_yaml, read_text
-from nodeagent.imds import ENDPOINT_ENV, ImdsClient, ImdsError, ImdsSettings
-from nodeagent.paths import Paths
+from nodeagent.eks.imds import ENDPOINT_ENV, ImdsClient, ImdsError, ImdsSettings
+from nodeagent.util.paths import Paths
 
 IMDS_ENV = "NODEAGENT_IMDS"  # on | off | auto
 ImdsMode = Literal["on", "off", "auto"]
@@ -101,7 +101,7 @@ def imds_enabled(args: argparse.Namespace, paths: Paths, env: Mapping[str, str])
         return True
     if flavor == "generic":
         return False
-    from nodeagent.facts import nodeadm_present  # the test apply's flavor detection uses
+    from nodeagent.apply.facts import nodeadm_present  # the test apply's flavor detection uses
 
     return nodeadm_present(paths)
 
@@ -175,7 +175,7 @@ def load_for_command(
         warning = f"IMDS {why} after {took:.1f}s ({err}); using the baked config {path} alone"
         return LoadedConfig(baked, baked_only, (warning,), imds_seconds=took, text=text)
     took = clock() - t0
-    from nodeagent.userdata import UserDataError, nodeagent_parts  # MIME parsing: only with user-data
+    from nodeagent.eks.userdata import UserDataError, nodeagent_parts  # MIME parsing: only with user-data
 
     try:
         parts = nodeagent_parts(raw)

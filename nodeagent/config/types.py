@@ -16,7 +16,7 @@ from typing import Any
 
 from nodeagent.config.formats import Format
 from nodeagent.config.problems import Ctx, Loc
-from nodeagent.durations import DURATION_PATTERN, format_duration, parse_duration
+from nodeagent.util.durations import DURATION_PATTERN, format_duration, parse_duration
 
 JSON = dict[str, Any]
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodeagent.atomicio import write_atomic
+from nodeagent.util.atomicio import write_atomic
 
 MAX_ENTRIES = 10_000  # a manifest is written by our own bake step; anything larger is not ours
 

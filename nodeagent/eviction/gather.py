@@ -18,7 +18,7 @@ from nodeagent.eviction import baked
 from nodeagent.eviction.inventory import Inventory
 from nodeagent.eviction.policy import Container, FsUsage, Image, InUse, last_used_of
 from nodeagent.eviction.usage import Imagefs
-from nodeagent.lastused import LastUsed
+from nodeagent.images.lastused import LastUsed
 
 
 class StageError(Exception):

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nodeagent import memory
 from nodeagent.config.model import Config
 from nodeagent.cri.runtime import Runtime
 from nodeagent.eviction import gather, report
@@ -52,14 +51,15 @@ from nodeagent.eviction.policy import (
     plan,
 )
 from nodeagent.eviction.usage import Imagefs, configured_path
-from nodeagent.lastused import LastUsed
-from nodeagent.log import event, get_logger
-from nodeagent.metrics import EVICTION_ERROR_STAGES as ERROR_STAGES
-from nodeagent.metrics import Metrics
-from nodeagent.paths import Paths
+from nodeagent.images.lastused import LastUsed
 from nodeagent.run.cachestats import EVICTION, CacheStats
-from nodeagent.throttle import LOG_PERIOD as ERROR_LOG_PERIOD
-from nodeagent.throttle import Clock, PeriodicLog, Sleep, TokenBucket
+from nodeagent.run.metrics import EVICTION_ERROR_STAGES as ERROR_STAGES
+from nodeagent.run.metrics import Metrics
+from nodeagent.util import memory
+from nodeagent.util.log import event, get_logger
+from nodeagent.util.paths import Paths
+from nodeagent.util.throttle import LOG_PERIOD as ERROR_LOG_PERIOD
+from nodeagent.util.throttle import Clock, PeriodicLog, Sleep, TokenBucket
 
 if TYPE_CHECKING:
     from nodeagent.proxy.records import PullRecord

@@ -26,8 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
-from nodeagent import imageref as refs
 from nodeagent.eviction.baked import BakedImage
+from nodeagent.util import imageref as refs
 
 KEEP: Final = "keep"
 REMOVE: Final = "remove"

@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from nodeagent.eviction.policy import Decision, FsUsage
-from nodeagent.log import event, get_logger
+from nodeagent.util.log import event, get_logger
 
 if TYPE_CHECKING:
     from nodeagent.eviction.loop import EvictionLoop

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from nodeagent.config.model import Config
 from nodeagent.eviction.policy import FsUsage
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 if TYPE_CHECKING:
     from nodeagent.cri.gen import cri_api_pb2 as pb

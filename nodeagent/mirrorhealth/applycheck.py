@@ -21,11 +21,11 @@ import functools
 from collections.abc import Callable
 
 from nodeagent.config.model import Config, Mirror
-from nodeagent.credentials import CredentialError
+from nodeagent.images.credentials import CredentialError
 from nodeagent.mirrorhealth import auth
 from nodeagent.mirrorhealth.monitor import ca_resolver, display_endpoint
 from nodeagent.mirrorhealth.probe import ProbeResult, ProbeTarget, make_target, probe_all_once
-from nodeagent.paths import Paths, UnsafePathError
+from nodeagent.util.paths import Paths, UnsafePathError
 
 Fetch = Callable[[Mirror], str]  # the Authorization value of a mirror with credentials
 

@@ -18,8 +18,8 @@ import dataclasses
 from collections.abc import Callable
 
 from nodeagent.config.model import Config, Mirror
-from nodeagent.credentials import MirrorCredentialSource, ProviderPlugins
-from nodeagent.paths import Paths
+from nodeagent.images.credentials import MirrorCredentialSource, ProviderPlugins
+from nodeagent.util.paths import Paths
 
 AUTH_HEADER = "Authorization"
 # one provider plugin run for a mirror, at apply time (the boot path: well below the unit's start

@@ -1,6 +1,6 @@
 """Rewrite one registry's hosts.toml with only the mirrors that are up.
 
-The content comes from the same pure renderer ``apply`` uses (``nodeagent.targets.mirrors``), fed
+The content comes from the same pure renderer ``apply`` uses (``nodeagent.apply.targets.mirrors``), fed
 the configured mirrors minus the ones that are down, so the result is exactly what ``apply`` would
 have written without them: ``server`` stays, the other mirrors keep their order and settings.
 Only a file that carries nodeagent's ownership marker is ever rewritten (a hosts.toml an operator
@@ -14,11 +14,11 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
-from nodeagent.atomicio import read_bytes_or_none, write_atomic
+from nodeagent.apply.targets import TargetError
+from nodeagent.apply.targets import mirrors as mirrors_target
 from nodeagent.config.model import ContainerdConfig, Mirror
-from nodeagent.paths import Paths, UnsafePathError
-from nodeagent.targets import TargetError
-from nodeagent.targets import mirrors as mirrors_target
+from nodeagent.util.atomicio import read_bytes_or_none, write_atomic
+from nodeagent.util.paths import Paths, UnsafePathError
 
 Render = Callable[[str, tuple[Mirror, ...]], str]
 

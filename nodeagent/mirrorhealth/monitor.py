@@ -24,17 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nodeagent.config.model import Config, Mirror, MirrorHealthConfig
-from nodeagent.credentials import CredentialError, MirrorCredentialSource
-from nodeagent.log import event, get_logger
+from nodeagent.images.credentials import CredentialError, MirrorCredentialSource
 from nodeagent.mirrorhealth import probe as probes
 from nodeagent.mirrorhealth.state import Health, MirrorState, Thresholds
 from nodeagent.mirrorhealth.stuckpulls import StuckPulls
 from nodeagent.mirrorhealth.watched import HostsWriter, WatchedMirror
-from nodeagent.paths import Paths, child
-from nodeagent.throttle import LOG_PERIOD, PeriodicLog
+from nodeagent.util.log import event, get_logger
+from nodeagent.util.paths import Paths, child
+from nodeagent.util.throttle import LOG_PERIOD, PeriodicLog
 
 if TYPE_CHECKING:
-    from nodeagent.metrics import Metrics
+    from nodeagent.run.metrics import Metrics
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -14,10 +14,10 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
-from nodeagent.log import event, get_logger
+from nodeagent.apply.targets.mirrors import DEFAULT_REGISTRY  # containerd's fallback host namespace
 from nodeagent.mirrorhealth.state import Health
 from nodeagent.mirrorhealth.watched import WatchedMirror
-from nodeagent.targets.mirrors import DEFAULT_REGISTRY  # containerd's fallback host namespace
+from nodeagent.util.log import event, get_logger
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from nodeagent.config.model import Mirror
-from nodeagent.credentials import MirrorAuth, MirrorCredentialSource
+from nodeagent.images.credentials import MirrorAuth, MirrorCredentialSource
 from nodeagent.mirrorhealth import probe as probes
 from nodeagent.mirrorhealth.state import MirrorState
 

@@ -17,13 +17,13 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from nodeagent.log import event, get_logger
+from nodeagent.util.log import event, get_logger
 
 if TYPE_CHECKING:
     from nodeagent.config.model import Config
-    from nodeagent.daemon import Daemon
     from nodeagent.eviction.loop import EvictionLoop
-    from nodeagent.paths import Paths
+    from nodeagent.run.daemon import Daemon
+    from nodeagent.util.paths import Paths
 
 log = get_logger(__name__)
 
@@ -140,7 +140,7 @@ class PodPulls:
             delay = min(delay * 2, IDENTITY_RETRY_MAX)
 
     def _make_puller(self) -> Any:
-        from nodeagent.credentials import CredentialError, Credentials
+        from nodeagent.images.credentials import CredentialError, Credentials
         from nodeagent.podpulls import kube
         from nodeagent.podpulls.puller import PodPuller
         from nodeagent.proxy.records import ORIGIN_POD

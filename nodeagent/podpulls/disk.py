@@ -23,10 +23,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from nodeagent import humanize
-from nodeagent.endpoints import without_trailing_slash
-from nodeagent.imageref import normalize, split_domain
-from nodeagent.log import event, get_logger
+from nodeagent.util import humanize
+from nodeagent.util.endpoints import without_trailing_slash
+from nodeagent.util.imageref import normalize, split_domain
+from nodeagent.util.log import event, get_logger
 
 log = get_logger(__name__)
 

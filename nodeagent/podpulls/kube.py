@@ -25,10 +25,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nodeagent.backoff import Backoff
-from nodeagent.credentials import Auth, CredentialError, parse_docker_config
-from nodeagent.log import event, get_logger
+from nodeagent.images.credentials import Auth, CredentialError, parse_docker_config
 from nodeagent.podpulls.pods import PodInfo, from_api
+from nodeagent.util.backoff import Backoff
+from nodeagent.util.log import event, get_logger
 
 log = get_logger(__name__)
 

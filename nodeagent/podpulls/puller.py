@@ -9,7 +9,7 @@ then containers). Per image, in a slot of the shared pull limit (``podPulls.conc
 - the disk guard may refuse it (``skipped_disk``, with the reason): the kubelet will pull it itself;
 - else PullImage through the proxy's single-flight table (origin ``pod``), with the credentials the
   kubelet would use (the pod's pull secrets, then the credential provider plugins and docker config
-  of ``nodeagent.credentials``) and a PodSandboxConfig with the pod's metadata, labels and annotations.
+  of ``nodeagent.images.credentials``) and a PodSandboxConfig with the pod's metadata, labels and annotations.
   ``Always`` pulls too: the kubelet's own pull then resolves against a present image, or joins ours.
 
 Two pods that need the same pull (same key as the proxy's single-flight) share one task, so a
@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from nodeagent.credentials import Auth, CredentialError, Credentials, best_match
-from nodeagent.log import event, get_logger
+from nodeagent.images.credentials import Auth, CredentialError, Credentials, best_match
 from nodeagent.podpulls.pods import ALWAYS, IF_NOT_PRESENT, NEVER, PodImage, PodInfo
+from nodeagent.util.log import event, get_logger
 
 if TYPE_CHECKING:
     from nodeagent.cri.gen import cri_api_pb2 as pb

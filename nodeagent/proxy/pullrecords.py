@@ -10,9 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from nodeagent.cri.gen import cri_api_pb2 as pb
-from nodeagent.lastused import LastUsed
-from nodeagent.log import event, get_logger
-from nodeagent.metrics import Metrics
+from nodeagent.images.lastused import LastUsed
 from nodeagent.proxy.h2grpc import Channel
 from nodeagent.proxy.methods import STATUS
 from nodeagent.proxy.records import (
@@ -21,6 +19,8 @@ from nodeagent.proxy.records import (
     image_label,
     is_image_id,
 )
+from nodeagent.run.metrics import Metrics
+from nodeagent.util.log import event, get_logger
 
 if TYPE_CHECKING:
     from nodeagent.proxy.pulls import _Pull

@@ -15,7 +15,6 @@ import grpc
 
 from nodeagent.cri.client import auth_secrets, redact
 from nodeagent.cri.gen import cri_api_pb2 as pb
-from nodeagent.log import get_logger
 from nodeagent.proxy.h2grpc import RpcError, ServerCall
 from nodeagent.proxy.methods import PULL, for_caller
 from nodeagent.proxy.pullrecords import CancelSummary, PullRecording
@@ -26,6 +25,7 @@ from nodeagent.proxy.records import (
     registry_of,
 )
 from nodeagent.proxy.singleflight import Flight, Flights, Key, Waiting, pull_key
+from nodeagent.util.log import get_logger
 
 log = get_logger("nodeagent.proxy.server")
 
@@ -292,7 +292,7 @@ def origin_of(metadata: tuple[tuple[str, str], ...]) -> str:
 
 
 def _lead_key(image: str) -> str:
-    from nodeagent.imageref import normalize
+    from nodeagent.util.imageref import normalize
 
     try:
         return normalize(image)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent.imageref import split_reference
+from nodeagent.util.imageref import split_reference
 
 DOCKER_HUB = "docker.io"
 # Who asked for a pull (a bounded label on the pull metrics): the kubelet through the proxy, nodeagent's

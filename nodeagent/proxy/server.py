@@ -35,12 +35,9 @@ from typing import Any
 
 import grpc
 
-from nodeagent import memory
 from nodeagent.cri.client import MAX_MESSAGE_BYTES
 from nodeagent.cri.gen import cri_api_pb2 as pb
-from nodeagent.lastused import LastUsed
-from nodeagent.log import event, get_logger
-from nodeagent.metrics import Metrics
+from nodeagent.images.lastused import LastUsed
 from nodeagent.proxy import sockets
 from nodeagent.proxy.h2grpc import Channel, Context, Limits, OnDone, RpcError, Server, ServerCall
 from nodeagent.proxy.methods import (
@@ -59,6 +56,9 @@ from nodeagent.proxy.records import (
     PullRecord,
 )
 from nodeagent.proxy.singleflight import Flights
+from nodeagent.run.metrics import Metrics
+from nodeagent.util import memory
+from nodeagent.util.log import event, get_logger
 
 log = get_logger(__name__)
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent.imageref import normalize
+from nodeagent.util.imageref import normalize
 
 Key = tuple[str, str, str]
 # One caller's end of a flight: ``deliver(message, None)`` or ``deliver(None, error)``.

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 from nodeagent.eviction.policy import FsUsage
 from nodeagent.eviction.usage import Imagefs, UsageError
-from nodeagent.log import get_logger
-from nodeagent.metrics import Metrics
 from nodeagent.proxy.records import PullRecord
-from nodeagent.statusfile import CacheStatus
+from nodeagent.run.metrics import Metrics
+from nodeagent.run.statusfile import CacheStatus
+from nodeagent.util.log import get_logger
 
 if TYPE_CHECKING:
     from nodeagent.cri.runtime import ImageService

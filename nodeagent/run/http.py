@@ -22,8 +22,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from nodeagent.log import get_logger
-from nodeagent.metrics import Metrics
+from nodeagent.run.metrics import Metrics
+from nodeagent.util.log import get_logger
 
 log = get_logger(__name__)
 

@@ -11,9 +11,9 @@ import inspect
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
-from nodeagent.log import get_logger
 from nodeagent.proxy.records import PullRecord
-from nodeagent.statusfile import PullsStatus, RecentPull
+from nodeagent.run.statusfile import PullsStatus, RecentPull
+from nodeagent.util.log import get_logger
 
 log = get_logger(__name__)
 

@@ -13,9 +13,9 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
-from nodeagent.atomicio import write_atomic
-from nodeagent.log import event, get_logger
-from nodeagent.statusfile import DaemonStatus
+from nodeagent.run.statusfile import DaemonStatus
+from nodeagent.util.atomicio import write_atomic
+from nodeagent.util.log import event, get_logger
 
 log = get_logger(__name__)
 

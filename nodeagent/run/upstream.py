@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from nodeagent.log import event, get_logger
-from nodeagent.metrics import Metrics
+from nodeagent.run.metrics import Metrics
+from nodeagent.util.log import event, get_logger
 
 if TYPE_CHECKING:
     from nodeagent.cri.runtime import ImageService

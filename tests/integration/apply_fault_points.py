@@ -3,7 +3,7 @@
     python apply_fault_points.py DELAY apply --root ROOT --flavor generic
 
 Runs nodeagent's own CLI in this process after wrapping the two functions apply writes through
-(``nodeagent.apply.write_atomic`` and ``remove_durably``): before each write of a config file, a
+(``nodeagent.apply.runner.write_atomic`` and ``remove_durably``): before each write of a config file, a
 backup or a removal it prints ``fault-point N WHAT`` on stderr and sleeps DELAY seconds, so the
 test can kill the process at that step or in the middle of it. The apply report (written after
 every step) is not a fault point. Nothing of this is in the product.
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nodeagent import apply
+from nodeagent.apply import runner as apply
 
 
 def install(delay: float) -> None:

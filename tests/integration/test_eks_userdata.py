@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.userdata import render_al2023
+from nodeagent.eks.userdata import render_al2023
 from tests.fakes.imds import FakeImds
 from tests.unit.commands.test_apply_imds import BAKED, PART, node
 

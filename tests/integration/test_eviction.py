@@ -13,8 +13,8 @@ from pathlib import Path
 from nodeagent.cri.client import CriClient
 from nodeagent.eviction.baked import BakedImage
 from nodeagent.eviction.baked import write as write_baked
-from nodeagent.lastused import LastUsed
-from nodeagent.paths import Paths
+from nodeagent.images.lastused import LastUsed
+from nodeagent.util.paths import Paths
 from tests.sandbox import Containerd, PushedImage, Registry, Sandbox
 from tests.sandbox.pods import remove_pod, run_container, run_pod
 
@@ -227,7 +227,7 @@ def test_container_created_between_plan_and_removal_keeps_its_image(
 ) -> None:
     from nodeagent.config.model import Config, CriConfig, EvictionConfig
     from nodeagent.eviction.loop import EvictionLoop
-    from nodeagent.metrics import Metrics
+    from nodeagent.run.metrics import Metrics
 
     root = sandbox.dir / "agent-root"
     imgs = [

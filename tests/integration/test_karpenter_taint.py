@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 import yaml
 
-from nodeagent import readiness, userdata
+from nodeagent.eks import userdata
+from nodeagent.images import readiness
 from nodeagent.podpulls import kube
 from tests.sandbox import Sandbox
 from tests.sandbox.cluster import one_node_cluster

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from nodeagent.cri.client import CriClient, CriError
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 from tests.integration.test_mirrorhealth import health_status, pull_log
 from tests.sandbox import Containerd, PushedImage, Registry, Sandbox
 from tests.sandbox.agent import NodeAgent

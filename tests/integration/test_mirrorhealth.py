@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from nodeagent import proc
+from nodeagent.apply.targets.mirrors import render_hosts_toml
 from nodeagent.config.model import Mirror
 from nodeagent.cri.client import CriClient
-from nodeagent.targets.mirrors import render_hosts_toml
+from nodeagent.util import proc
 from tests.sandbox import Containerd, PushedImage, Registry, Sandbox
 from tests.sandbox.agent import NodeAgent
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent import proc
 from nodeagent.config.model import Mirror
 from nodeagent.mirrorhealth.monitor import ca_resolver
 from nodeagent.mirrorhealth.probe import ProbeResult, make_target, probe
-from nodeagent.paths import Paths
+from nodeagent.util import proc
+from nodeagent.util.paths import Paths
 
 
 @pytest.fixture

@@ -38,9 +38,9 @@ from typing import Any
 import pytest
 import yaml
 
+from nodeagent.apply.targets.mirrors import render_hosts_toml
 from nodeagent.config.model import Mirror
 from nodeagent.cri.client import CriClient, CriError
-from nodeagent.targets.mirrors import render_hosts_toml
 from tests import monitoring_pack as pack
 from tests.sandbox import NodeAgent, PushedImage, Registry, Sandbox, SandboxError
 from tests.sandbox.prometheus import Prometheus

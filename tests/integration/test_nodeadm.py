@@ -35,7 +35,13 @@ import pytest
 import tomlkit
 import yaml
 
-from nodeagent.userdata import CONTENT_TYPE, NODECONFIG_CONTENT_TYPE, ClusterDetails, nodeconfig, render_mime
+from nodeagent.eks.userdata import (
+    CONTENT_TYPE,
+    NODECONFIG_CONTENT_TYPE,
+    ClusterDetails,
+    nodeconfig,
+    render_mime,
+)
 from tests.fakes.imds import FakeImds
 from tests.integration.test_apply_pullpath import FALLBACK, PullNode, built
 from tests.integration.test_eks_userdata import apply_process
@@ -298,10 +304,10 @@ def test_nodeadm_judges_the_soci_settings(tmp_path: Path) -> None:
     """
     import dataclasses
 
+    from nodeagent.apply.facts import gather
+    from nodeagent.apply.targets import nodeadm as nodeadm_target
     from nodeagent.config.loader import load_text
-    from nodeagent.facts import gather
-    from nodeagent.paths import Paths
-    from nodeagent.targets import nodeadm as nodeadm_target
+    from nodeagent.util.paths import Paths
 
     containerd = built("containerd")
     nodeadm = built("nodeadm")

@@ -27,8 +27,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent import humanize
 from nodeagent.cri.client import CriClient, CriError, RetryPolicy
+from nodeagent.util import humanize
 from tests.sandbox import Containerd, NodeAgent, PushedImage, Registry, Sandbox, free_port
 from tests.sandbox.process import Daemon, wait_until
 

@@ -37,7 +37,7 @@ from nodeagent.cri.client import CriClient
 from nodeagent.eviction import baked, policy, usage
 from nodeagent.eviction.baked import BakedImage
 from nodeagent.eviction.baked import write as write_baked
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 from tests.integration.test_apply_pullpath import PullNode, built
 from tests.integration.test_proxy import value, wait_for_pull_lines
 from tests.sandbox import Containerd, PushedImage, Registry, Sandbox

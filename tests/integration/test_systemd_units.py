@@ -153,7 +153,7 @@ def test_socket_unit_owns_the_default_proxy_socket_for_the_daemon() -> None:
     names the fd the daemon looks for, and stays put while the service restarts."""
     from nodeagent.config.model import CriConfig
     from nodeagent.proxy import sockets
-    from nodeagent.sd_daemon import PROXY_FDNAME
+    from nodeagent.run.sd_daemon import PROXY_FDNAME
 
     sock = _unit(REPO / "systemd/nodeagent.socket")["Socket"]
     assert sock["ListenStream"] == CriConfig().proxy_socket

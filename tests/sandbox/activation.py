@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from nodeagent.proxy import sockets
-from nodeagent.sd_daemon import PROXY_FDNAME
+from nodeagent.run.sd_daemon import PROXY_FDNAME
 from tests.sandbox.process import SandboxError
 
 PASSED_THROUGH = ("TERM", "PATH", "USER", "HOME")  # what systemd-socket-activate keeps by itself

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 from tests.sandbox.activation import HeldSocket
 from tests.sandbox.process import Daemon, RunsDaemon, SandboxError
 
@@ -36,7 +36,7 @@ class NodeAgent(RunsDaemon):
         self.workdir = workdir
         self.root = workdir / "root"
         self.config_path = workdir / "config.yaml"
-        self.log_path = workdir / "nodeagent.log"
+        self.log_path = workdir / "nodeagent.util.log"
         doc: dict[str, Any] = {
             "apiVersion": "nodeagent.io/v1alpha1",
             "kind": "NodeAgentConfig",

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from nodeagent import proc
+from nodeagent.util import proc
 from tests.sandbox import testbins
 from tests.sandbox.kubelet import pod_running
 from tests.sandbox.net import free_port

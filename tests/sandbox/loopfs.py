@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nodeagent import proc
+from nodeagent.util import proc
 from tests.sandbox.mounts import mounts_under
 from tests.sandbox.process import SandboxError
 

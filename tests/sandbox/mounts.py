@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nodeagent import proc
+from nodeagent.util import proc
 
 
 def _unescape(field: str) -> str:

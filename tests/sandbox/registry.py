@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodeagent import proc
+from nodeagent.util import proc
 from tests.sandbox.net import free_port
 from tests.sandbox.process import Daemon, RunsDaemon, SandboxError
 

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from nodeagent.config.model import CriConfig
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 from tests.sandbox.activation import HeldSocket
 from tests.sandbox.agent import NodeAgent
 from tests.sandbox.containerd import Containerd, ContainerdLine, Mirror, default_line

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.apply import BACKUP_SUFFIX, ApplyReport, detect_flavor, redact_headers, run_apply
+from nodeagent.apply.facts import gather
+from nodeagent.apply.runner import BACKUP_SUFFIX, ApplyReport, detect_flavor, redact_headers, run_apply
+from nodeagent.apply.targets import is_owned, owned_header
 from nodeagent.config.model import Config, EvictionConfig
-from nodeagent.facts import gather
-from nodeagent.paths import Paths
-from nodeagent.targets import is_owned, owned_header
+from nodeagent.util.paths import Paths
 from tests.unit.targets.helpers import DATA, config, facts
 
 MIRRORS = """

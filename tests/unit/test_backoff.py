@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from nodeagent.backoff import Backoff
+from nodeagent.util.backoff import Backoff
 
 
 def test_exponential_and_capped_without_jitter() -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from nodeagent.bake import pin_and_record, sandbox_image, snapshotter_warnings, with_sandbox_image
 from nodeagent.config.model import Config, ContainerdConfig, PrefetchImage
 from nodeagent.cri.gen import containerd_images_pb2 as cpb
 from nodeagent.cri.gen import containerd_types_pb2 as tpb
 from nodeagent.eviction import baked
-from nodeagent.paths import Paths
-from nodeagent.prefetch import ImageOutcome
+from nodeagent.images.bake import pin_and_record, sandbox_image, snapshotter_warnings, with_sandbox_image
+from nodeagent.images.prefetch import ImageOutcome
+from nodeagent.util.paths import Paths
 from tests.unit.cri.fakes import FakeRuntime
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from nodeagent import config
-from nodeagent.userdata import DEFAULT_AMI_TAG, compact_config, nodeagent_parts
+from nodeagent.eks.userdata import DEFAULT_AMI_TAG, compact_config, nodeagent_parts
 from tests.unit.test_userdata import karpenter_schema, nodeconfig_schema
 
 REPO = Path(__file__).resolve().parents[2]

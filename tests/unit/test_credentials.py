@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from nodeagent import proc
 from nodeagent.config.model import ImagesConfig
-from nodeagent.credentials import (
+from nodeagent.images.credentials import (
     Auth,
     CredentialError,
     Credentials,
@@ -26,7 +25,8 @@ from nodeagent.credentials import (
     parse_provider_config,
     urls_match,
 )
-from nodeagent.paths import Paths
+from nodeagent.util import proc
+from nodeagent.util.paths import Paths
 
 API = "credentialprovider.kubelet.k8s.io/v1"
 
@@ -105,7 +105,7 @@ def test_provider_config_errors_name_the_file_and_key(over: dict[str, Any], mess
 
 
 class Runner:
-    """Stands in for nodeagent.proc.run: records the call, answers like a provider plugin."""
+    """Stands in for nodeagent.util.proc.run: records the call, answers like a provider plugin."""
 
     def __init__(self, response: dict[str, Any], returncode: int = 0) -> None:
         self.response = response

@@ -22,10 +22,10 @@ from nodeagent.config.model import Config, CriConfig, MetricsConfig
 from nodeagent.cri.client import CriClient
 from nodeagent.cri.gen import cri_api_pb2 as cri
 from nodeagent.cri.gen import cri_api_pb2_grpc as cri_grpc
-from nodeagent.daemon import Daemon
-from nodeagent.paths import Paths
 from nodeagent.proxy.records import PullRecord
-from nodeagent.sd_daemon import sd_notify, watchdog_interval
+from nodeagent.run.daemon import Daemon
+from nodeagent.run.sd_daemon import sd_notify, watchdog_interval
+from nodeagent.util.paths import Paths
 from tests.unit.cri.fakes import fake_runtime
 from tests.unit.proxy.helpers import rm, short_tmp
 
@@ -259,7 +259,7 @@ def test_sigterm_drains_and_exits_zero() -> None:
 
 
 def test_crashing_worker_is_restarted_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nodeagent.daemon as dm
+    import nodeagent.run.daemon as dm
 
     monkeypatch.setattr(dm, "WORKER_BACKOFF", 0.01)
     d = short_tmp()
@@ -365,7 +365,7 @@ class PassedSocket:
         self.sock.listen(16)
 
     def environ(self, monkeypatch: pytest.MonkeyPatch, name: str = "cri-proxy") -> dict[str, str]:
-        import nodeagent.sd_daemon as sdd
+        import nodeagent.run.sd_daemon as sdd
 
         fd = os.dup(self.sock.fileno())  # the daemon's copy; the daemon closes it at stop
         monkeypatch.setattr(sdd, "SD_LISTEN_FDS_START", fd)
@@ -500,14 +500,14 @@ def test_passed_socket_with_the_proxy_off_is_left_unused(monkeypatch: pytest.Mon
 
 
 def test_a_passed_socket_of_the_wrong_kind_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nodeagent.sd_daemon import ListenFdsError
+    from nodeagent.run.sd_daemon import ListenFdsError
 
     d = short_tmp()
     dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     dgram.bind(os.path.join(d, "dgram.sock"))
 
     async def main() -> None:
-        import nodeagent.sd_daemon as sdd
+        import nodeagent.run.sd_daemon as sdd
 
         monkeypatch.setattr(sdd, "SD_LISTEN_FDS_START", dgram.fileno())
         environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from nodeagent import durations as d
-from nodeagent.durations import format_duration
+from nodeagent.util import durations as d
+from nodeagent.util.durations import format_duration
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent import endpoints as ep
+from nodeagent.util import endpoints as ep
 
 
 @pytest.mark.parametrize(

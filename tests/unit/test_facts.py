@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent import facts, proc
-from nodeagent.paths import Paths
-from nodeagent.targets import owned_header
+from nodeagent.apply import facts
+from nodeagent.apply.targets import owned_header
+from nodeagent.util import proc
+from nodeagent.util.paths import Paths
 
 
 def _nic(root: Path, name: str, speed: str | None, physical: bool = True) -> None:

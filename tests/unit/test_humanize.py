@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent import humanize
+from nodeagent.util import humanize
 
 
 @pytest.mark.parametrize(

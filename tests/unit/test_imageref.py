@@ -1,6 +1,6 @@
 import pytest
 
-from nodeagent import imageref as refs
+from nodeagent.util import imageref as refs
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_every_docker_hub_alias_folds_into_docker_io() -> None:
 )
 def test_one_docker_hub_rule_for_eviction_prefetch_credentials_and_the_proxy(alias: str) -> None:
     # every place that names a registry agrees (they used to disagree on aliases written in capitals)
-    from nodeagent.credentials import image_for_matching
+    from nodeagent.images.credentials import image_for_matching
     from nodeagent.proxy.records import image_label, registry_of
 
     ref = f"{alias}/library/busybox:1"

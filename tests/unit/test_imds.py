@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.imds import ImdsClient, ImdsError, ImdsSettings
+from nodeagent.eks.imds import ImdsClient, ImdsError, ImdsSettings
 from tests.fakes.imds import FakeImds
 from tests.sandbox.net import RefusedPort
 

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from nodeagent.lastused import LastUsed
+from nodeagent.images.lastused import LastUsed
 
 
 def test_touch_latest_and_persist(tmp_path: Path) -> None:

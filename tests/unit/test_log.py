@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from nodeagent.log import JsonFormatter, event, get_logger
+from nodeagent.util.log import JsonFormatter, event, get_logger
 
 
 def capture() -> tuple[logging.Logger, io.StringIO]:
@@ -42,4 +42,4 @@ def test_exception_becomes_one_error_field_on_the_same_line() -> None:
 
 def test_get_logger_puts_every_logger_under_nodeagent() -> None:
     assert get_logger("x.y").name == "nodeagent.x.y"
-    assert get_logger("nodeagent.daemon").name == "nodeagent.daemon"
+    assert get_logger("nodeagent.run.daemon").name == "nodeagent.run.daemon"

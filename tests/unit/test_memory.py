@@ -1,11 +1,11 @@
-"""nodeagent.memory: after a burst of large buffers (the proxy forwarding big ListImages answers),
+"""nodeagent.util.memory: after a burst of large buffers (the proxy forwarding big ListImages answers),
 glibc keeps the freed memory; trim() hands it back to the system."""
 
 from __future__ import annotations
 
 import psutil
 
-from nodeagent.memory import trim
+from nodeagent.util.memory import trim
 
 MiB = 1 << 20
 
@@ -30,7 +30,7 @@ def test_trim_returns_memory_glibc_kept_after_a_burst_of_large_buffers() -> None
 
 
 def test_large_buffers_ask_for_one_trim() -> None:
-    from nodeagent import memory
+    from nodeagent.util import memory
 
     memory.take_pending()
     assert memory.take_pending() is False

@@ -1,4 +1,4 @@
-"""nodeagent/metrics.py: the contract names (DESIGN.md "Metrics") and bounded label cardinality."""
+"""nodeagent/run/metrics.py: the contract names (DESIGN.md "Metrics") and bounded label cardinality."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent.metrics import REGISTRY_LABEL_LIMIT, RESULTS, Metrics
+from nodeagent.run.metrics import REGISTRY_LABEL_LIMIT, RESULTS, Metrics
 
 # name -> (type, label names) as DESIGN.md lists them (the product contract; wave 2 added `origin`)
 CONTRACT = {
@@ -54,8 +54,8 @@ def test_contract_names_types_and_labels() -> None:
 
 
 def test_pod_pull_label_sets_are_closed_and_present_from_the_start() -> None:
-    from nodeagent.metrics import POD_IMAGE_RESULTS, POD_RESULTS
     from nodeagent.proxy.records import ORIGINS
+    from nodeagent.run.metrics import POD_IMAGE_RESULTS, POD_RESULTS
 
     assert ORIGINS == ("kubelet", "pod", "prefetch")
     assert POD_IMAGE_RESULTS == ("pulled", "present", "skipped_policy", "skipped_disk", "failed")

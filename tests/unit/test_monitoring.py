@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from nodeagent.config.model import MetricsConfig
-from nodeagent.metrics import Metrics
 from nodeagent.run.http import parse_listen
+from nodeagent.run.metrics import Metrics
 from tests import monitoring_pack as pack
 
 # Labels a rule may aggregate by, match on or add: target labels the scrape configs set (cluster,

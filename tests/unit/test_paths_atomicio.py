@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.atomicio import remove_durably, write_atomic
-from nodeagent.paths import Paths, UnsafePathError, child
+from nodeagent.util.atomicio import remove_durably, write_atomic
+from nodeagent.util.paths import Paths, UnsafePathError, child
 
 
 def test_paths_are_rooted(tmp_path: Path) -> None:

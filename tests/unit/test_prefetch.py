@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from nodeagent.config.model import PrefetchImage
-from nodeagent.credentials import Auth, Credentials
-from nodeagent.prefetch import (
+from nodeagent.images.credentials import Auth, Credentials
+from nodeagent.images.prefetch import (
     BUDGET_SPENT,
     ImageOutcome,
     Prefetcher,
@@ -20,7 +20,7 @@ from nodeagent.prefetch import (
     PullRetry,
     pick_digest,
 )
-from nodeagent.prefetch_output import LineProgress, TtyProgress, format_summary
+from nodeagent.images.prefetch_output import LineProgress, TtyProgress, format_summary
 from tests.unit.cri.fakes import FakeClock, FakeRuntime
 
 

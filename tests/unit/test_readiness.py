@@ -12,9 +12,10 @@ from lightkube import ApiError
 from lightkube.models.meta_v1 import Status
 from lightkube.resources.core_v1 import Node
 
-from nodeagent import config, readiness
-from nodeagent.paths import Paths
-from nodeagent.readiness import CONDITION_TYPE, MAX_MESSAGE, condition
+from nodeagent import config
+from nodeagent.images import readiness
+from nodeagent.images.readiness import CONDITION_TYPE, MAX_MESSAGE, condition
+from nodeagent.util.paths import Paths
 from tests.unit.cri.fakes import FakeRuntime
 from tests.unit.test_prefetch import runtime
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.sd_daemon import (
+from nodeagent.run.sd_daemon import (
     ListenFd,
     ListenFdsError,
     listen_fds,
@@ -194,6 +194,6 @@ def test_same_socket_path(tmp_path: Path) -> None:
 def test_watchdog_returns_at_once_without_watchdogsec() -> None:
     import asyncio
 
-    from nodeagent.sd_daemon import watchdog
+    from nodeagent.run.sd_daemon import watchdog
 
     asyncio.run(asyncio.wait_for(watchdog({}), 1))  # no WATCHDOG_USEC: nothing to ping

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 
 from nodeagent.commands import status as status_cmd
-from nodeagent.paths import Paths
-from nodeagent.status import collect, render
-from nodeagent.statusfile import (
+from nodeagent.run.status import collect, render
+from nodeagent.run.statusfile import (
     VERSION,
     CacheStatus,
     DaemonStatus,
@@ -26,6 +25,7 @@ from nodeagent.statusfile import (
     Section,
     WorkerStatus,
 )
+from nodeagent.util.paths import Paths
 
 NOW = 1_800_000_000.0
 
@@ -194,7 +194,7 @@ def test_command_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_command_healthy_exit_zero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nodeagent.status as st
+    import nodeagent.run.status as st
 
     paths = Paths(tmp_path)
     write(paths, daemon_doc(), None)  # no apply report yet is not a problem by itself

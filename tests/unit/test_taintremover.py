@@ -11,8 +11,8 @@ from typing import Any
 from lightkube import ApiError
 from lightkube.models.meta_v1 import Status
 
-from nodeagent.readiness import CONDITION_TYPE, TAINT_KEY
-from nodeagent.taintremover import NONE, REMOVE, WAIT, TaintRemover, decide, removal_patch
+from nodeagent.eks.taintremover import NONE, REMOVE, WAIT, TaintRemover, decide, removal_patch
+from nodeagent.images.readiness import CONDITION_TYPE, TAINT_KEY
 
 CREATED = "2026-12-06T10:00:00Z"
 T0 = 1796551200.0  # CREATED as epoch seconds

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from nodeagent.throttle import PeriodicLog, TokenBucket
+from nodeagent.util.throttle import PeriodicLog, TokenBucket
 
 
 class Clock:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent import tuning
+from nodeagent.apply import tuning
 from tests.unit.targets.helpers import config, facts
 
 

@@ -13,8 +13,9 @@ import jsonschema
 import pytest
 import yaml
 
-from nodeagent import config, userdata
-from nodeagent.userdata import ClusterDetails, UserDataError, nodeagent_parts
+from nodeagent import config
+from nodeagent.eks import userdata
+from nodeagent.eks.userdata import ClusterDetails, UserDataError, nodeagent_parts
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 CA = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").decode()
@@ -295,7 +296,7 @@ def test_karpenter_userdata_survives_karpenter_merge() -> None:
 
 
 def test_nodeconfig_parts_as_nodeadm_reads_them() -> None:
-    from nodeagent.userdata import nodeconfig_parts, render_al2023
+    from nodeagent.eks.userdata import nodeconfig_parts, render_al2023
 
     nc = "apiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec: {}\n"
     assert nodeconfig_parts(nc.encode()) == [("user-data", nc)]  # a bare NodeConfig

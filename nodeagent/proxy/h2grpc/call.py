@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from nodeagent.log import get_logger
 from nodeagent.proxy.h2grpc.wire import (
     _OK_TRAILERS,
     _RESPONSE_HEADERS,
@@ -18,6 +17,7 @@ from nodeagent.proxy.h2grpc.wire import (
     status_headers,
     whole_message,
 )
+from nodeagent.util.log import get_logger
 
 if TYPE_CHECKING:
     from nodeagent.proxy.h2grpc.serverconn import _ServerConn

@@ -18,7 +18,6 @@ import h2.settings
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from nodeagent.log import event, get_logger
 from nodeagent.proxy.h2grpc.peer import _batch, _Peer
 from nodeagent.proxy.h2grpc.wire import (
     _MAX_STREAM_ID,
@@ -34,6 +33,7 @@ from nodeagent.proxy.h2grpc.wire import (
     status_of,
     whole_message,
 )
+from nodeagent.util.log import event, get_logger
 
 if TYPE_CHECKING:
     from nodeagent.proxy.h2grpc.call import ServerCall

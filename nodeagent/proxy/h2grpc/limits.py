@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from nodeagent.log import event, get_logger
+from nodeagent.util.log import event, get_logger
 
 log = get_logger(__package__)  # one logger for the package: "nodeagent.proxy.h2grpc"
 

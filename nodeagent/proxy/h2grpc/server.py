@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 
-from nodeagent.log import event, get_logger
 from nodeagent.proxy.h2grpc.call import Resolver, ServerCall
 from nodeagent.proxy.h2grpc.limits import _IDLE_CLIENT_GRACE, _NEW_CONNECTION_GRACE, Limits, LogLimiter
 from nodeagent.proxy.h2grpc.serverconn import _ServerConn
+from nodeagent.util.log import event, get_logger
 
 log = get_logger(__package__)  # one logger for the package: "nodeagent.proxy.h2grpc"
 

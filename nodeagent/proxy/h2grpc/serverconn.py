@@ -17,7 +17,6 @@ import h2.settings
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from nodeagent.log import event, get_logger
 from nodeagent.proxy.h2grpc.call import ServerCall
 from nodeagent.proxy.h2grpc.limits import (
     _FEED_STEP,
@@ -37,6 +36,7 @@ from nodeagent.proxy.h2grpc.wire import (
     decode_timeout,
     status_headers,
 )
+from nodeagent.util.log import event, get_logger
 
 if TYPE_CHECKING:
     from nodeagent.proxy.h2grpc.server import Server

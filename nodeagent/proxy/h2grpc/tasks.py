@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from nodeagent.log import get_logger
 from nodeagent.proxy.h2grpc.wire import _OK_TRAILERS, _RESPONSE_HEADERS, RpcError, message_frame
+from nodeagent.util.log import get_logger
 
 if TYPE_CHECKING:
     from nodeagent.proxy.h2grpc.call import ServerCall

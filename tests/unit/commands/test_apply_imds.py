@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.cli import main
-from nodeagent.userdata import render_al2023
+from nodeagent.eks.userdata import render_al2023
 from tests.fakes.imds import FakeImds
 from tests.unit.targets.helpers import DATA, HEADER
 

@@ -16,8 +16,8 @@ from nodeagent.cri.gen import cri_api_pb2 as pb
 from nodeagent.eviction import baked, usage
 from nodeagent.eviction.baked import BakedImage
 from nodeagent.eviction.policy import FsUsage
-from nodeagent.lastused import LastUsed
-from nodeagent.paths import Paths
+from nodeagent.images.lastused import LastUsed
+from nodeagent.util.paths import Paths
 from tests.unit.cri.fakes import Plan, fake_runtime
 
 MB = 1_000_000

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nodeagent import config, userdata
+from nodeagent import config
 from nodeagent.cli import main
-from nodeagent.userdata import nodeagent_parts
+from nodeagent.eks import userdata
+from nodeagent.eks.userdata import nodeagent_parts
 from tests.unit.test_userdata import CA, CONFIG
 
 COMMENTED = "# fleet settings for one node group\n" + CONFIG.replace(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.cli import main
-from nodeagent.userdata import render_al2023
+from nodeagent.eks.userdata import render_al2023
 from tests.fakes.imds import FakeImds
 from tests.unit.config.test_loader import HEAD, INVALID, REPO, _text
 

@@ -10,9 +10,9 @@ import pytest
 
 from nodeagent import config
 from nodeagent.config.sources import LoadedConfig, imds_enabled, load_for_command, merge
-from nodeagent.imds import ImdsClient, ImdsSettings
-from nodeagent.paths import Paths
-from nodeagent.userdata import render_al2023
+from nodeagent.eks.imds import ImdsClient, ImdsSettings
+from nodeagent.eks.userdata import render_al2023
+from nodeagent.util.paths import Paths
 from tests.fakes.imds import FakeImds
 
 BAKED = """apiVersion: nodeagent.io/v1alpha1

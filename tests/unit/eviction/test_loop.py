@@ -20,10 +20,10 @@ from nodeagent.eviction.baked import BakedImage
 from nodeagent.eviction.baked import write as write_baked
 from nodeagent.eviction.loop import EvictionLoop
 from nodeagent.eviction.policy import FsUsage
-from nodeagent.lastused import LastUsed
-from nodeagent.metrics import Metrics
-from nodeagent.paths import Paths
-from nodeagent.throttle import TokenBucket
+from nodeagent.images.lastused import LastUsed
+from nodeagent.run.metrics import Metrics
+from nodeagent.util.paths import Paths
+from nodeagent.util.throttle import TokenBucket
 from tests.unit.cri.fakes import FakeRuntime, Plan
 
 MB = 1_000_000

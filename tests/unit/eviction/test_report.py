@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from nodeagent.statusfile import Section
+from nodeagent.run.statusfile import Section
 from tests.unit.eviction.test_loop import T0, add, make_loop, runtime
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from nodeagent.eviction import usage
 from nodeagent.eviction.usage import UsageError
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 
 def test_measure_counts_root_reserved_blocks_as_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from nodeagent.config.model import Config, ContainerdConfig, Mirror, MirrorHealthConfig
 from nodeagent.mirrorhealth.applycheck import leave_out_dead_mirrors
 from nodeagent.mirrorhealth.probe import ProbeResult, ProbeTarget
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 A = Mirror("http://a:5000")
 B = Mirror("https://u:secret@b/v2/hub", override_path=True)
@@ -67,8 +67,8 @@ def test_apply_does_not_write_a_mirror_that_is_dead_and_says_so(tmp_path: Path) 
     import functools
     import io
 
-    from nodeagent.apply import run_apply
-    from nodeagent.facts import gather
+    from nodeagent.apply.facts import gather
+    from nodeagent.apply.runner import run_apply
 
     cfg = Config(
         containerd=ContainerdConfig(
@@ -97,7 +97,7 @@ def test_apply_does_not_write_a_mirror_that_is_dead_and_says_so(tmp_path: Path) 
 
 def test_credentials_are_resolved_into_the_mirrors_header_and_a_failure_leaves_it_out(tmp_path: Path) -> None:
     from nodeagent.config.model import MirrorCredentials
-    from nodeagent.credentials import CredentialError
+    from nodeagent.images.credentials import CredentialError
 
     good = Mirror("http://good:5000", credentials=MirrorCredentials("provider"))
     bad = Mirror("http://bad:5000", credentials=MirrorCredentials("file", path="/etc/x"))

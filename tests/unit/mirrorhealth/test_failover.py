@@ -9,7 +9,7 @@ import pytest
 
 from nodeagent.config.model import ContainerdConfig, Mirror
 from nodeagent.mirrorhealth.failover import HostsFileWriter, NotOwnedError
-from nodeagent.paths import Paths, UnsafePathError
+from nodeagent.util.paths import Paths, UnsafePathError
 
 MARK = "# managed by nodeagent"
 A = Mirror("http://mirror-a:5000")
@@ -72,7 +72,7 @@ def test_registry_name_can_never_escape_the_hosts_dir(tmp_path: Path) -> None:
 
 
 def test_real_renderer_mirror_only_server_counts_and_a_header_makes_the_file_0600(tmp_path: Path) -> None:
-    from nodeagent.targets.mirrors import render_hosts_toml
+    from nodeagent.apply.targets.mirrors import render_hosts_toml
 
     cd = ContainerdConfig(hosts_dir="/etc/containerd/certs.d", mirror_only=frozenset({"docker.io"}))
     p = hosts_file(tmp_path, "docker.io", render_hosts_toml("docker.io", (A,), mirror_only=True), 0o644)

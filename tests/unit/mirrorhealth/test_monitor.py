@@ -9,10 +9,10 @@ import logging
 import pytest
 
 from nodeagent.config.model import Mirror, MirrorHealthConfig
-from nodeagent.metrics import Metrics
 from nodeagent.mirrorhealth.failover import NotOwnedError
 from nodeagent.mirrorhealth.monitor import MirrorHealth, display_endpoint
 from nodeagent.mirrorhealth.probe import ProbeResult, ProbeTarget
+from nodeagent.run.metrics import Metrics
 
 A = Mirror("http://mirror-a:5000")
 B = Mirror("http://mirror-b:5000")
@@ -330,7 +330,7 @@ def test_run_probes_at_once_then_every_interval_with_jitter() -> None:
 
 def test_ca_paths_resolve_like_containerd_under_root(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from nodeagent.mirrorhealth.monitor import ca_resolver
-    from nodeagent.paths import Paths
+    from nodeagent.util.paths import Paths
 
     resolve = ca_resolver(Paths(tmp_path), "/etc/containerd/certs.d")
     assert resolve("docker.io", "/etc/pki/mirror.pem") == tmp_path / "etc/pki/mirror.pem"
@@ -340,7 +340,7 @@ def test_ca_paths_resolve_like_containerd_under_root(tmp_path) -> None:  # type:
 def test_from_config_is_none_without_mirrors_or_when_disabled(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from nodeagent.config.model import Config, ContainerdConfig
     from nodeagent.mirrorhealth.monitor import from_config
-    from nodeagent.paths import Paths
+    from nodeagent.util.paths import Paths
 
     assert from_config(Config(), Paths(tmp_path)) is None
     off = Config(
@@ -357,7 +357,7 @@ def test_from_config_is_none_without_mirrors_or_when_disabled(tmp_path) -> None:
 def test_nodeagent_run_wires_mirror_health_into_the_daemon(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from nodeagent.commands.run import build_daemon
     from nodeagent.config.model import Config, ContainerdConfig
-    from nodeagent.paths import Paths
+    from nodeagent.util.paths import Paths
 
     with_mirrors = Config(containerd=ContainerdConfig(mirrors=(("docker.io", (A,)),)))
     d = build_daemon(with_mirrors, Paths(tmp_path))

@@ -12,13 +12,13 @@ from typing import Any
 import grpc
 import pytest
 
-from nodeagent import proc
 from nodeagent.config.model import Mirror, MirrorCredentials, MirrorHealthConfig
-from nodeagent.credentials import MirrorCredentialSource, ProviderPlugins, parse_provider_config
-from nodeagent.metrics import Metrics
+from nodeagent.images.credentials import MirrorCredentialSource, ProviderPlugins, parse_provider_config
 from nodeagent.mirrorhealth.monitor import MirrorHealth
 from nodeagent.mirrorhealth.probe import ProbeResult, ProbeTarget
 from nodeagent.proxy.h2grpc import RpcError
+from nodeagent.run.metrics import Metrics
+from nodeagent.util import proc
 
 SETTINGS = MirrorHealthConfig(
     interval=2.0, timeout=1.0, failures_before_down=3, successes_before_up=2, hold_time=60.0

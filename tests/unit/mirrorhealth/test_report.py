@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nodeagent.statusfile import Section
+from nodeagent.run.statusfile import Section
 from tests.unit.mirrorhealth.test_monitor import A, make, rounds
 
 

@@ -10,11 +10,11 @@ import asyncio
 import json
 from typing import Any
 
-from nodeagent.credentials import Auth, Credentials, DockerConfig
 from nodeagent.cri.gen import cri_api_pb2 as pb
-from nodeagent.metrics import Metrics
+from nodeagent.images.credentials import Auth, Credentials, DockerConfig
 from nodeagent.podpulls.pods import PodInfo, default_policy, images_of
 from nodeagent.podpulls.puller import PodPuller
+from nodeagent.run.metrics import Metrics
 from tests.unit.cri.fakes import FakeRuntime, digest
 
 

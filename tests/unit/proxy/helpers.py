@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodeagent.lastused import LastUsed
-from nodeagent.log import JsonFormatter
-from nodeagent.metrics import Metrics
+from nodeagent.images.lastused import LastUsed
 from nodeagent.proxy.records import PullRecord
 from nodeagent.proxy.server import ImageProxy
+from nodeagent.run.metrics import Metrics
+from nodeagent.util.log import JsonFormatter
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.metrics import RESULTS
 from nodeagent.proxy.records import PullRecord, classify, image_label, registry_of
+from nodeagent.run.metrics import RESULTS
 
 ID = "sha256:" + "d" * 64
 

@@ -18,10 +18,10 @@ import pytest
 
 from nodeagent.cri.client import CriClient, CriError, RetryPolicy
 from nodeagent.cri.gen import cri_api_pb2 as pb
-from nodeagent.lastused import LastUsed
-from nodeagent.metrics import Metrics
+from nodeagent.images.lastused import LastUsed
 from nodeagent.proxy.records import PullRecord
 from nodeagent.proxy.server import CancelSummary, ImageProxy
+from nodeagent.run.metrics import Metrics
 from tests.unit.cri.fakes import ECHO_METHOD, Plan, fake_runtime
 from tests.unit.proxy.helpers import captured_log, log_events, proxy_for, rm, short_tmp
 

@@ -10,10 +10,10 @@ from typing import Any
 
 from nodeagent.eviction.policy import FsUsage
 from nodeagent.eviction.usage import Imagefs
-from nodeagent.metrics import Metrics
-from nodeagent.paths import Paths
 from nodeagent.proxy.records import PullRecord
 from nodeagent.run.cachestats import DAEMON, EVICTION, PULLS, CacheStats
+from nodeagent.run.metrics import Metrics
+from nodeagent.util.paths import Paths
 from tests.unit.cri.fakes import FakeRuntime
 
 MB = 1_000_000

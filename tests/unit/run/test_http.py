@@ -13,9 +13,9 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from nodeagent.metrics import Metrics
 from nodeagent.run import http
 from nodeagent.run.http import MetricsEndpoint, parse_listen
+from nodeagent.run.metrics import Metrics
 
 
 async def fetch(

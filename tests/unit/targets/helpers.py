@@ -5,10 +5,10 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from nodeagent.apply.facts import NodeFacts
 from nodeagent.config import load_text
 from nodeagent.config.model import Config
-from nodeagent.facts import NodeFacts
-from nodeagent.paths import Paths
+from nodeagent.util.paths import Paths
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 HEADER = "apiVersion: nodeagent.io/v1alpha1\nkind: NodeAgentConfig\n"

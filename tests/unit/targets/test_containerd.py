@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.targets import TargetError, is_owned, pullpath
-from nodeagent.targets import containerd as ctd
+from nodeagent.apply.targets import TargetError, is_owned, pullpath
+from nodeagent.apply.targets import containerd as ctd
 from tests.unit.targets.helpers import DATA, config, facts
 
 V = ctd.Values(

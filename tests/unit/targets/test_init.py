@@ -1,4 +1,4 @@
-from nodeagent.targets import OWNED_MARKER, is_owned, owned_header
+from nodeagent.apply.targets import OWNED_MARKER, is_owned, owned_header
 
 
 def test_ownership_marker_only_on_first_line() -> None:

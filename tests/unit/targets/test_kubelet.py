@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nodeagent.apply.targets import TargetError, is_owned, kubelet
 from nodeagent.config.model import Config, KubeletConfig
-from nodeagent.targets import TargetError, is_owned, kubelet
 from tests.unit.targets.helpers import DATA, config, facts
 
 V1BETA1_FIELDS = set((DATA / "kubelet-config-v1beta1-fields.txt").read_text().split())

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from nodeagent.apply.targets import TargetError, is_owned, mirrors
 from nodeagent.config.model import Mirror
 from nodeagent.config.warnings import config_warnings
-from nodeagent.paths import Paths
-from nodeagent.targets import TargetError, is_owned, mirrors
+from nodeagent.util.paths import Paths
 from tests.unit.targets.helpers import config, facts
 
 

@@ -7,8 +7,8 @@ import jsonschema
 import pytest
 import yaml
 
-from nodeagent.facts import NodeConfigSource
-from nodeagent.targets import is_owned, nodeadm
+from nodeagent.apply.facts import NodeConfigSource
+from nodeagent.apply.targets import is_owned, nodeadm
 from tests.unit.targets.helpers import DATA, config, facts
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nodeagent import tuning
-from nodeagent.apply import ApplyReport, run_apply
+from nodeagent.apply import tuning
+from nodeagent.apply.facts import gather
+from nodeagent.apply.runner import ApplyReport, run_apply
+from nodeagent.apply.targets import is_owned, nodeadm, pullpath, soci
 from nodeagent.config import ConfigError, load_text
 from nodeagent.config.model import Config
-from nodeagent.facts import gather
-from nodeagent.paths import Paths
-from nodeagent.targets import is_owned, nodeadm, pullpath, soci
+from nodeagent.util.paths import Paths
 from tests.unit.targets.helpers import DATA, HEADER, config, facts
 
 SOCI = """
