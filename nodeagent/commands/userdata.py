@@ -11,7 +11,7 @@ import sys
 
 from nodeagent.cli import EXIT_INVALID_CONFIG, EXIT_OK
 from nodeagent.commands.loadconfig import load
-from nodeagent.eks import userdata
+from nodeagent.eks import karpenter, userdata
 from nodeagent.util.durations import parse_duration
 from nodeagent.util.paths import Paths
 
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                     print(msg, file=sys.stderr)
                 return EXIT_INVALID_CONFIG
             key, _, value = args.ami_tag.partition("=")
-            out = userdata.render_karpenter(
+            out = karpenter.render_karpenter(
                 text,
                 name=args.name,
                 cluster_name=args.cluster_name or "${CLUSTER_NAME}",
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     except userdata.UserDataError as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID_CONFIG
-    document = out if args.format == "al2023" else userdata.karpenter_user_data(out)
+    document = out if args.format == "al2023" else karpenter.karpenter_user_data(out)
     size, problem = userdata.size_report(document)
     if problem is not None and size > userdata.EC2_USERDATA_LIMIT:
         print(f"error: {problem}", file=sys.stderr)

@@ -4,7 +4,7 @@ A node's own identity may not remove a taint from its Node (the NodeRestriction 
 the startup taint ``nodeagent.io/images-not-ready:NoSchedule`` (rendered only with ``nodeagent userdata
 --format karpenter --startup-taint``) needs a cluster identity. This controller runs as a Deployment
 with its own service account whose ClusterRole allows exactly ``list``, ``watch`` and ``patch`` on
-``nodes`` (``userdata.remover_manifests``; the integration test shows each one is needed and that
+``nodes`` (``karpenter.remover_manifests``; the integration test shows each one is needed and that
 ``get``/``update`` are not granted).
 
 It lists and watches every Node (relist after ``410 Gone``, bounded backoff on errors: PodWatch's

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nodeagent.eks import userdata
+from nodeagent.eks import karpenter, userdata
 from nodeagent.images import readiness
 from nodeagent.podpulls import kube
 from tests.sandbox import Sandbox
@@ -94,7 +94,7 @@ def test_the_node_identity_cannot_remove_its_taint_so_no_startup_taint_is_render
     assert "taints" not in cp.get(node)["spec"]
 
     # hence the rendered NodePool carries no startup taint
-    _, pool = yaml.safe_load_all(userdata.render_karpenter(userdata.compact_config(CONFIG.read_text())))
+    _, pool = yaml.safe_load_all(karpenter.render_karpenter(userdata.compact_config(CONFIG.read_text())))
     assert "startupTaints" not in pool["spec"]["template"]["spec"]
     assert "taints" not in pool["spec"]["template"]["spec"]
 
@@ -222,7 +222,7 @@ def test_opt_in_startup_taint_is_removed_by_the_rendered_remover_once_images_are
     node = cp.node_name
 
     # what the user applies: the rendered NodePool's startup taint and the remover's objects, verbatim
-    rendered = userdata.render_karpenter(
+    rendered = karpenter.render_karpenter(
         userdata.compact_config(CONFIG.read_text()), remover_image=REMOVER_IMAGE
     )
     docs = list(yaml.safe_load_all(rendered))
@@ -358,7 +358,7 @@ def test_the_daemon_reports_images_ready_and_the_remover_lifts_the_kubelets_star
     with Sandbox(prefix="na-taint-") as sb:
         reg = sb.registry()
         required = f"{reg.host}/taint/required:v1"  # not pushed yet
-        rendered = userdata.render_karpenter(
+        rendered = karpenter.render_karpenter(
             userdata.compact_config(CONFIG.read_text()), remover_image=REMOVER_IMAGE
         )
         docs = list(yaml.safe_load_all(rendered))

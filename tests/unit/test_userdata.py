@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from nodeagent import config
-from nodeagent.eks import userdata
+from nodeagent.eks import karpenter, userdata
 from nodeagent.eks.userdata import ClusterDetails, UserDataError, nodeagent_parts
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -238,7 +238,7 @@ def karpenter_docs(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_karpenter_objects_validate_against_v1_fields() -> None:
-    nc, np = karpenter_docs(userdata.render_karpenter(CONFIG, cluster_name="my-cluster"))
+    nc, np = karpenter_docs(karpenter.render_karpenter(CONFIG, cluster_name="my-cluster"))
     jsonschema.validate(nc, karpenter_schema("EC2NodeClass"))
     jsonschema.validate(np, karpenter_schema("NodePool"))
     assert nc["spec"]["amiSelectorTerms"] == [{"tags": {"nodeagent.io/baked": "true"}}]
@@ -249,7 +249,9 @@ def test_karpenter_objects_validate_against_v1_fields() -> None:
 
 
 def test_karpenter_opt_in_startup_taint_comes_with_its_remover() -> None:
-    text = userdata.render_karpenter(CONFIG, remover_image="registry.example/nodeagent:0.1.0", max_wait="20m")
+    text = karpenter.render_karpenter(
+        CONFIG, remover_image="registry.example/nodeagent:0.1.0", max_wait="20m"
+    )
     _, np, sa, role, binding, deploy = yaml.safe_load_all(text)
     jsonschema.validate(np, karpenter_schema("NodePool"))
     assert np["spec"]["template"]["spec"]["startupTaints"] == [
@@ -276,7 +278,7 @@ def test_karpenter_opt_in_startup_taint_comes_with_its_remover() -> None:
 
 
 def test_karpenter_schema_rejects_misnamed_field() -> None:
-    nc, _ = karpenter_docs(userdata.render_karpenter(CONFIG))
+    nc, _ = karpenter_docs(karpenter.render_karpenter(CONFIG))
     nc["spec"]["amiSelector"] = nc["spec"].pop("amiSelectorTerms")  # the pre-v1beta1 name
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(nc, karpenter_schema("EC2NodeClass"))
@@ -285,7 +287,7 @@ def test_karpenter_schema_rejects_misnamed_field() -> None:
 def test_karpenter_userdata_survives_karpenter_merge() -> None:
     """Karpenter (AL2023) re-serialises each custom part with only its Content-Type header and appends
     its own NodeConfig last (pkg/providers/amifamily/bootstrap/nodeadm.go): our part must survive."""
-    nc, _ = karpenter_docs(userdata.render_karpenter(CONFIG))
+    nc, _ = karpenter_docs(karpenter.render_karpenter(CONFIG))
     parts = mime_parts(nc["spec"]["userData"])
     assert [c for c, _ in parts] == ["application/nodeagent.yaml"]  # no NodeConfig: Karpenter adds it
     merged = userdata.render_mime(
