@@ -22,7 +22,7 @@ Rules (DESIGN.md "Rules that hold everywhere", issue 5):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
@@ -265,6 +265,30 @@ def last_used_of(image: Image, last_used: Mapping[str, float]) -> float | None:
     return best
 
 
+def _lookup(
+    get: Callable[[str], str | None],
+    iid: str,
+    tags: Sequence[str],
+    digests: Sequence[str],
+    *,
+    bare_digests: bool = False,
+) -> str | None:
+    """``get`` of the image's id, else of its first tag that has a value, else of its first repo
+    digest (``name@sha256:...``; with ``bare_digests`` also the bare ``sha256:...``)."""
+    found = get(iid)
+    if found is None:
+        for k in tags:
+            if (found := get(k)) is not None:
+                return found
+        for k in digests:
+            found = get(k)
+            if found is None and bare_digests:
+                found = get(k.rpartition("@")[2])
+            if found is not None:
+                return found
+    return found
+
+
 def plan(
     images: Sequence[Image],
     containers: Iterable[Container],
@@ -312,17 +336,7 @@ def plan(
         order = neg_inf if lu is None else lu
 
         if in_use:
-            user = use_get(iid)
-            if user is None:
-                for k in tags:
-                    user = use_get(k)
-                    if user is not None:
-                        break
-                else:
-                    for k in digests:
-                        user = use_get(k)
-                        if user is not None:
-                            break
+            user = _lookup(use_get, iid, tags, digests)
             if user is not None:
                 kept.append((order, iid, Decision(img, KEEP, IN_USE, lu, user)))
                 continue
@@ -330,17 +344,7 @@ def plan(
             kept.append((order, iid, Decision(img, KEEP, PINNED, lu, "pinned in the runtime")))
             continue
         if baked_keys:
-            entry = baked_get(iid)
-            if entry is None:
-                for k in tags:
-                    entry = baked_get(k)
-                    if entry is not None:
-                        break
-                else:
-                    for k in digests:
-                        entry = baked_get(k) or baked_get(k.rpartition("@")[2])
-                        if entry is not None:
-                            break
+            entry = _lookup(baked_get, iid, tags, digests, bare_digests=True)
             if entry is not None:
                 kept.append((order, iid, Decision(img, KEEP, BAKED, lu, entry)))
                 continue

@@ -29,6 +29,7 @@ from nodeagent.images.credentials import Auth, CredentialError, parse_docker_con
 from nodeagent.podpulls.pods import PodInfo, from_api
 from nodeagent.util.backoff import Backoff
 from nodeagent.util.log import event, get_logger
+from nodeagent.util.yamltext import load_mapping
 
 log = get_logger(__name__)
 
@@ -59,16 +60,13 @@ def load_client(path: Path) -> Any:
         raise KubeconfigError(f"{path}: not found") from None
     except OSError as e:
         raise KubeconfigError(f"{path}: cannot read: {e.strerror}") from None
-    import yaml
-
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise KubeconfigError(f"{path}: not valid YAML{where}") from None
-    if not isinstance(doc, dict):
-        raise KubeconfigError(f"{path}: not a kubeconfig (expected a mapping)")
+    doc = load_mapping(
+        text,
+        str(path),
+        KubeconfigError,
+        invalid="not valid YAML",
+        not_mapping="not a kubeconfig (expected a mapping)",
+    )
     try:
         config = KubeConfig.from_dict(doc, fname=path).get()
     except (ConfigError, KeyError, TypeError, ValueError) as e:

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nodeagent.images.credentials.auth import Auth, CredentialError
 from nodeagent.images.credentials.matching import (
     best_match,
@@ -27,6 +25,7 @@ from nodeagent.util.durations import parse_duration
 from nodeagent.util.imageref import split_reference
 from nodeagent.util.log import event, get_logger
 from nodeagent.util.paths import UnsafePathError, child
+from nodeagent.util.yamltext import load_mapping
 
 CONFIG_API_VERSIONS = (
     "kubelet.config.k8s.io/v1",
@@ -68,14 +67,13 @@ def _problem(source: str, where: str, message: str) -> CredentialError:
 
 def parse_provider_config(text: str, source: str) -> tuple[Provider, ...]:
     """Parse and check a CredentialProviderConfig (JSON or YAML, as the kubelet accepts)."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise CredentialError(f"{source}: not valid JSON/YAML{line}") from None
-    if not isinstance(doc, dict):
-        raise CredentialError(f"{source}: expected a CredentialProviderConfig object")
+    doc = load_mapping(
+        text,
+        source,
+        CredentialError,
+        invalid="not valid JSON/YAML",
+        not_mapping="expected a CredentialProviderConfig object",
+    )
     if doc.get("kind") != "CredentialProviderConfig":
         raise _problem(source, "kind", f"must be 'CredentialProviderConfig', got {doc.get('kind')!r}")
     if doc.get("apiVersion") not in CONFIG_API_VERSIONS:
