@@ -41,6 +41,7 @@ from nodeagent.log import event, get_logger
 from nodeagent.metrics import Metrics
 from nodeagent.paths import Paths
 from nodeagent.proxy.records import PullRecord
+from nodeagent.proxy.slots import PullSlots
 from nodeagent.sd_daemon import (
     listen_fds,
     same_socket_path,
@@ -118,6 +119,9 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._dirty_event: asyncio.Event | None = None
         self._last_upstream_ok = 0.0
+        # --- pod pulls (issue 14): one limit on the pulls nodeagent starts itself, pod pulls and
+        # prefetch calls through the proxy alike (nodeagent/proxy/slots.py) ---
+        self.pull_slots = PullSlots(config.pod_pulls.concurrency)
         self._checked_mono = 0.0
         self._proxy: Any = None
         self._http: asyncio.Server | None = None
@@ -212,6 +216,7 @@ class Daemon:
                     on_upstream=self._on_upstream,
                     pull_wrapper=self._pull_wrapper,
                     limits=proxy_limits(self.config.cri.proxy_max_connections),
+                    slots=self.pull_slots,  # pod pulls (issue 14)
                 )
                 await self._proxy.start(listener)
         except Exception:

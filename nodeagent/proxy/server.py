@@ -49,6 +49,7 @@ from nodeagent.proxy.h2grpc import Channel, Context, Limits, OnDone, RpcError, S
 from nodeagent.proxy.records import (
     ORIGIN_KUBELET,
     ORIGIN_POD,
+    ORIGIN_PREFETCH,
     ORIGINS,
     PullRecord,
     classify,
@@ -57,6 +58,7 @@ from nodeagent.proxy.records import (
     registry_of,
 )
 from nodeagent.proxy.singleflight import Flight, Flights, Key, Waiting, pull_key
+from nodeagent.proxy.slots import PullSlots
 
 log = get_logger(__name__)
 
@@ -164,6 +166,7 @@ class ImageProxy:
         on_upstream: Callable[[bool, str], None] | None = None,
         pull_wrapper: PullWrapper | None = None,
         limits: Limits | None = None,
+        slots: PullSlots | None = None,
     ) -> None:
         self.upstream = upstream
         self.socket_path = socket_path
@@ -173,6 +176,10 @@ class ImageProxy:
         self.on_upstream = on_upstream
         self.pull_wrapper = pull_wrapper
         self.limits = limits or proxy_limits(Limits().max_connections)
+        # the daemon's limit on the pulls nodeagent starts itself: prefetch calls through the proxy
+        # take a slot to start an upstream pull (pod pulls take theirs in nodeagent/podpulls)
+        self.slots = slots
+        self._slot_tasks: set[asyncio.Task[None]] = set()
         self._cancels = CancelSummary()
         self._server: Server | None = None
         self._channel: Channel | None = None
@@ -341,9 +348,55 @@ class ImageProxy:
             else:
                 call.fail(error.code(), for_caller(error.details()))
 
-        call.on_cancel = self._enter(
-            call.message, call.metadata, read, origin_of(call.metadata), call.time_remaining(), deliver
-        )
+        origin = origin_of(call.metadata)
+        if origin == ORIGIN_PREFETCH and self.slots is not None and self.flights.get(read[2]) is None:
+            task = asyncio.get_running_loop().create_task(self._pull_in_slot(call, read, origin, deliver))
+            self._slot_tasks.add(task)
+            task.add_done_callback(self._slot_tasks.discard)
+
+            def cancel() -> None:
+                task.cancel()
+
+            call.on_cancel = cancel
+            return
+        remaining = call.time_remaining()
+        call.on_cancel = self._enter(call.message, call.metadata, read, origin, remaining, deliver)
+
+    async def _pull_in_slot(
+        self,
+        call: ServerCall,
+        read: tuple[str, list[str], Key],
+        origin: str,
+        deliver: Callable[[bytes | None, Any], None],
+    ) -> None:
+        """A prefetch pull that would start an upstream pull: first a slot of the daemon's pull limit
+        (shared with pod pulls), within the caller's deadline; held until the pull answered."""
+        assert self.slots is not None
+        try:
+            async with asyncio.timeout(call.time_remaining()):
+                place = await self.slots.acquire((self.slots.ticket(), 0))
+        except TimeoutError:
+            self._note(PULL, grpc.StatusCode.DEADLINE_EXCEEDED)
+            call.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded (waiting for a pull slot)")
+            return
+        if self.flights.get(read[2]) is not None:  # started meanwhile (e.g. by the kubelet): join it
+            place.release()
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def answer(message: bytes | None, error: Any) -> None:
+            deliver(message, error)
+            if not answered.done():
+                answered.set_result(None)
+
+        try:
+            leave = self._enter(call.message, call.metadata, read, origin, call.time_remaining(), answer)
+            try:
+                await answered
+            except asyncio.CancelledError:
+                leave()
+                raise
+        finally:
+            place.release()
 
     async def pull(
         self,
