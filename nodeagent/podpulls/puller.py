@@ -56,6 +56,7 @@ class DiskCheck(Protocol):
 
     async def check(self, image: str, auth: Any) -> tuple[str | None, int | None]: ...
     def done(self, ticket: int | None) -> None: ...
+    async def close(self) -> None: ...
 
 
 SecretsFn = Callable[[str, Sequence[str]], Awaitable[list[dict[str, Auth]]]]
@@ -171,6 +172,8 @@ class PodPuller:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._disk is not None:
+            await self._disk.close()
 
     async def _handle(self, pod: PodInfo, places: list[Place | None]) -> None:
         try:
