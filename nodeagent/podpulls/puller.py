@@ -159,7 +159,7 @@ class PodPuller:
         places = [
             None if img.policy == NEVER else self.slots.queue((ticket, i)) for i, img in enumerate(pod.images)
         ]
-        task = asyncio.ensure_future(self._handle(pod, places))
+        task = asyncio.ensure_future(self._handle(pod, places, self._clock(), time.time()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -175,17 +175,16 @@ class PodPuller:
         if self._disk is not None:
             await self._disk.close()
 
-    async def _handle(self, pod: PodInfo, places: list[Place | None]) -> None:
+    async def _handle(self, pod: PodInfo, places: list[Place | None], t0: float, seen: float) -> None:
         try:
-            await self._handle_pod(pod, places)
+            await self._handle_pod(pod, places, t0, seen)
         finally:
             for place in places:
                 if place is not None:
                     place.release()
 
-    async def _handle_pod(self, pod: PodInfo, places: list[Place | None]) -> None:
-        t0 = self._clock()
-        out = PodOutcome(pod.ref, pod.uid, time.time(), [ImageOutcome(i.image, i.policy) for i in pod.images])
+    async def _handle_pod(self, pod: PodInfo, places: list[Place | None], t0: float, seen: float) -> None:
+        out = PodOutcome(pod.ref, pod.uid, seen, [ImageOutcome(i.image, i.policy) for i in pod.images])
         self.recent.append(out)
         secret_auths: list[dict[str, Auth]] = []
         if pod.pull_secrets and self._secrets is not None:
