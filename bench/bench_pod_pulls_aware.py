@@ -8,7 +8,9 @@ running pods, the kubelet with the node's client certificate; with nodeagent, th
 the kubelet as ``nodeagent apply`` configures it (``serializeImagePulls: false``,
 ``maxParallelImagePulls: 10``). Images come from a docker-registry behind a throttle of ``--rate``
 bytes/s per connection (default 4 MiB/s); every image is pushed fresh for each pod, so nothing is
-cached. A warm-up pod runs first on each side (the pause image and the kubelet's first-pod work are
+cached. Both sides' clusters run at the same time and each pod kind is measured on one side then the
+other (alternating which goes first), so that load from elsewhere on the shared machine hits both
+alike. A warm-up pod runs first on each side (the pause image and the kubelet's first-pod work are
 not measured).
 
 Image size (``--size``, repeatable): each image is busybox plus one layer of that many random bytes.
@@ -18,7 +20,8 @@ kubelet's fixed per-pod and per-container costs, so pod-level ratios mostly meas
 a pull takes ~8 s, so the figures reflect the pulls). Both are reported.
 
 Measured per side and size (seconds from the pod's creation request to the pod seen Running with
-every container ready, polled every 50 ms), ``--rounds`` pods of each kind, created in turn:
+every container ready, polled every 50 ms), ``--rounds`` pods of each kind, one at a time (each is
+deleted before the next):
 
 - ``one``: one container (one image): the pod with only its largest image;
 - ``three``: three containers, three equal images;
@@ -154,55 +157,76 @@ def timeline(c: Cluster, name: str, refs: list[str], created: float, running: fl
     return out
 
 
-def side(
-    sb: Sandbox, reg: Registry, throttle: Any, sizes: list[int], with_agent: bool, rounds: int
-) -> dict[str, Any]:
-    label = "nodeagent" if with_agent else "kubelet-alone"
+def start_side(sb: Sandbox, reg: Registry, throttle: Any, with_agent: bool) -> tuple[Cluster, dict[str, Any]]:
     kubelet = {"serializeImagePulls": False, "maxParallelImagePulls": 10}
     c = one_node_cluster(sb, reg, nodeagent=with_agent, kubelet_config=kubelet)
     c.node.write_hosts_toml(throttle.address, f"http://{throttle.address}")
+    warm = push_image(reg, f"bench/warm-{uuid.uuid4().hex[:6]}", "v1", build_image(layers=0, busybox=True))
+    running_after(c, pod_manifest("warm", c.node_name, [("w", warm.reference)]))
+    return c, {"label": "nodeagent" if with_agent else "kubelet-alone", "sizes": {}}
+
+
+def one_pod(
+    c: Cluster, reg: Registry, throttle: Any, kind: str, size: int, r: int
+) -> tuple[float, dict[str, Any]]:
+    """A fresh pod of ``kind`` with fresh images: (seconds to Running, timeline)."""
+    tag = f"{size // MiB}m-{uuid.uuid4().hex[:6]}-{r}"
+    names = {"one": ["a"], "three": ["c0", "c1", "c2"], "init2": ["i", "a", "b"]}[kind]
+    pairs = [(n, fresh(reg, throttle, f"{kind}-{n}-{tag}", size)) for n in names]
+    name = f"{kind}-{size // MiB}m-{r}"
+    if kind == "init2":
+        manifest = pod_manifest(name, c.node_name, pairs[1:], init=pairs[:1])
+    else:
+        manifest = pod_manifest(name, c.node_name, pairs)
+    created, running = running_after(c, manifest)
+    tl = timeline(c, name, [ref for _, ref in pairs], created, running)
+    c.cp.delete_pod(name)  # its containers stop: the next pod starts on a quiet node
+    return round(running - created, 3), tl
+
+
+def shared20(c: Cluster, reg: Registry, throttle: Any, size: int) -> dict[str, Any]:
     run = uuid.uuid4().hex[:6]
-    node = c.node_name
-    out: dict[str, Any] = {"label": label, "sizes": {}}
-    warm = push_image(reg, f"bench/warm-{run}", "v1", build_image(layers=0, busybox=True)).reference
-    running_after(c, pod_manifest("warm", node, [("w", warm)]))
-    for size in sizes:
-        per: dict[str, Any] = {k: [] for k in KINDS} | {"timelines": {k: [] for k in KINDS}}
-        for r in range(rounds):  # interleaved, so that load from elsewhere hits all three alike
-            tag = f"{size // MiB}m-{run}-{r}"
-            imgs = {
-                "one": [("a", fresh(reg, throttle, f"one-{tag}", size))],
-                "three": [(f"c{i}", fresh(reg, throttle, f"three{i}-{tag}", size)) for i in range(3)],
-                "init2": [(n, fresh(reg, throttle, f"init2{n}-{tag}", size)) for n in ("i", "a", "b")],
-            }
-            for kind in KINDS:
-                name = f"{kind}-{size // MiB}m-{r}"
-                pairs = imgs[kind]
-                if kind == "init2":
-                    manifest = pod_manifest(name, node, pairs[1:], init=pairs[:1])
-                else:
-                    manifest = pod_manifest(name, node, pairs)
-                created, running = running_after(c, manifest)
-                per[kind].append(round(running - created, 3))
-                per["timelines"][kind].append(timeline(c, name, [ref for _, ref in pairs], created, running))
-                c.cp.delete_pod(name)  # its containers stop: the next pod starts on a quiet node
-        for kind in KINDS:
-            per[kind + "_median"] = statistics.median(per[kind])
-        out["sizes"][str(size)] = per
-        print(f"{label}, {size / MiB:g} MiB: " + ", ".join(f"{k} {per[k + '_median']:.2f} s" for k in KINDS))
-    shared = fresh(reg, throttle, f"shared-{run}", sizes[0])
+    shared = fresh(reg, throttle, f"shared-{run}", size)
     repo = f"/v2/bench/shared-{run}/"
     mark = reg.mark()
     t0 = time.monotonic()
     for i in range(20):
-        c.cp.create(pod_manifest(f"s{i}", node, [("a", shared)]))
+        c.cp.create(pod_manifest(f"s{i}", c.node_name, [("a", shared)]))
     for i in range(20):
         wait_until(f"pod s{i} Running", lambda i=i: pod_running(c.cp.pod(f"s{i}")), 600, interval=0.1)
-    out["shared20_seconds"] = round(time.monotonic() - t0, 3)
+    out: dict[str, Any] = {"shared20_seconds": round(time.monotonic() - t0, 3)}
     reqs = [r for r in reg.requests_since(mark) if r.path.startswith(repo) and r.method in ("GET", "HEAD")]
     out["shared20_manifest_requests"] = sum("/manifests/" in r.path for r in reqs)
     out["shared20_blob_gets"] = sum(r.is_blob and r.method == "GET" for r in reqs)
     return out
+
+
+def measure(reg: Registry, throttle: Any, sizes: list[int], rounds: int) -> list[dict[str, Any]]:
+    """Both sides' clusters run at once; each pod kind is measured on one side, then the other (the
+    order alternating), so that load from elsewhere on the machine hits both sides alike."""
+    with Sandbox(prefix="na-bpp-alone-") as sb_alone, Sandbox(prefix="na-bpp-agent-") as sb_agent:
+        sides = [start_side(sb_alone, reg, throttle, False), start_side(sb_agent, reg, throttle, True)]
+        for size in sizes:
+            pers = []
+            for _, out in sides:
+                per: dict[str, Any] = {k: [] for k in KINDS} | {"timelines": {k: [] for k in KINDS}}
+                out["sizes"][str(size)] = per
+                pers.append(per)
+            for r in range(rounds):
+                for kind in KINDS:
+                    order = [0, 1] if (r + KINDS.index(kind)) % 2 == 0 else [1, 0]
+                    for i in order:
+                        secs, tl = one_pod(sides[i][0], reg, throttle, kind, size, r)
+                        pers[i][kind].append(secs)
+                        pers[i]["timelines"][kind].append(tl)
+            for (_, out), per in zip(sides, pers, strict=True):
+                for kind in KINDS:
+                    per[kind + "_median"] = statistics.median(per[kind])
+                medians = ", ".join(f"{k} {per[k + '_median']:.2f} s" for k in KINDS)
+                print(f"{out['label']}, {size / MiB:g} MiB: {medians}", flush=True)
+        for c, out in sides:
+            out.update(shared20(c, reg, throttle, sizes[0]))
+        return [out for _, out in sides]
 
 
 def phases(tl: list[dict[str, Any]]) -> dict[str, float]:
@@ -234,13 +258,10 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     sizes: list[int] = args.size or list(SIZES)
     load_before = os.getloadavg()
-    sides = []
     with Sandbox(prefix="na-bpp-") as sb:
         reg = sb.registry()
         throttle = sb.throttle_proxy(reg, args.rate)
-        for with_agent in (False, True):
-            with Sandbox(prefix="na-bpp-side-") as side_sb:
-                sides.append(side(side_sb, reg, throttle, sizes, with_agent, args.rounds))
+        sides = measure(reg, throttle, sizes, args.rounds)
     load_after = os.getloadavg()
     alone, agent = sides
     load = f"load {load_before[0]:.1f} -> {load_after[0]:.1f}"
