@@ -66,7 +66,7 @@ from tests.sandbox.cluster import Cluster, one_node_cluster
 from tests.sandbox.controlplane import pod_manifest
 from tests.sandbox.kubelet import pod_running
 from tests.sandbox.oci import PushedImage, build_image, push_image
-from tests.sandbox.process import wait_until
+from tests.sandbox.process import SandboxError, wait_until
 
 MiB = 1 << 20
 RATIO_OF_ONE = 1.2
@@ -136,18 +136,26 @@ def timeline(c: Cluster, name: str, refs: list[str], created: float, running: fl
         def recorded() -> bool:  # the status file is written within a second of a change
             st = c.agent.status()  # type: ignore[union-attr]
             recs[:] = [r for r in st["pulls"]["recent"] if r["image"] in want and r["started_at"] >= created]
-            ours = [r for r in recs if r["origin"] == "pod" and not r["joined"]]
+            upstream = {r["image"] for r in recs if not r["joined"]}
             for p in st["sections"]["podPulls"].get("recent", []):
-                if p["pod"] == f"default/{name}":
+                if p["pod"] == f"default/{name}" and p["result"] != "pending":
                     pod.update(p)
-            return len(ours) == len(want) and bool(pod)
+            return bool(pod) and upstream == want
 
-        wait_until(f"nodeagent's records of pod {name}", recorded, 30)
-        ours = [r for r in recs if r["origin"] == "pod" and not r["joined"]]
-        out["seen"] = rel(pod["seenAt"])
-        out["pulls_start"] = rel(min(r["started_at"] for r in ours))
-        out["pulls_end"] = rel(max(r["started_at"] + r["duration"] for r in ours))
-        out["pull_seconds"] = [round(r["duration"], 3) for r in ours]
+        try:
+            wait_until(f"nodeagent's records of pod {name}", recorded, 30)
+        except SandboxError as e:  # reported with the figures, not fatal: the images' outcomes say why
+            out["records_incomplete"] = str(e)
+        # the upstream pulls (nodeagent's for the pod, or the kubelet's when it asked first)
+        upstream = [r for r in recs if not r["joined"]]
+        out["images"] = {i["image"]: i["result"] for i in pod.get("images", [])}
+        if pod:
+            out["seen"] = rel(pod["seenAt"])
+        if upstream:
+            out["pulls_start"] = rel(min(r["started_at"] for r in upstream))
+            out["pulls_end"] = rel(max(r["started_at"] + r["duration"] for r in upstream))
+            out["pull_seconds"] = [round(r["duration"], 3) for r in upstream]
+            out["pull_origins"] = sorted(r["origin"] for r in upstream)
         out["kubelet_asked"] = sorted(rel(r["started_at"]) for r in recs if r["origin"] == "kubelet")
     if out.get("containers"):
         started = max(v["started"] for v in out["containers"].values())
@@ -159,7 +167,11 @@ def timeline(c: Cluster, name: str, refs: list[str], created: float, running: fl
 
 def start_side(sb: Sandbox, reg: Registry, throttle: Any, with_agent: bool) -> tuple[Cluster, dict[str, Any]]:
     kubelet = {"serializeImagePulls": False, "maxParallelImagePulls": 10}
-    c = one_node_cluster(sb, reg, nodeagent=with_agent, kubelet_config=kubelet)
+    # The shared VM's disk sits near eviction's default high threshold (75%, counting root-reserved
+    # blocks as used): the disk check would skip pod pulls for a reason that is not the benchmark's.
+    # It still runs (its cost is measured); only the thresholds are raised.
+    agent = {"eviction": {"highThresholdPercent": 95, "lowThresholdPercent": 90}}
+    c = one_node_cluster(sb, reg, nodeagent=with_agent, kubelet_config=kubelet, agent_config=agent)
     c.node.write_hosts_toml(throttle.address, f"http://{throttle.address}")
     warm = push_image(reg, f"bench/warm-{uuid.uuid4().hex[:6]}", "v1", build_image(layers=0, busybox=True))
     running_after(c, pod_manifest("warm", c.node_name, [("w", warm.reference)]))
@@ -233,8 +245,13 @@ def phases(tl: list[dict[str, Any]]) -> dict[str, float]:
     """Median phases of a pod kind's timelines (nodeagent side)."""
 
     def med(f: Any) -> float:
-        vals = [float(f(t)) for t in tl]
-        return round(statistics.median(vals), 3)
+        vals = []
+        for t in tl:
+            try:
+                vals.append(float(f(t)))
+            except (KeyError, ValueError):  # a pod whose records were incomplete
+                continue
+        return round(statistics.median(vals), 3) if vals else float("nan")
 
     return {
         "seen": med(lambda t: t["seen"]),
