@@ -224,9 +224,12 @@ def test_twenty_pods_with_one_image_make_one_upstream_pull(env: dict[str, Any]) 
 
 
 def test_different_credentials_never_share_a_pull(env: dict[str, Any]) -> None:
+    """Three pods, one private image, three pull secrets: alice and bob (both valid, different users)
+    and mallory (alice's user, a wrong password). The registry sits behind a throttle, so that a pull
+    takes over a second and the three pod pulls overlap: sharing would be possible, and must not
+    happen. Had mallory's pull joined a valid identity's, it would have been handed the image."""
     c: Cluster = env["cluster"]
     private: Registry = env["private"]
-    # through a throttle, so that the two pods' pulls certainly overlap (a pull takes over a second)
     slow = env["sb"].throttle_proxy(private, RATE)
     c.node.write_hosts_toml(slow.address, f"http://{slow.address}")
     pushed = push_image(
@@ -237,30 +240,36 @@ def test_different_credentials_never_share_a_pull(env: dict[str, Any]) -> None:
         auth=env["alice"],
     )
     ref = via(slow, pushed)
-    for who in ("alice", "bob"):
-        u, p = env[who]
+    identities = {"alice": env["alice"], "bob": env["bob"], "mallory": (env["alice"][0], "not-the-password")}
+    for who, (u, p) in identities.items():
         c.cp.create(docker_config_secret(f"{who}-two", slow.address, u, p))
-    mark = len(private.user_requests())
-    for who in ("alice", "bob"):
+    mark = private.mark()
+    for who in identities:
         c.cp.create(pod_manifest(f"two-{who}", c.node_name, [("app", ref)], pull_secrets=[f"{who}-two"]))
     for who in ("alice", "bob"):
         c.cp.wait_running(f"two-{who}")
     assert c.agent is not None
-    for who in ("alice", "bob"):
-        assert pod_status(c, f"two-{who}")["images"][0]["result"] == "pulled"
-    # nodeagent's two pulls (one per pod, each with its pod's secret) ran at the same time...
+    outcome = {who: pod_status(c, f"two-{who}")["images"][0] for who in identities}
+    assert outcome["alice"]["result"] == outcome["bob"]["result"] == "pulled", outcome
+    # mallory's pull went to the registry with mallory's credentials, and was refused
+    assert outcome["mallory"]["result"] == "failed", outcome
+    assert outcome["mallory"]["reason"].startswith("unauthorized"), outcome
     mine = [r for r in c.agent.status()["pulls"]["recent"] if r["image"] == ref and r["origin"] == "pod"]
-    assert len(mine) == 2 and all(r["result"] == "success" for r in mine), mine
-    assert max(r["started_at"] for r in mine) < min(r["started_at"] + r["duration"] for r in mine), mine
-    # ...and still each identity went to the registry itself: had one pull joined the other, the
-    # registry would have seen one user only (the kubelet's own pulls find the image present or join
-    # the one of their own pod's identity)
-    manifests = [
-        (user, r)
-        for user, r in private.user_requests()[mark:]
-        if r.path.startswith("/v2/pp/two-users/manifests/") and r.status == 200
+    assert len(mine) == 3, mine
+    ok = [r for r in mine if r["result"] == "success"]
+    refused = [r for r in mine if r["result"] != "success"]
+    assert len(ok) == 2 and len(refused) == 1 and not refused[0].get("joined"), mine
+    # the three pulls overlapped: each started while the others were in flight
+    assert max(r["started_at"] for r in mine) < min(r["started_at"] + r["duration"] for r in ok), mine
+    # one resolve of the tag per valid identity (one shared pull would have made one; the kubelet's
+    # own pulls of a pod found the image present or joined its own identity's pull)
+    resolved = [
+        r
+        for r in private.requests_since(mark)
+        if r.path == "/v2/pp/two-users/manifests/v1" and r.status == 200
     ]
-    assert {user for user, _ in manifests} == {"alice", "bob"}, manifests
+    assert len(resolved) >= 2, private.requests_since(mark)
+    c.cp.delete_pod("two-mallory")
 
 
 def test_api_server_down_and_back(env: dict[str, Any]) -> None:
@@ -318,6 +327,7 @@ def test_watch_from_a_compacted_version_gets_410_and_lists_again(env: dict[str, 
     )
     expired = [x for x in c.agent.log_lines() if x.get("msg") == "pod watch expired; listing again"]
     assert expired and int(expired[-1]["resource_version"]) < compacted, expired
+    assert "too old" in expired[-1]["error"], expired  # the API server's words for 410 Gone
     img = image(env, "after-410")
     c.cp.create(pod_manifest("after-410", c.node_name, [("app", img.reference)]))
     c.cp.wait_running("after-410")

@@ -225,7 +225,7 @@ class ControlPlane:
             raise SandboxError(f"{e}\n{tail(self.apiserver_log, 30)}") from None
 
     # --- etcd's own API (its JSON gateway, /v3/...: the etcd client protocol over HTTP) ------------
-    def _etcd(self, path: str, body: Mapping[str, Any]) -> Any:
+    def _etcd_api(self, path: str, body: Mapping[str, Any]) -> Any:
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.etcd_port}{path}", data=json.dumps(body).encode(), method="POST"
         )
@@ -236,7 +236,7 @@ class ControlPlane:
         """etcd's current revision (every write to the cluster's state moves it on)."""
         key = base64.b64encode(b"/registry/").decode()
         return int(
-            self._etcd("/v3/kv/range", {"key": key, "limit": 1, "count_only": True})["header"]["revision"]
+            self._etcd_api("/v3/kv/range", {"key": key, "limit": 1, "count_only": True})["header"]["revision"]
         )
 
     def compact_etcd(self) -> int:
@@ -244,7 +244,7 @@ class ControlPlane:
         5 minutes): a watch from an older resourceVersion is then answered ``410 Gone``. Returns the
         revision compacted to."""
         rev = self.etcd_revision()
-        self._etcd("/v3/kv/compaction", {"revision": str(rev), "physical": True})
+        self._etcd_api("/v3/kv/compaction", {"revision": str(rev), "physical": True})
         return rev
 
     def stop_apiserver(self) -> None:

@@ -8,7 +8,6 @@
                                                                 # only authenticates to Bearer realms)
     reg.start(); reg.host -> "127.0.0.1:PORT"; reg.url -> "http://127.0.0.1:PORT"
     reg.blob_requests() -> access-log entries for /v2/<name>/blobs/<digest> (who served what)
-    reg.user_requests() -> (user, Request) for each request an htpasswd user made (who asked for what)
     reg.stop(); reg.start()                                      # same port, same storage
 
 A pull-through cache is read-only (pushes are refused): push to the upstream, pull via the mirror.
@@ -31,14 +30,6 @@ from tests.sandbox.process import Daemon, SandboxError, tail, wait_until
 
 # combined log format as the registry writes it: ... "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 1234 ...
 _ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>/v2/\S*) HTTP/[\d.]+" (?P<status>\d{3}) (?P<size>\d+|-)')
-# the registry's own line per request, with the htpasswd user it authenticated (its access log has none):
-# msg="response completed" auth.user.name=alice ... http.request.method=GET ... http.request.uri=/v2/...
-# ... http.response.status=200
-_COMPLETED = re.compile(
-    r'msg="response completed(?: with error)?" auth\.user\.name=(?P<user>\S+) .*?'
-    r"http\.request\.method=(?P<method>[A-Z]+) .*?http\.request\.uri=\"?(?P<path>/v2/[^\s\"]*)\"? .*?"
-    r"http\.response\.status=(?P<status>\d{3})"
-)
 
 
 @dataclass(frozen=True)
@@ -196,18 +187,6 @@ class Registry:
                 )
             )
         return out
-
-    def user_requests(self) -> list[tuple[str, Request]]:
-        """``(htpasswd user, request)`` for every authenticated /v2/ request so far (the size is not
-        known here: 0)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return []
-        return [
-            (m.group("user"), Request(m.group("method"), m.group("path"), int(m.group("status")), 0))
-            for m in _COMPLETED.finditer(text)
-        ]
 
     def blob_requests(self, method: str = "GET") -> list[Request]:
         return [r for r in self.requests() if r.is_blob and r.method == method]
