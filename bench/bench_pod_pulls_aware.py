@@ -32,7 +32,8 @@ deleted before the next):
 
 Timeline of each pod (seconds from creation; ``bench.results`` file): ``seen`` (nodeagent's watch
 delivered the pod), ``pulls_start``/``pulls_end`` (nodeagent's upstream pulls, from its pull records),
-``kubelet_asked`` (the kubelet's PullImage calls through the proxy), ``sandbox`` (containerd's
+``kubelet_asked`` (the kubelet's PullImage calls through the proxy; ``kubelet_joined``: how many of
+them joined a pull in flight), ``sandbox`` (containerd's
 PodSandbox created_at), ``containers`` (created/started/finished from containerd), ``running``. From
 it, the phases: ``ours`` = seen + pulls start delay (what nodeagent spends before the first byte),
 ``pull`` (the pulls themselves), ``kubelet_after_images`` (last image present -> last container
@@ -63,6 +64,7 @@ from bench import results
 from nodeagent.cri.client import CriClient
 from tests.sandbox import Registry, Sandbox, testbins
 from tests.sandbox.cluster import Cluster, one_node_cluster
+from tests.sandbox.containerd import default_line
 from tests.sandbox.controlplane import pod_manifest
 from tests.sandbox.kubelet import pod_running
 from tests.sandbox.oci import PushedImage, build_image, push_image
@@ -157,6 +159,8 @@ def timeline(c: Cluster, name: str, refs: list[str], created: float, running: fl
             out["pull_seconds"] = [round(r["duration"], 3) for r in upstream]
             out["pull_origins"] = sorted(r["origin"] for r in upstream)
         out["kubelet_asked"] = sorted(rel(r["started_at"]) for r in recs if r["origin"] == "kubelet")
+        # the kubelet's PullImage calls that joined a pull in flight (nodeagent's, for this pod)
+        out["kubelet_joined"] = sum(r["origin"] == "kubelet" and r["joined"] for r in recs)
     if out.get("containers"):
         started = max(v["started"] for v in out["containers"].values())
         out["status_sync"] = round(out["running"] - started, 3)
@@ -335,6 +339,7 @@ def main(argv: list[str]) -> int:
         {
             "setup": {
                 "kubelet": testbins.SPECS["kubelet"].version,
+                "containerd": default_line().name,
                 "rate_bytes_per_second": args.rate,
                 "image_random_bytes": sizes,
                 "rounds": args.rounds,
