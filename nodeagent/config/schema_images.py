@@ -181,7 +181,9 @@ POD_PULLS = Object(
             "concurrency",
             "concurrency",
             Int(minimum=1, maximum=64),
-            "Image pulls nodeagent runs at once for pods (a pod's images are started before the next pod's).",
+            "Image pulls nodeagent starts itself at once: pod pulls and `nodeagent prefetch` calls through "
+            "the proxy share this limit (a pod's images are started before the next pod's); the kubelet's "
+            "own pulls never wait for it.",
         ),
     ],
     m.PodPullsConfig,

@@ -185,7 +185,7 @@ class PodPulls:
             pull=pull,
             present=present,
             metrics=daemon.metrics,
-            concurrency=self.settings.concurrency,
+            slots=daemon.pull_slots,  # shared with prefetch through the proxy (podPulls.concurrency)
             credentials=credentials,
             secrets=secrets,
             handler=handler,

@@ -162,38 +162,60 @@ class DiskGuard:
         self.factor = factor
         self._reserved: dict[int, int] = {}  # admission ticket -> estimated bytes, while its pull runs
         self._next = 0
-        self._lock = asyncio.Lock()
+        self._http: Any = None  # one HTTP client for every size lookup (made on first use)
+        self._plan: asyncio.Future[Any] | None = None  # the plan being made, shared by the checks
 
     @property
     def reserved(self) -> int:
         return sum(self._reserved.values())
 
+    def _client(self) -> Any:
+        if self._http is None:
+            import httpx2
+
+            self._http = httpx2.AsyncClient(timeout=REGISTRY_TIMEOUT, follow_redirects=True, trust_env=False)
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
+
+    async def _current_plan(self) -> Any:
+        """Eviction's plan as if the disk were full. The checks of a pod's images arrive together:
+        they share the one being made instead of each making its own, one after the other."""
+        plan = self._plan
+        if plan is None or plan.done():
+            plan = self._plan = asyncio.ensure_future(self.evictor.make_plan_if_full())
+        return await asyncio.shield(plan)
+
     async def check(self, image: str, auth: Any) -> tuple[str | None, int | None]:
         """``(reason to skip, None)`` or ``(None, ticket)``; ``done(ticket)`` once the pull ended
         (a ticket of None needs nothing)."""
         try:
-            size = int(await compressed_size(image, auth, self.hosts_dir) * self.factor)
+            compressed = await compressed_size(image, auth, self.hosts_dir, client=self._client())
         except SizeUnknown as e:
             event(log, "image size unknown; pulling anyway", image=image, error=str(e))
             return None, None
-        async with self._lock:  # one admission at a time: each sees the others' reservations
-            try:
-                plan = await self.evictor.make_plan_if_full()
-            except Exception as e:
-                event(log, "imagefs usage unknown; pulling anyway", image=image, error=str(e)[:300])
-                return None, None
-            fs = plan.usage
-            high = plan.high_bytes
-            after = fs.used_bytes + self.reserved + size
-            freeable = plan.removal_bytes
-            if after < high or (after < fs.total_bytes and after - freeable < high):
-                return None, self._admit(size)
-            pct = 100.0 * after / fs.total_bytes if fs.total_bytes else 100.0
-            return (
-                f"needs ~{humanize.size(size)}: the image filesystem would reach {pct:.0f}% "
-                f"(eviction high {plan.thresholds.high_percent}%) and eviction can free only "
-                f"{humanize.size(freeable)}"
-            ), None
+        size = int(compressed * self.factor)
+        try:
+            plan = await self._current_plan()
+        except Exception as e:
+            event(log, "imagefs usage unknown; pulling anyway", image=image, error=str(e)[:300])
+            return None, None
+        # from here to the admission nothing awaits: each admission sees the others' reservations
+        fs = plan.usage
+        high = plan.high_bytes
+        after = fs.used_bytes + self.reserved + size
+        freeable = plan.removal_bytes
+        if after < high or (after < fs.total_bytes and after - freeable < high):
+            return None, self._admit(size)
+        pct = 100.0 * after / fs.total_bytes if fs.total_bytes else 100.0
+        return (
+            f"needs ~{humanize.size(size)}: the image filesystem would reach {pct:.0f}% "
+            f"(eviction high {plan.thresholds.high_percent}%) and eviction can free only "
+            f"{humanize.size(freeable)}"
+        ), None
 
     def _admit(self, size: int) -> int:
         self._next += 1

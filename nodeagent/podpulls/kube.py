@@ -192,7 +192,12 @@ class PodWatch:
             except ApiError as e:
                 code = e.status.code if e.status is not None else 0
                 if code == 410:  # the version is too old: list again, at once
-                    event(log, "pod watch expired; listing again", resource_version=self.resource_version)
+                    event(
+                        log,
+                        "pod watch expired; listing again",
+                        resource_version=self.resource_version,
+                        error=_safe(e),
+                    )
                     self.resource_version = None
                     continue
                 self.on_state(False, f"API server answered {code}: {_safe(e)}")

@@ -1,8 +1,10 @@
 """Pull every image a pod needs at once, as soon as nodeagent sees the pod bound to its node.
 
-Per pod (``PodPuller.submit``, once per pod UID while it is Pending): its pull secrets and runtime
-handler are read, then one task per image is started in the pod's order (init containers and sidecars,
-then containers). Per image, in a slot of the shared pull limit (``podPulls.concurrency``):
+Per pod (``PodPuller.submit``, once per pod UID while it is Pending): each image that may need a pull
+takes its place in line for a slot of the daemon's pull limit (``nodeagent.proxy.slots``, shared with
+prefetch through the proxy; ``podPulls.concurrency``) at once, in the pod's order (init containers and
+sidecars, then containers), so a pod's images start before the next pod's. Then its pull secrets and
+runtime handler are read and one task per image runs. Per image, once it has its slot:
 
 - ``Never``: skipped (``skipped_policy``);
 - ``IfNotPresent``: ImageStatus first; present -> ``present``;
@@ -13,7 +15,7 @@ then containers). Per image, in a slot of the shared pull limit (``podPulls.conc
   ``Always`` pulls too: the kubelet's own pull then resolves against a present image, or joins ours.
 
 Two pods that need the same pull (same key as the proxy's single-flight) share one task, so a
-pod waiting for another pod's pull holds no slot.
+pod waiting for another pod's pull holds no slot (it gives its place back).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from nodeagent.images.credentials import Auth, CredentialError, Credentials, best_match
 from nodeagent.podpulls.pods import ALWAYS, IF_NOT_PRESENT, NEVER, PodImage, PodInfo
+from nodeagent.proxy.slots import Place, PullSlots
 from nodeagent.util.log import event, get_logger
 
 if TYPE_CHECKING:
@@ -56,6 +59,7 @@ class DiskCheck(Protocol):
 
     async def check(self, image: str, auth: Any) -> tuple[str | None, int | None]: ...
     def done(self, ticket: int | None) -> None: ...
+    async def close(self) -> None: ...
 
 
 SecretsFn = Callable[[str, Sequence[str]], Awaitable[list[dict[str, Auth]]]]
@@ -118,7 +122,8 @@ class PodPuller:
         pull: PullFn,
         present: PresentFn,
         metrics: Any,
-        concurrency: int,
+        concurrency: int = 4,
+        slots: PullSlots | None = None,
         credentials: Credentials | None = None,
         secrets: SecretsFn | None = None,
         handler: HandlerFn | None = None,
@@ -127,12 +132,10 @@ class PodPuller:
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self._pull = pull
         self._present = present
         self.metrics = metrics
-        self.slots = asyncio.Semaphore(concurrency)
+        self.slots = slots if slots is not None else PullSlots(concurrency)
         self.credentials = credentials
         self._secrets = secrets
         self._handler = handler
@@ -148,13 +151,18 @@ class PodPuller:
 
     # --- pods -------------------------------------------------------------------------------
     def submit(self, pod: PodInfo) -> bool:
-        """Start on a Pending pod not handled before; False if there is nothing to do."""
+        """Start on a Pending pod not handled before; False if there is nothing to do. Its images take
+        their places in line for pull slots now, in the pod's order."""
         if not pod.pending or not pod.uid or pod.uid in self._seen or not pod.images:
             return False
         self._seen[pod.uid] = None
         while len(self._seen) > SEEN_PODS:
             self._seen.popitem(last=False)
-        task = asyncio.ensure_future(self._handle(pod))
+        ticket = self.slots.ticket()
+        places = [
+            None if img.policy == NEVER else self.slots.queue((ticket, i)) for i, img in enumerate(pod.images)
+        ]
+        task = asyncio.ensure_future(self._handle(pod, places, self._clock(), time.time()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -167,10 +175,19 @@ class PodPuller:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._disk is not None:
+            await self._disk.close()
 
-    async def _handle(self, pod: PodInfo) -> None:
-        t0 = self._clock()
-        out = PodOutcome(pod.ref, pod.uid, time.time(), [ImageOutcome(i.image, i.policy) for i in pod.images])
+    async def _handle(self, pod: PodInfo, places: list[Place | None], t0: float, seen: float) -> None:
+        try:
+            await self._handle_pod(pod, places, t0, seen)
+        finally:
+            for place in places:
+                if place is not None:
+                    place.release()
+
+    async def _handle_pod(self, pod: PodInfo, places: list[Place | None], t0: float, seen: float) -> None:
+        out = PodOutcome(pod.ref, pod.uid, seen, [ImageOutcome(i.image, i.policy) for i in pod.images])
         self.recent.append(out)
         secret_auths: list[dict[str, Auth]] = []
         if pod.pull_secrets and self._secrets is not None:
@@ -185,10 +202,10 @@ class PodPuller:
             except Exception as e:
                 event(log, "runtime class not read", level=30, pod=pod.ref, error=_short(str(e)))
         sandbox = self._sandbox_config(pod)
-        # one task per image, created in the pod's order: they take pull slots in that order
+        # one task per image; their places in line for pull slots were taken in the pod's order
         tasks = [
-            asyncio.ensure_future(self._image(pod, img, o, secret_auths, handler, sandbox))
-            for img, o in zip(pod.images, out.images, strict=True)
+            asyncio.ensure_future(self._image(pod, img, o, secret_auths, handler, sandbox, place))
+            for img, o, place in zip(pod.images, out.images, places, strict=True)
         ]
         await asyncio.gather(*tasks)
         out.result = pod_result(out.images)
@@ -258,10 +275,11 @@ class PodPuller:
         secret_auths: list[dict[str, Auth]],
         handler: str,
         sandbox: pb.PodSandboxConfig,
+        place: Place | None,
     ) -> None:
         t0 = self._clock()
         try:
-            o.result, o.reason = await self._image_work(pod, img, secret_auths, handler, sandbox)
+            o.result, o.reason = await self._image_work(pod, img, secret_auths, handler, sandbox, place)
         except asyncio.CancelledError:
             o.result, o.reason = FAILED, "canceled"
             raise
@@ -269,6 +287,8 @@ class PodPuller:
             o.result, o.reason = FAILED, _short(f"{type(e).__name__}: {e}")
             log.exception("pod image failed")
         finally:
+            if place is not None:
+                place.release()
             o.seconds = self._clock() - t0
             self.metrics.pod_pulls_images.labels(result=o.result or FAILED).inc()
 
@@ -279,11 +299,12 @@ class PodPuller:
         secret_auths: list[dict[str, Auth]],
         handler: str,
         sandbox: pb.PodSandboxConfig,
+        place: Place | None,
     ) -> tuple[str, str]:
         from nodeagent.cri.gen import cri_api_pb2 as pb
         from nodeagent.proxy.singleflight import pull_key
 
-        if img.policy == NEVER:
+        if img.policy == NEVER or place is None:
             return SKIPPED_POLICY, "imagePullPolicy: Never"
         candidates = await asyncio.to_thread(self._auth_candidates, img.image, secret_auths)
         last: tuple[str, str] = (FAILED, "")
@@ -298,7 +319,10 @@ class PodPuller:
             if shared is None:
                 fut: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
                 self._shared[key] = fut
+                # after waiting for another pod's pull (place given back): in line again, same order
+                mine = self.slots.queue(place.order) if place.released else place
                 try:
+                    await mine.wait()
                     last = await self._pull_one(img, req, auth)
                     fut.set_result(last)
                 except BaseException as e:
@@ -307,7 +331,9 @@ class PodPuller:
                     raise
                 finally:
                     del self._shared[key]
-            else:
+                    mine.release()
+            else:  # another pod's task does this pull: wait for it without holding a slot
+                place.release()
                 last = await asyncio.shield(shared)
             if last[0] != FAILED or "unauthorized" not in last[1]:
                 return last
@@ -316,40 +342,41 @@ class PodPuller:
     async def _pull_one(self, img: PodImage, req: pb.PullImageRequest, auth: Auth | None) -> tuple[str, str]:
         from nodeagent.proxy.records import classify
 
-        async with self.slots:
-            if img.policy == IF_NOT_PRESENT:
-                try:
-                    if await self._present(img.image):
-                        return PRESENT, ""
-                except Exception as e:  # cannot tell: the pull says what is wrong
-                    event(log, "image status failed", level=30, image=img.image, error=_short(str(e)))
-            ticket = None
-            if self._disk is not None:
-                reason, ticket = await self._disk.check(img.image, auth)
-                if reason:
-                    event(log, "pod image skipped", origin="pod", image=img.image, reason=reason)
-                    return SKIPPED_DISK, reason
+        # the caller holds a pull slot
+        if img.policy == IF_NOT_PRESENT:
             try:
-                await self._pull(req.SerializeToString())
-            except Exception as e:
-                code_obj = getattr(e, "code", None)
-                code = code_obj() if callable(code_obj) else code_obj
-                name = getattr(code, "name", "UNKNOWN")
-                details_obj = getattr(e, "details", "")
-                details = details_obj() if callable(details_obj) else str(details_obj or e)
-                if auth is not None:
-                    for s in auth.secrets():
-                        details = details.replace(s, "***")
-                return FAILED, _short(f"{classify(name, details)}: {details}")
-            finally:
-                if self._disk is not None:
-                    self._disk.done(ticket)
-            return PULLED, ""
+                if await self._present(img.image):
+                    return PRESENT, ""
+            except Exception as e:  # cannot tell: the pull says what is wrong
+                event(log, "image status failed", level=30, image=img.image, error=_short(str(e)))
+        ticket = None
+        if self._disk is not None:
+            reason, ticket = await self._disk.check(img.image, auth)
+            if reason:
+                event(log, "pod image skipped", origin="pod", image=img.image, reason=reason)
+                return SKIPPED_DISK, reason
+        try:
+            await self._pull(req.SerializeToString())
+        except Exception as e:
+            code_obj = getattr(e, "code", None)
+            code = code_obj() if callable(code_obj) else code_obj
+            name = getattr(code, "name", "UNKNOWN")
+            details_obj = getattr(e, "details", "")
+            details = details_obj() if callable(details_obj) else str(details_obj or e)
+            if auth is not None:
+                for s in auth.secrets():
+                    details = details.replace(s, "***")
+            return FAILED, _short(f"{classify(name, details)}: {details}")
+        finally:
+            if self._disk is not None:
+                self._disk.done(ticket)
+        return PULLED, ""
 
     def status(self) -> dict[str, Any]:
         return {
             "podsHandled": self.handled,
             "inProgress": len(self._tasks),
+            "pullSlots": self.slots.status(),
             "recent": [p.to_json() for p in reversed(self.recent)],
         }
 

@@ -21,10 +21,12 @@ from nodeagent.proxy.pullrecords import CancelSummary, PullRecording
 from nodeagent.proxy.records import (
     ORIGIN_KUBELET,
     ORIGIN_POD,
+    ORIGIN_PREFETCH,
     ORIGINS,
     registry_of,
 )
 from nodeagent.proxy.singleflight import Flight, Flights, Key, Waiting, pull_key
+from nodeagent.proxy.slots import PullSlots
 from nodeagent.util.log import get_logger
 
 log = get_logger("nodeagent.proxy.server")
@@ -46,6 +48,8 @@ class PullPath(PullRecording):
         flights: Flights
         in_flight: int
         pull_wrapper: PullWrapper | None
+        slots: PullSlots | None
+        _slot_tasks: set[asyncio.Task[None]]
         _cancels: CancelSummary
         _pod_ready: OrderedDict[str, float]
 
@@ -78,9 +82,55 @@ class PullPath(PullRecording):
             else:
                 call.fail(error.code(), for_caller(error.details()))
 
-        call.on_cancel = self._enter(
-            call.message, call.metadata, read, origin_of(call.metadata), call.time_remaining(), deliver
-        )
+        origin = origin_of(call.metadata)
+        if origin == ORIGIN_PREFETCH and self.slots is not None and self.flights.get(read[2]) is None:
+            task = asyncio.get_running_loop().create_task(self._pull_in_slot(call, read, origin, deliver))
+            self._slot_tasks.add(task)
+            task.add_done_callback(self._slot_tasks.discard)
+
+            def cancel() -> None:
+                task.cancel()
+
+            call.on_cancel = cancel
+            return
+        remaining = call.time_remaining()
+        call.on_cancel = self._enter(call.message, call.metadata, read, origin, remaining, deliver)
+
+    async def _pull_in_slot(
+        self,
+        call: ServerCall,
+        read: tuple[str, list[str], Key],
+        origin: str,
+        deliver: Callable[[bytes | None, Any], None],
+    ) -> None:
+        """A prefetch pull that would start an upstream pull: first a slot of the daemon's pull limit
+        (shared with pod pulls), within the caller's deadline; held until the pull answered."""
+        assert self.slots is not None
+        try:
+            async with asyncio.timeout(call.time_remaining()):
+                place = await self.slots.acquire((self.slots.ticket(), 0))
+        except TimeoutError:
+            self._note(PULL, grpc.StatusCode.DEADLINE_EXCEEDED)
+            call.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded (waiting for a pull slot)")
+            return
+        if self.flights.get(read[2]) is not None:  # started meanwhile (e.g. by the kubelet): join it
+            place.release()
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def answer(message: bytes | None, error: Any) -> None:
+            deliver(message, error)
+            if not answered.done():
+                answered.set_result(None)
+
+        try:
+            leave = self._enter(call.message, call.metadata, read, origin, call.time_remaining(), answer)
+            try:
+                await answered
+            except asyncio.CancelledError:
+                leave()
+                raise
+        finally:
+            place.release()
 
     async def pull(
         self,

@@ -56,6 +56,7 @@ from nodeagent.proxy.records import (
     PullRecord,
 )
 from nodeagent.proxy.singleflight import Flights
+from nodeagent.proxy.slots import PullSlots
 from nodeagent.run.metrics import Metrics
 from nodeagent.util import memory
 from nodeagent.util.log import event, get_logger
@@ -75,6 +76,7 @@ class ImageProxy(PullPath):
         on_upstream: Callable[[bool, str], None] | None = None,
         pull_wrapper: PullWrapper | None = None,
         limits: Limits | None = None,
+        slots: PullSlots | None = None,
     ) -> None:
         self.upstream = upstream
         self.socket_path = socket_path
@@ -84,6 +86,10 @@ class ImageProxy(PullPath):
         self.on_upstream = on_upstream
         self.pull_wrapper = pull_wrapper
         self.limits = limits or proxy_limits(Limits().max_connections)
+        # the daemon's limit on the pulls nodeagent starts itself: prefetch calls through the proxy
+        # take a slot to start an upstream pull (pod pulls take theirs in nodeagent/podpulls)
+        self.slots = slots
+        self._slot_tasks: set[asyncio.Task[None]] = set()
         self._cancels = CancelSummary()
         self._server: Server | None = None
         self._channel: Channel | None = None

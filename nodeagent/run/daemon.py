@@ -40,6 +40,7 @@ from nodeagent import __version__
 from nodeagent.config.model import Config
 from nodeagent.eviction.usage import Imagefs, configured_path
 from nodeagent.images.lastused import LastUsed
+from nodeagent.proxy.slots import PullSlots
 from nodeagent.run.cachestats import CacheStats
 from nodeagent.run.http import MetricsEndpoint
 from nodeagent.run.metrics import Metrics
@@ -112,6 +113,9 @@ class Daemon:
         self.pulls = PullFeed(on_change=changed)
         self.pulls.add_listener(self.cache.on_pull)
         self.http = MetricsEndpoint(config.metrics.listen, self.metrics, self._healthz)
+        # one limit on the pulls nodeagent starts itself, pod pulls and prefetch calls through the
+        # proxy alike (nodeagent/proxy/slots.py)
+        self.pull_slots = PullSlots(config.pod_pulls.concurrency)
         self._workers: dict[str, Callable[[], Awaitable[None]]] = {}
         self._worker_state: dict[str, WorkerStatus] = {}
         self._status_hooks: dict[str, StatusHook] = {}
@@ -195,6 +199,7 @@ class Daemon:
                     on_upstream=self.upstream.observe,
                     pull_wrapper=self._pull_wrapper,
                     limits=proxy_limits(self.config.cri.proxy_max_connections),
+                    slots=self.pull_slots,  # pod pulls (issue 14)
                 )
                 await self._proxy.start(listener)
         except Exception:

@@ -82,11 +82,12 @@ def via(throttle: ThrottleProxy, img: PushedImage) -> str:
 
 def pod_status(c: Cluster, pod: str, timeout: float = 120.0) -> dict[str, Any]:
     """nodeagent's status entry for ``pod`` (namespace default) once it is handled."""
-    assert c.agent is not None
+    agent = c.agent
+    assert agent is not None
     got: dict[str, Any] = {}
 
     def handled() -> bool:
-        for p in c.agent.status()["sections"]["podPulls"].get("recent", []):
+        for p in agent.status()["sections"]["podPulls"].get("recent", []):
             if p["pod"] == f"default/{pod}" and p["result"] != "pending":
                 got.update(p)
                 return True
@@ -223,27 +224,52 @@ def test_twenty_pods_with_one_image_make_one_upstream_pull(env: dict[str, Any]) 
 
 
 def test_different_credentials_never_share_a_pull(env: dict[str, Any]) -> None:
+    """Three pods, one private image, three pull secrets: alice and bob (both valid, different users)
+    and mallory (alice's user, a wrong password). The registry sits behind a throttle, so that a pull
+    takes over a second and the three pod pulls overlap: sharing would be possible, and must not
+    happen. Had mallory's pull joined a valid identity's, it would have been handed the image."""
     c: Cluster = env["cluster"]
     private: Registry = env["private"]
-    img = push_image(private, "pp/two-users", "v1", build_image(layers=1, busybox=True), auth=env["alice"])
-    for who in ("alice", "bob"):
-        u, p = env[who]
-        c.cp.create(docker_config_secret(f"{who}-two", private.host, u, p))
+    slow = env["sb"].throttle_proxy(private, RATE)
+    c.node.write_hosts_toml(slow.address, f"http://{slow.address}")
+    pushed = push_image(
+        private,
+        "pp/two-users",
+        "v1",
+        build_image(layers=1, layer_size=6 << 20, busybox=True),
+        auth=env["alice"],
+    )
+    ref = via(slow, pushed)
+    identities = {"alice": env["alice"], "bob": env["bob"], "mallory": (env["alice"][0], "not-the-password")}
+    for who, (u, p) in identities.items():
+        c.cp.create(docker_config_secret(f"{who}-two", slow.address, u, p))
     mark = private.mark()
-    for who in ("alice", "bob"):
-        c.cp.create(
-            pod_manifest(f"two-{who}", c.node_name, [("app", img.reference)], pull_secrets=[f"{who}-two"])
-        )
+    for who in identities:
+        c.cp.create(pod_manifest(f"two-{who}", c.node_name, [("app", ref)], pull_secrets=[f"{who}-two"]))
     for who in ("alice", "bob"):
         c.cp.wait_running(f"two-{who}")
-    mine = [p for p in pulls(c, img.reference) if p["origin"] == "pod"]
-    assert len(mine) == 2 and all(p["result"] == "success" for p in mine), mine
-    # at least two upstream pulls, one per identity (a pull may join the kubelet's with the same secret,
-    # never the other identity's; the kubelet may also pull again once one finished). That a joiner
-    # never crosses identities is checked exactly in tests/unit/proxy/test_singleflight.py.
-    assert sum(not p.get("joined") for p in pulls(c, img.reference)) >= 2, json.dumps(pulls(c, img.reference))
-    manifests = [r for r in private.requests_since(mark) if "/manifests/" in r.path and r.status == 200]
-    assert len(manifests) >= 2  # two upstream pulls, one per identity
+    assert c.agent is not None
+    outcome = {who: pod_status(c, f"two-{who}")["images"][0] for who in identities}
+    assert outcome["alice"]["result"] == outcome["bob"]["result"] == "pulled", outcome
+    # mallory's pull went to the registry with mallory's credentials, and was refused
+    assert outcome["mallory"]["result"] == "failed", outcome
+    assert outcome["mallory"]["reason"].startswith("unauthorized"), outcome
+    mine = [r for r in c.agent.status()["pulls"]["recent"] if r["image"] == ref and r["origin"] == "pod"]
+    assert len(mine) == 3, mine
+    ok = [r for r in mine if r["result"] == "success"]
+    refused = [r for r in mine if r["result"] != "success"]
+    assert len(ok) == 2 and len(refused) == 1 and not refused[0].get("joined"), mine
+    # the three pulls overlapped: each started while the others were in flight
+    assert max(r["started_at"] for r in mine) < min(r["started_at"] + r["duration"] for r in ok), mine
+    # one resolve of the tag per valid identity (one shared pull would have made one; the kubelet's
+    # own pulls of a pod found the image present or joined its own identity's pull)
+    resolved = [
+        r
+        for r in private.requests_since(mark)
+        if r.path == "/v2/pp/two-users/manifests/v1" and r.status == 200
+    ]
+    assert len(resolved) >= 2, private.requests_since(mark)
+    c.cp.delete_pod("two-mallory")
 
 
 def test_api_server_down_and_back(env: dict[str, Any]) -> None:
@@ -254,7 +280,7 @@ def test_api_server_down_and_back(env: dict[str, Any]) -> None:
     try:
         wait_until(
             "nodeagent notices the API server is gone",
-            lambda: c.agent.status()["sections"]["podPulls"]["apiServerOk"] is False,  # type: ignore[union-attr]
+            lambda: c.agent.status()["sections"]["podPulls"]["apiServerOk"] is False,
             60,
         )
         # the proxy and metrics are unaffected
@@ -272,6 +298,41 @@ def test_api_server_down_and_back(env: dict[str, Any]) -> None:
     assert st["images"][0]["result"] == "pulled"
     after = c.agent.status()["sections"]["podPulls"]
     assert after["apiServerOk"] is True and after["watches"] > before["watches"]
+
+
+def test_watch_from_a_compacted_version_gets_410_and_lists_again(env: dict[str, Any]) -> None:
+    """A real 410 Gone: while the API server is down, etcd's history is compacted past the version
+    nodeagent's watch had reached; the API server, back, answers the resumed watch 410 (its watch
+    cache starts after that version, and etcd no longer has it either); nodeagent lists again and
+    handles a pod created afterwards."""
+    c: Cluster = env["cluster"]
+    assert c.agent is not None
+    wait_until(
+        "the watch running",
+        lambda: c.agent.status()["sections"]["podPulls"]["apiServerOk"] is True,
+        120,
+    )
+    lists = c.agent.status()["sections"]["podPulls"]["lists"]
+    # a write the node's watch does not see (a secret): etcd's revision moves past the watch's version
+    c.cp.create(docker_config_secret("moves-the-revision", "example.invalid", "u", "p"))
+    c.cp.stop_apiserver()
+    try:
+        compacted = c.cp.compact_etcd()
+    finally:
+        c.cp.start_apiserver()
+    wait_until(
+        "nodeagent lists again",
+        lambda: c.agent.status()["sections"]["podPulls"]["lists"] > lists,
+        120,
+    )
+    expired = [x for x in c.agent.log_lines() if x.get("msg") == "pod watch expired; listing again"]
+    assert expired and int(expired[-1]["resource_version"]) < compacted, expired
+    assert "too old" in expired[-1]["error"], expired  # the API server's words for 410 Gone
+    img = image(env, "after-410")
+    c.cp.create(pod_manifest("after-410", c.node_name, [("app", img.reference)]))
+    c.cp.wait_running("after-410")
+    assert pod_status(c, "after-410")["images"][0]["result"] == "pulled"
+    assert c.agent.status()["sections"]["podPulls"]["lists"] == lists + 1
 
 
 def _used_fraction(mount: Path) -> tuple[int, int]:

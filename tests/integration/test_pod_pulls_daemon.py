@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from typing import Any
 
 from nodeagent.cri.client import CriClient
 from tests.sandbox import Containerd, PushedImage, Sandbox
@@ -77,3 +78,53 @@ def test_missing_kubeconfig_is_waited_for_without_degrading(sandbox: Sandbox, co
     )
     assert st.returncode == 0, st.stdout
     assert "podPulls" in st.stdout and "waiting; node ?" in st.stdout
+
+
+def test_prefetch_through_the_proxy_shares_the_daemons_pull_limit_the_kubelet_does_not_wait(
+    sandbox: Sandbox, containerd: Containerd
+) -> None:
+    """``podPulls.concurrency`` is the daemon's one limit on the pulls nodeagent starts itself: here 1,
+    so the real prefetcher's two pulls through the proxy (origin prefetch, its own concurrency 2) run
+    one after the other, while a kubelet pull made meanwhile goes upstream at once."""
+    from nodeagent.prefetch import Prefetcher
+
+    from nodeagent.config.model import PrefetchImage
+
+    reg = sandbox.registry()
+    slow = sandbox.throttle_proxy(reg, 4 << 20)  # ~1 s per image
+    containerd.write_hosts_toml(slow.address, slow.url)
+    refs = [
+        sandbox.image(reg, f"limit/{n}", "v1", layers=1, layer_size=4 << 20).reference.replace(
+            reg.host, slow.address, 1
+        )
+        for n in ("pre-a", "pre-b", "kubelet")
+    ]
+    agent = sandbox.nodeagent(containerd, config={"podPulls": {"kubeconfig": KUBECONFIG, "concurrency": 1}})
+
+    async def body() -> None:
+        async with CriClient(agent.proxy_endpoint, pull_timeout=120.0) as cri:
+            prefetch = Prefetcher(cri, [PrefetchImage(r) for r in refs[:2]], concurrency=2)
+            task = asyncio.ensure_future(prefetch.run())
+            await asyncio.sleep(0.3)  # the first prefetch pull holds the slot, the second waits
+            await cri.pull_image(refs[2])  # the kubelet (no origin metadata)
+            report = await task
+            assert [o.result for o in report.outcomes] == ["pulled", "pulled"]
+
+    asyncio.run(body())
+
+    def records() -> list[dict[str, Any]]:
+        return [r for r in agent.status()["pulls"]["recent"] if r["image"] in refs]
+
+    def end(r: dict[str, Any]) -> float:
+        return float(r["started_at"] + r["duration"])
+
+    wait_until("the three pull records", lambda: len(records()) == 3, 30)
+    recs = {r["image"]: r for r in records()}
+    pre = sorted((recs[r] for r in refs[:2]), key=lambda r: float(r["started_at"]))
+    assert [r["origin"] for r in pre] == ["prefetch", "prefetch"]
+    # the second prefetch pull is recorded from when it got the slot: after the first one ended
+    assert pre[1]["started_at"] >= end(pre[0]) - 0.05, pre
+    kubelet = recs[refs[2]]
+    assert kubelet["origin"] == "kubelet"
+    # the kubelet's pull went upstream while the first prefetch pull held the only slot
+    assert kubelet["started_at"] < end(pre[0]), (kubelet, pre)

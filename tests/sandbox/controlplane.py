@@ -114,6 +114,7 @@ class ControlPlane:
         self.node_cert: Path | None = None
         self.node_key: Path | None = None
         self._admin: tuple[Path, Path] | None = None
+        self._ssl_ctx: ssl.SSLContext | None = None
         self._etcd: Daemon | None = None
         self._apiserver: Daemon | None = None
         self._scheduler: Daemon | None = None
@@ -223,6 +224,29 @@ class ControlPlane:
             started=True,
         )
 
+    # --- etcd's own API (its JSON gateway, /v3/...: the etcd client protocol over HTTP) ------------
+    def _etcd_api(self, path: str, body: Mapping[str, Any]) -> Any:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.etcd_port}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def etcd_revision(self) -> int:
+        """etcd's current revision (every write to the cluster's state moves it on)."""
+        key = base64.b64encode(b"/registry/").decode()
+        return int(
+            self._etcd_api("/v3/kv/range", {"key": key, "limit": 1, "count_only": True})["header"]["revision"]
+        )
+
+    def compact_etcd(self) -> int:
+        """Compact etcd's history up to its current revision (what the API server does itself every
+        5 minutes): a watch from an older resourceVersion is then answered ``410 Gone``. Returns the
+        revision compacted to."""
+        rev = self.etcd_revision()
+        self._etcd_api("/v3/kv/compaction", {"revision": str(rev), "physical": True})
+        return rev
+
     def stop_apiserver(self) -> None:
         if self._apiserver is not None:
             self._apiserver.stop()
@@ -298,10 +322,13 @@ class ControlPlane:
 
     # --- the admin's hand (plain HTTPS with the admin certificate) --------------------------------
     def _ssl(self) -> ssl.SSLContext:
-        assert self._admin is not None
-        ctx = ssl.create_default_context(cafile=str(self.pki.ca_crt))
-        ctx.load_cert_chain(str(self._admin[0]), str(self._admin[1]))
-        return ctx
+        """One context for every request (loading the CA and the key costs CPU on each poll)."""
+        if self._ssl_ctx is None:
+            assert self._admin is not None
+            ctx = ssl.create_default_context(cafile=str(self.pki.ca_crt))
+            ctx.load_cert_chain(str(self._admin[0]), str(self._admin[1]))
+            self._ssl_ctx = ctx
+        return self._ssl_ctx
 
     def request(
         self, method: str, path: str, body: Mapping[str, Any] | None = None, timeout: float = 10.0

@@ -215,3 +215,42 @@ def test_disk_check_skips_an_image_with_its_reason() -> None:
         assert disk.tickets == [7]  # the admitted pull's reservation is given back
 
     asyncio.run(main())
+
+
+def test_a_pods_images_start_before_the_next_pods_even_when_it_is_slower_to_get_ready() -> None:
+    async def main() -> None:
+        rt = runtime(delay=0.1)
+
+        async def secrets(namespace: str, names: Any) -> list[dict[str, Auth]]:
+            await asyncio.sleep(0.3)  # the first pod's pull secrets take a while to read
+            return []
+
+        p, _ = puller(rt, concurrency=2, secrets=secrets)
+        p.submit(
+            pod([(f"container:a{i}", f"r/a{i}:1", "IfNotPresent") for i in range(3)], pull_secrets=("s",))
+        )
+        p.submit(pod([(f"container:b{i}", f"r/b{i}:1", "IfNotPresent") for i in range(2)], uid="u2"))
+        await p.wait_idle()
+        assert [r.image for r in rt.pulls] == ["r/a0:1", "r/a1:1", "r/a2:1", "r/b0:1", "r/b1:1"]
+        assert rt.max_active == 2
+        assert p.status()["pullSlots"] == {"limit": 2, "busy": 0, "waiting": 0}
+
+    asyncio.run(main())
+
+
+def test_pod_pulls_and_others_share_one_limit() -> None:
+    async def main() -> None:
+        from nodeagent.proxy.slots import PullSlots
+
+        rt = runtime(delay=0.2)
+        slots = PullSlots(2)
+        other = await slots.acquire((slots.ticket(), 0))  # e.g. a prefetch pull through the proxy
+        p, _ = puller(rt, slots=slots)
+        p.submit(pod([(f"container:c{i}", f"r/c{i}:1", "IfNotPresent") for i in range(3)]))
+        await asyncio.sleep(0.1)
+        assert [r.image for r in rt.pulls] == ["r/c0:1"]  # one slot left for the pod
+        other.release()
+        await p.wait_idle()
+        assert rt.max_active == 2 and len(rt.pulls) == 3
+
+    asyncio.run(main())

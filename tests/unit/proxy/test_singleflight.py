@@ -171,3 +171,55 @@ def test_a_client_naming_itself_prefetch_is_recorded_as_prefetch_anything_else_a
             }
 
     run(main())
+
+
+PREFETCH = (("x-nodeagent-origin", "prefetch"),)
+
+
+def test_prefetch_through_the_proxy_takes_the_daemons_pull_slots_the_kubelet_never_waits() -> None:
+    async def main() -> None:
+        from nodeagent.proxy.slots import PullSlots
+
+        slots = PullSlots(1)
+        async with fake_runtime() as (rt, up), proxy_for(up, slots=slots) as p:
+            rt.plans["PullImage"] = Plan(delay=0.3)
+            pod = await slots.acquire((slots.ticket(), 0))  # the one slot: a pod pull holds it
+            async with CriClient(p.endpoint, pull_timeout=None, retry=NO_RETRY) as c:
+                prefetch = asyncio.ensure_future(c.pull_image("reg.local/pre:1", metadata=PREFETCH))
+                kubelet = asyncio.ensure_future(c.pull_image("reg.local/kl:1"))
+                await until(lambda: len(rt.calls("PullImage")) == 1)
+                await asyncio.sleep(0.1)
+                # the kubelet's pull went upstream at once; prefetch's waits for the slot
+                assert [s.request.image.image for s in rt.calls("PullImage")] == ["reg.local/kl:1"]
+                assert slots.waiting == 1
+                # a prefetch of an image already being pulled joins that pull: no slot needed
+                joined = await c.pull_image("reg.local/kl:1", metadata=PREFETCH)
+                assert joined == "sha256:" + "a" * 64 and slots.waiting == 1
+                pod.release()
+                await asyncio.gather(prefetch, kubelet)
+            assert [s.request.image.image for s in rt.calls("PullImage")] == [
+                "reg.local/kl:1",
+                "reg.local/pre:1",
+            ]
+            assert slots.status() == {"limit": 1, "busy": 0, "waiting": 0}
+            assert p.sample("nodeagent_image_pull_joins_total", origin="prefetch") == 1
+
+    run(main())
+
+
+def test_a_prefetch_caller_waiting_for_a_slot_keeps_its_deadline_and_can_cancel() -> None:
+    async def main() -> None:
+        from nodeagent.proxy.slots import PullSlots
+
+        slots = PullSlots(1)
+        async with fake_runtime() as (rt, up), proxy_for(up, slots=slots) as p:
+            held = await slots.acquire((slots.ticket(), 0))
+            async with CriClient(p.endpoint, pull_timeout=0.3, retry=NO_RETRY) as c:
+                with pytest.raises(CriError) as e:
+                    await c.pull_image("reg.local/late:1", metadata=PREFETCH)
+                assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            await until(lambda: slots.waiting == 0)  # it left the line
+            held.release()
+            assert rt.calls("PullImage") == [] and slots.busy == 0
+
+    run(main())
