@@ -144,7 +144,7 @@ def test_nodeadm_merge_keeps_user_and_nodeagent_values(sandbox: Sandbox, tmp_pat
     user_text = "---\n" + yaml.safe_dump(user, sort_keys=False)
     user_data = render_mime([(CONTENT_TYPE, NODEAGENT_PART), (NODECONFIG_CONTENT_TYPE, user_text)])
     with FakeImds(user_data.encode()) as fake:
-        cp, _ = apply_process(root, fake.endpoint)
+        cp = apply_process(root, fake.endpoint)
     assert cp.returncode == 0, cp.stderr
     dropin_text = (root / "etc/eks/nodeadm.d/90-nodeagent.yaml").read_text()
     dropin = yaml.safe_load(dropin_text)
@@ -321,7 +321,7 @@ def test_nodeadm_judges_the_soci_settings(tmp_path: Path) -> None:
     user = user_nodeconfig("v3")
     user_text = "---\n" + yaml.safe_dump(user, sort_keys=False)
     with FakeImds(render_mime([(NODECONFIG_CONTENT_TYPE, user_text)]).encode()) as fake:
-        cp, _ = apply_process(root, fake.endpoint)
+        cp = apply_process(root, fake.endpoint)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert (
         "snapshotter soci configured directly (nodeadm's FastImagePull would not apply: 2 CPUs" in cp.stdout
