@@ -68,6 +68,7 @@ from tests.sandbox.containerd import default_line
 from tests.sandbox.controlplane import pod_manifest
 from tests.sandbox.kubelet import pod_running
 from tests.sandbox.oci import PushedImage, build_image, push_image
+from tests.sandbox.pods import container_status
 from tests.sandbox.process import SandboxError, wait_until
 
 MiB = 1 << 20
@@ -111,7 +112,7 @@ async def _cri_times(endpoint: str, pod: str) -> dict[str, Any]:
         for ctr in await cri.list_containers():
             if ctr.pod_sandbox_id != box.id:
                 continue
-            st = (await cri.container_status(ctr.id)).status
+            st = (await container_status(cri, ctr.id)).status
             times = {"created": st.created_at / 1e9, "started": st.started_at / 1e9}
             if st.finished_at:
                 times["finished"] = st.finished_at / 1e9
