@@ -86,7 +86,7 @@ def test_prefetch_through_the_proxy_shares_the_daemons_pull_limit_the_kubelet_do
     """``podPulls.concurrency`` is the daemon's one limit on the pulls nodeagent starts itself: here 1,
     so the real prefetcher's two pulls through the proxy (origin prefetch, its own concurrency 2) run
     one after the other, while a kubelet pull made meanwhile goes upstream at once."""
-    from nodeagent.prefetch import Prefetcher
+    from nodeagent.images.prefetch import Prefetcher
 
     from nodeagent.config.model import PrefetchImage
 
