@@ -86,9 +86,8 @@ def test_prefetch_through_the_proxy_shares_the_daemons_pull_limit_the_kubelet_do
     """``podPulls.concurrency`` is the daemon's one limit on the pulls nodeagent starts itself: here 1,
     so the real prefetcher's two pulls through the proxy (origin prefetch, its own concurrency 2) run
     one after the other, while a kubelet pull made meanwhile goes upstream at once."""
-    from nodeagent.images.prefetch import Prefetcher
-
     from nodeagent.config.model import PrefetchImage
+    from nodeagent.images.prefetch import Prefetcher
 
     reg = sandbox.registry()
     slow = sandbox.throttle_proxy(reg, 4 << 20)  # ~1 s per image
