@@ -1,5 +1,5 @@
 """``nodeagent taint-remover [--kubeconfig FILE] [--max-wait DURATION]``: the cluster-side half of the
-opt-in startup taint (``nodeagent/taintremover.py``; docs/eks.md, "Image readiness").
+opt-in startup taint (``nodeagent/eks/taintremover.py``; docs/eks.md, "Image readiness").
 
 In the cluster it authenticates with its pod's service account (``/var/run/secrets/kubernetes.io/
 serviceaccount``); ``--kubeconfig`` is for running it elsewhere (and for the tests). Logs are JSON

@@ -158,7 +158,7 @@ class ImagesConfig:
     credential_provider_config: str = "/etc/eks/image-credential-provider/config.json"
     credential_provider_bin_dir: str = "/etc/eks/image-credential-provider"
     docker_config: str = "/var/lib/kubelet/config.json"
-    # `nodeagent run` reports the Node condition nodeagent.io/ImagesReady (nodeagent/readiness.py)
+    # `nodeagent run` reports the Node condition nodeagent.io/ImagesReady (nodeagent/images/readiness.py)
     ready_condition: bool = True
 
 

@@ -10,7 +10,7 @@ with its own service account whose ClusterRole allows exactly ``list``, ``watch`
 It lists and watches every Node (relist after ``410 Gone``, bounded backoff on errors: PodWatch's
 loop) and keeps the ones carrying the taint. For each, ``decide``:
 
-- the Node condition ``nodeagent.io/ImagesReady`` (``nodeagent/readiness.py``, written by ``nodeagent
+- the Node condition ``nodeagent.io/ImagesReady`` (``nodeagent/images/readiness.py``, written by ``nodeagent
   run`` on the node) is ``True``: remove the taint;
 - else, ``--max-wait`` after the Node was created (default 15m; ``0`` waits forever): remove it anyway
   and log why (a node without nodeagent, or whose images never arrive, still gets pods: never a taint

@@ -9,7 +9,7 @@ Node's status. So ``nodeagent run`` reports
     reason: RequiredImagesPresent | RequiredImagesMissing
     message: which required images are missing (at most MAX_MESSAGE characters)
 
-and ``nodeagent taint-remover`` (``nodeagent/taintremover.py``, a Deployment with its own service
+and ``nodeagent taint-remover`` (``nodeagent/eks/taintremover.py``, a Deployment with its own service
 account) removes the startup taint ``nodeagent.io/images-not-ready`` from a Node once the condition
 is True. The same condition suits the Kubernetes node-readiness-controller's NodeReadinessRule.
 

@@ -341,7 +341,7 @@ class Daemon:
 
     # --- status --------------------------------------------------------------------------------
     def status(self, state: str = "running") -> DaemonStatus:
-        """The status file's content as of now (``nodeagent/statusfile.py``)."""
+        """The status file's content as of now (``nodeagent/run/statusfile.py``)."""
         now = time.time()
         sections: dict[str, Section] = {}
         for name, fn in self._status_hooks.items():

@@ -158,7 +158,7 @@ class Metrics:
             registry=r,
         )
 
-        # --- CRI proxy and daemon (nodeagent/proxy, nodeagent/daemon.py) ---
+        # --- CRI proxy and daemon (nodeagent/proxy, nodeagent/run/daemon.py) ---
         self.proxy_requests = Counter(
             "nodeagent_cri_proxy_requests",
             "CRI calls forwarded by the proxy, by method and gRPC status code",

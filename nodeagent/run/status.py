@@ -1,7 +1,7 @@
 """``nodeagent status``: the operator's first look at a node, from files only.
 
 Reads the daemon's status file (``Paths.daemon_status_file``, rewritten by ``nodeagent run`` at
-least every 15 seconds; its model is ``nodeagent/statusfile.py``, shared with the daemon that writes
+least every 15 seconds; its model is ``nodeagent/run/statusfile.py``, shared with the daemon that writes
 it) and the last apply report (``Paths.apply_report_file``); never the metrics text and never the
 CRI socket, so it answers instantly even when containerd is wedged. Every part is shown with how
 old its figures are. A section's ``summary`` lines are shown instead of a generic dump.

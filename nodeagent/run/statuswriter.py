@@ -1,4 +1,4 @@
-"""Keeps the daemon's status file current (``nodeagent/statusfile.py`` is its model).
+"""Keeps the daemon's status file current (``nodeagent/run/statusfile.py`` is its model).
 
 Written within ``DEBOUNCE`` seconds of a change (``mark_dirty``; a burst of pulls makes one write),
 and every ``HEARTBEAT`` seconds regardless, so ``nodeagent status`` can tell a hung daemon by the
